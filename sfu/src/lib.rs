@@ -1,0 +1,1 @@
+//! fleetcall-sfu: the media plane.

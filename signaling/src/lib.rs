@@ -1,0 +1,3 @@
+//! fleetcall-signaling: the control plane.
+
+pub mod protocol;
