@@ -1,1 +1,24 @@
 //! fleetcall-sfu: the media plane.
+//!
+//! A selective forwarding unit on [`str0m`]: rooms of participants, one
+//! `str0m::Rtc` per participant (ICE-lite, DTLS-SRTP, RTP mode), and a
+//! forwarding table from each published track to each subscriber.
+//!
+//! - [`Sfu`] is the sans-IO core: datagrams, timeouts and commands in;
+//!   datagrams, events and the next deadline out. It never reads a clock.
+//!   Demultiplexing is O(1): remote address -> participant, and for the first
+//!   STUN request from an address, our ICE ufrag -> participant.
+//! - [`driver`] runs cores on worker threads with batched UDP I/O.
+//!
+//! Rooms live on exactly one worker, so forwarding never takes a lock.
+
+mod demux;
+mod error;
+mod ids;
+mod participant;
+mod sfu;
+
+pub use error::SfuError;
+pub use ids::{ParticipantId, RoomId};
+pub use sfu::{DropCounts, JoinRequest, Joined, LeaveReason, Sfu, SfuConfig, SfuEvent, SfuStats, Transmit};
+pub use str0m::change::{SdpAnswer, SdpOffer};

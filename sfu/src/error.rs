@@ -1,0 +1,34 @@
+//! The sfu crate's one error type.
+
+use crate::ids::{ParticipantId, RoomId};
+
+/// Why a command to the SFU failed. Network input never produces one of these:
+/// bad datagrams are dropped and counted instead.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SfuError {
+    /// The SDP text did not parse or could not be negotiated.
+    #[error("invalid SDP: {0}")]
+    InvalidSdp(String),
+    /// No such participant (it left or was removed).
+    #[error("unknown participant {0}")]
+    UnknownParticipant(ParticipantId),
+    /// The caller reused a participant id.
+    #[error("participant {0} already exists")]
+    DuplicateParticipant(ParticipantId),
+    /// An answer arrived while no server offer was outstanding.
+    #[error("no offer is pending for participant {0}")]
+    NoPendingOffer(ParticipantId),
+    /// The room holds its configured maximum.
+    #[error("room {0} is full")]
+    RoomFull(RoomId),
+    /// This SFU holds its configured maximum of participants.
+    #[error("the SFU is at capacity")]
+    AtCapacity,
+    /// The SFU worker is gone (shutting down).
+    #[error("the SFU is shutting down")]
+    ShuttingDown,
+    /// Socket setup failed in the driver.
+    #[error("media socket: {0}")]
+    Io(#[from] std::io::Error),
+}

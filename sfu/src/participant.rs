@@ -1,0 +1,148 @@
+//! One participant: its `str0m::Rtc`, what it publishes, what it receives, and
+//! where its SDP negotiation stands.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use str0m::change::SdpPendingOffer;
+use str0m::format::Codec;
+use str0m::media::{MediaKind, Mid, Pt};
+use str0m::rtp::Ssrc;
+use str0m::Rtc;
+
+use crate::ids::{ParticipantId, RoomId};
+
+/// A published track: one incoming m-line of one participant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct TrackKey {
+    pub publisher: ParticipantId,
+    pub mid: Mid,
+}
+
+/// An incoming track this participant publishes.
+#[derive(Debug)]
+pub(crate) struct TrackIn {
+    pub kind: MediaKind,
+    /// Last keyframe request sent upstream, to throttle PLI storms.
+    pub last_keyframe_request: Option<Instant>,
+}
+
+/// Where an outgoing m-line stands in SDP negotiation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OutState {
+    /// In an offer the participant has not answered yet.
+    Negotiating,
+    /// Negotiated: packets flow.
+    Open,
+    /// Its publisher is gone; a stop is queued or in an unanswered offer.
+    Stopping,
+}
+
+/// An outgoing m-line carrying another participant's track to this one.
+#[derive(Debug)]
+pub(crate) struct TrackOut {
+    pub source: TrackKey,
+    pub state: OutState,
+}
+
+/// A change to this participant's session that needs an SDP offer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Change {
+    /// Start receiving a track published by someone else.
+    Add { source: TrackKey, kind: MediaKind },
+    /// Stop an outgoing m-line whose publisher left.
+    Stop(Mid),
+}
+
+#[derive(Debug)]
+pub(crate) struct Participant {
+    pub id: ParticipantId,
+    pub room: RoomId,
+    pub name: String,
+    pub rtc: Rtc,
+    /// Our ICE ufrag for this participant: its demux key.
+    pub ufrag: String,
+    /// Remote addresses pointing at this participant in the demux.
+    pub addrs: Vec<SocketAddr>,
+    pub tracks_in: HashMap<Mid, TrackIn>,
+    /// Incoming SSRC -> mid, learned from str0m on the first packet.
+    pub ssrc_mid: HashMap<Ssrc, Mid>,
+    /// Codec of an incoming payload type, cached per participant.
+    pub pt_codec: HashMap<Pt, Codec>,
+    pub tracks_out: HashMap<Mid, TrackOut>,
+    pub changes: VecDeque<Change>,
+    pub pending_offer: Option<SdpPendingOffer>,
+    /// ICE + DTLS up at least once.
+    pub connected: bool,
+    /// Last datagram str0m accepted from this participant.
+    pub last_rx: Instant,
+    /// When str0m last said ICE is disconnected (cleared on reconnect).
+    pub ice_disconnected_at: Option<Instant>,
+    /// The `Rtc`'s own next deadline.
+    pub rtc_deadline: Instant,
+    /// The deadline this participant is filed under in the timer heap.
+    pub wake_at: Instant,
+}
+
+impl Participant {
+    pub(crate) fn new(
+        id: ParticipantId,
+        room: RoomId,
+        name: String,
+        rtc: Rtc,
+        ufrag: String,
+        now: Instant,
+    ) -> Self {
+        Participant {
+            id,
+            room,
+            name,
+            rtc,
+            ufrag,
+            addrs: Vec::new(),
+            tracks_in: HashMap::new(),
+            ssrc_mid: HashMap::new(),
+            pt_codec: HashMap::new(),
+            tracks_out: HashMap::new(),
+            changes: VecDeque::new(),
+            pending_offer: None,
+            connected: false,
+            last_rx: now,
+            ice_disconnected_at: None,
+            rtc_deadline: now,
+            wake_at: now,
+        }
+    }
+
+    /// The incoming mid of an SSRC, asking str0m once per new SSRC.
+    pub(crate) fn mid_of(&mut self, ssrc: Ssrc) -> Option<Mid> {
+        if let Some(mid) = self.ssrc_mid.get(&ssrc) {
+            return Some(*mid);
+        }
+        let mid = self.rtc.direct_api().stream_rx(&ssrc)?.mid();
+        self.ssrc_mid.insert(ssrc, mid);
+        Some(mid)
+    }
+
+    /// The codec behind an incoming payload type.
+    pub(crate) fn codec_of(&mut self, pt: Pt) -> Option<Codec> {
+        if let Some(codec) = self.pt_codec.get(&pt) {
+            return Some(*codec);
+        }
+        let codec = self.rtc.codec_config().params().iter().find(|p| p.pt() == pt)?.spec().codec;
+        self.pt_codec.insert(pt, codec);
+        Some(codec)
+    }
+
+    /// The payload type this participant negotiated for `codec` on `mid`.
+    pub(crate) fn pt_for(&self, mid: Mid, codec: Codec) -> Option<Pt> {
+        let media = self.rtc.media(mid)?;
+        let params = self.rtc.codec_config().params();
+        media
+            .remote_pts()
+            .iter()
+            .copied()
+            .find(|pt| params.iter().any(|p| p.pt() == *pt && p.spec().codec == codec))
+    }
+}

@@ -1,0 +1,807 @@
+//! The sans-IO SFU core: rooms of participants, one `str0m::Rtc` each, and the
+//! forwarding table between them.
+//!
+//! Input: [`Sfu::handle_datagram`], [`Sfu::handle_timeout`] and the commands
+//! ([`Sfu::join`], [`Sfu::accept_answer`], [`Sfu::accept_offer`],
+//! [`Sfu::leave`]). Output: [`Sfu::poll_transmit`], [`Sfu::poll_event`],
+//! [`Sfu::poll_timeout`]. The core never reads a clock and never blocks.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::config::{CryptoProvider, DtlsCert};
+use str0m::format::Codec;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use tracing::{debug, info, trace, warn};
+
+use crate::demux::{classify, stun_local_ufrag, DatagramKind, Demux};
+use crate::error::SfuError;
+use crate::ids::{ParticipantId, RoomId};
+use crate::participant::{Change, OutState, Participant, TrackIn, TrackKey, TrackOut};
+
+/// Settings of one SFU core.
+#[derive(Debug, Clone)]
+pub struct SfuConfig {
+    /// Addresses announced as ICE host candidates: this core's socket as the
+    /// devices reach it (LAN or public IP, and the port).
+    pub candidates: Vec<SocketAddr>,
+    /// How long a participant may stay silent (no datagram accepted) or ICE
+    /// disconnected before it is removed.
+    pub disconnect_grace: Duration,
+    /// Most participants in one room.
+    pub max_room_size: usize,
+    /// Most participants in this core.
+    pub max_participants: usize,
+}
+
+impl Default for SfuConfig {
+    fn default() -> Self {
+        SfuConfig {
+            candidates: Vec::new(),
+            disconnect_grace: Duration::from_secs(5),
+            max_room_size: 100,
+            max_participants: 5_000,
+        }
+    }
+}
+
+/// A request to add a participant to a room.
+#[derive(Debug)]
+pub struct JoinRequest {
+    /// Room to join; created when it does not exist.
+    pub room: RoomId,
+    /// Caller-assigned, never reused.
+    pub participant: ParticipantId,
+    /// Display name for the others.
+    pub name: String,
+    /// The participant's SDP offer with the tracks it publishes.
+    pub offer: SdpOffer,
+}
+
+/// A successful join.
+#[derive(Debug)]
+pub struct Joined {
+    /// The SDP answer for the participant.
+    pub answer: SdpAnswer,
+    /// Everyone else in the room: id and display name.
+    pub others: Vec<(ParticipantId, String)>,
+}
+
+/// Why a participant left its room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LeaveReason {
+    /// It asked to leave.
+    Requested,
+    /// No datagram, or ICE disconnected, for longer than the grace.
+    IceTimeout,
+    /// Its signaling connection closed.
+    SignalingClosed,
+    /// An SDP answer could not be applied.
+    NegotiationFailed,
+    /// The peer closed DTLS, or its `Rtc` failed.
+    Closed,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl LeaveReason {
+    /// The wire name, as in the browser protocol.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaveReason::Requested => "requested",
+            LeaveReason::IceTimeout => "ice_timeout",
+            LeaveReason::SignalingClosed => "signaling_closed",
+            LeaveReason::NegotiationFailed => "negotiation_failed",
+            LeaveReason::Closed => "closed",
+            LeaveReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Something a participant's signaling connection needs to hear.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SfuEvent {
+    /// The SFU renegotiates; the participant must answer.
+    Offer {
+        /// Who must answer.
+        participant: ParticipantId,
+        /// The offer.
+        offer: SdpOffer,
+    },
+    /// ICE and DTLS are up for the participant.
+    Connected {
+        /// Who connected.
+        participant: ParticipantId,
+    },
+    /// Someone joined the room of `to`.
+    ParticipantJoined {
+        /// Recipient.
+        to: ParticipantId,
+        /// Who joined.
+        participant: ParticipantId,
+        /// Their display name.
+        name: String,
+    },
+    /// Someone left the room of `to`.
+    ParticipantLeft {
+        /// Recipient.
+        to: ParticipantId,
+        /// Who left.
+        participant: ParticipantId,
+        /// Why.
+        reason: LeaveReason,
+    },
+    /// The participant is gone from the SFU, with everything it owned.
+    Removed {
+        /// Who was removed.
+        participant: ParticipantId,
+        /// Why.
+        reason: LeaveReason,
+    },
+}
+
+/// A datagram to send.
+#[derive(Debug)]
+pub struct Transmit {
+    /// Local address to send from.
+    pub source: SocketAddr,
+    /// Remote address.
+    pub destination: SocketAddr,
+    /// The datagram.
+    pub contents: Vec<u8>,
+}
+
+/// Datagrams the core dropped, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DropCounts {
+    /// From an address no participant uses, not a STUN request for one.
+    pub unknown_source: u64,
+    /// Not a STUN, DTLS, RTP or RTCP datagram.
+    pub malformed: u64,
+    /// The participant's `Rtc` refused it.
+    pub rejected: u64,
+    /// RTP that could not be routed (unknown SSRC, codec the subscriber lacks,
+    /// sequence number from before the subscription).
+    pub unroutable: u64,
+}
+
+/// Counts that prove nothing leaks, and traffic counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SfuStats {
+    /// Rooms with at least one participant.
+    pub rooms: usize,
+    /// Participants in all rooms.
+    pub participants: usize,
+    /// Incoming tracks (published m-lines).
+    pub tracks: usize,
+    /// Publisher track -> subscriber entries, negotiating or open.
+    pub forwarding_entries: usize,
+    /// Demux keys (remote addresses and ufrags) still held.
+    pub demux_entries: usize,
+    /// Datagrams received.
+    pub datagrams_in: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Datagrams sent.
+    pub datagrams_out: u64,
+    /// Bytes sent.
+    pub bytes_out: u64,
+    /// RTP packets written to a subscriber.
+    pub rtp_forwarded: u64,
+    /// Dropped datagrams.
+    pub dropped: DropCounts,
+}
+
+/// A subscriber of a publisher track.
+#[derive(Debug)]
+struct Forward {
+    subscriber: ParticipantId,
+    /// The subscriber's outgoing m-line.
+    mid: Mid,
+    open: bool,
+    /// Publisher payload type -> subscriber payload type, for the last one seen.
+    pt: Option<(Pt, Pt)>,
+    /// Subtracted from the publisher's extended sequence number so each
+    /// subscriber's stream starts with rollover counter 0 (the receiver has
+    /// no other way to learn it).
+    seq_offset: Option<u64>,
+}
+
+/// Work found while draining one participant that touches others. Queued so
+/// only one participant is borrowed at a time.
+#[derive(Debug)]
+enum Work {
+    Forward { source: TrackKey, codec: Codec, packet: Box<RtpPacket> },
+    KeyframeRequest { source: TrackKey, kind: KeyframeRequestKind },
+    Publish { source: TrackKey, kind: MediaKind },
+    Remove { participant: ParticipantId, reason: LeaveReason },
+}
+
+#[derive(Debug)]
+struct Room {
+    members: Vec<ParticipantId>,
+}
+
+/// Everything draining a participant may write to, besides the participants.
+#[derive(Debug)]
+struct Outputs {
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<SfuEvent>,
+    work: VecDeque<Work>,
+    /// (deadline, participant); an entry is live only while it equals the
+    /// participant's `wake_at`, so stale ones are skipped, never searched for.
+    timers: BinaryHeap<Reverse<(Instant, ParticipantId)>>,
+    stats: SfuStats,
+    grace: Duration,
+}
+
+/// Keyframe requests to one publisher track are at most this frequent.
+const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The SFU core. One per worker thread; every room lives in exactly one.
+pub struct Sfu {
+    config: SfuConfig,
+    crypto: Arc<CryptoProvider>,
+    /// Shared by every participant: generating one costs over a millisecond.
+    dtls_cert: DtlsCert,
+    rooms: HashMap<RoomId, Room>,
+    participants: HashMap<ParticipantId, Participant>,
+    forwarding: HashMap<TrackKey, Vec<Forward>>,
+    demux: Demux,
+    out: Outputs,
+}
+
+impl std::fmt::Debug for Sfu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sfu").field("stats", &self.stats()).finish_non_exhaustive()
+    }
+}
+
+impl Sfu {
+    /// A core with a fresh DTLS certificate.
+    pub fn new(config: SfuConfig) -> Self {
+        let crypto = Arc::new(str0m::crypto::from_feature_flags());
+        // The default provider generates certificates; failing would be a bug.
+        let cert = crypto.dtls_provider.generate_certificate().expect("DTLS certificate");
+        Self::with_certificate(config, crypto, cert)
+    }
+
+    /// A core sharing a certificate with other cores.
+    pub fn with_certificate(config: SfuConfig, crypto: Arc<CryptoProvider>, dtls_cert: DtlsCert) -> Self {
+        let grace = config.disconnect_grace;
+        Sfu {
+            config,
+            crypto,
+            dtls_cert,
+            rooms: HashMap::new(),
+            participants: HashMap::new(),
+            forwarding: HashMap::new(),
+            demux: Demux::default(),
+            out: Outputs {
+                transmits: VecDeque::new(),
+                events: VecDeque::new(),
+                work: VecDeque::new(),
+                timers: BinaryHeap::new(),
+                stats: SfuStats::default(),
+                grace,
+            },
+        }
+    }
+
+    /// Adds a participant to a room and answers its offer.
+    pub fn join(&mut self, now: Instant, request: JoinRequest) -> Result<Joined, SfuError> {
+        let JoinRequest { room, participant: id, name, offer } = request;
+        if self.participants.contains_key(&id) {
+            return Err(SfuError::DuplicateParticipant(id));
+        }
+        if self.participants.len() >= self.config.max_participants {
+            return Err(SfuError::AtCapacity);
+        }
+        let members = self.rooms.get(&room).map_or(0, |r| r.members.len());
+        if members >= self.config.max_room_size {
+            return Err(SfuError::RoomFull(room));
+        }
+
+        let mut rtc = Rtc::builder()
+            .set_ice_lite(true)
+            .set_rtp_mode(true)
+            .set_crypto_provider(self.crypto.clone())
+            .set_dtls_cert(self.dtls_cert.clone())
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .build(now);
+        for addr in &self.config.candidates {
+            // A host candidate from a configured socket address is always valid.
+            let candidate = Candidate::host(*addr, "udp").expect("host candidate");
+            rtc.add_local_candidate(candidate);
+        }
+        let answer = rtc.sdp_api().accept_offer(offer).map_err(|e| SfuError::InvalidSdp(e.to_string()))?;
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+
+        let room_entry = self.rooms.entry(room.clone()).or_insert_with(|| {
+            info!(%room, "room created");
+            Room { members: Vec::new() }
+        });
+        let mut others = Vec::with_capacity(room_entry.members.len());
+        let mut participant = Participant::new(id, room.clone(), name.clone(), rtc, ufrag.clone(), now);
+        for other_id in &room_entry.members {
+            let other = &self.participants[other_id];
+            others.push((*other_id, other.name.clone()));
+            for (mid, track) in &other.tracks_in {
+                let source = TrackKey { publisher: *other_id, mid: *mid };
+                participant.changes.push_back(Change::Add { source, kind: track.kind });
+            }
+            self.out.events.push_back(SfuEvent::ParticipantJoined { to: *other_id, participant: id, name: name.clone() });
+        }
+        room_entry.members.push(id);
+        self.demux.insert_ufrag(ufrag, id);
+        info!(%room, participant = %id, %name, "participant joined");
+        self.participants.insert(id, participant);
+
+        self.drain(now, id);
+        self.negotiate(now, id);
+        self.run_work(now);
+        Ok(Joined { answer, others })
+    }
+
+    /// Applies the participant's answer to the SFU's latest offer. A bad
+    /// answer leaves the session unknown, so the participant is removed.
+    pub fn accept_answer(&mut self, now: Instant, id: ParticipantId, answer: SdpAnswer) -> Result<(), SfuError> {
+        let p = self.participants.get_mut(&id).ok_or(SfuError::UnknownParticipant(id))?;
+        let pending = p.pending_offer.take().ok_or(SfuError::NoPendingOffer(id))?;
+        if let Err(e) = p.rtc.sdp_api().accept_answer(pending, answer) {
+            warn!(participant = %id, error = %e, "answer rejected");
+            self.remove_participant(now, id, LeaveReason::NegotiationFailed);
+            self.run_work(now);
+            return Err(SfuError::InvalidSdp(e.to_string()));
+        }
+        let mut opened = Vec::new();
+        p.tracks_out.retain(|mid, track| match track.state {
+            OutState::Negotiating => {
+                track.state = OutState::Open;
+                opened.push((*mid, track.source));
+                true
+            }
+            // Only stops already sent in an offer have been answered; queued
+            // ones are still in `changes`.
+            OutState::Stopping => p.changes.iter().any(|c| matches!(c, Change::Stop(m) if m == mid)),
+            OutState::Open => true,
+        });
+        for (mid, source) in opened {
+            if let Some(forward) = self.forwarding.get_mut(&source).and_then(|f| f.iter_mut().find(|f| f.subscriber == id && f.mid == mid)) {
+                forward.open = true;
+            }
+            // A new video subscriber needs a keyframe to start decoding.
+            let is_video = self.participants.get(&source.publisher).and_then(|p| p.tracks_in.get(&source.mid)).is_some_and(|t| t.kind == MediaKind::Video);
+            if is_video {
+                self.out.work.push_back(Work::KeyframeRequest { source, kind: KeyframeRequestKind::Pli });
+            }
+        }
+        self.drain(now, id);
+        self.negotiate(now, id);
+        self.run_work(now);
+        Ok(())
+    }
+
+    /// Answers a participant's own offer (ICE restart). An offer of ours still
+    /// in flight is abandoned and its changes are offered again afterwards.
+    pub fn accept_offer(&mut self, now: Instant, id: ParticipantId, offer: SdpOffer) -> Result<SdpAnswer, SfuError> {
+        let p = self.participants.get_mut(&id).ok_or(SfuError::UnknownParticipant(id))?;
+        if p.pending_offer.take().is_some() {
+            // Adds in the abandoned offer never reached the session: queue them
+            // again. Stops did (str0m applies them at once): just forget them.
+            let mut requeue = Vec::new();
+            p.tracks_out.retain(|mid, track| match track.state {
+                OutState::Negotiating => {
+                    requeue.push((*mid, track.source));
+                    false
+                }
+                OutState::Stopping => p.changes.iter().any(|c| matches!(c, Change::Stop(m) if m == mid)),
+                OutState::Open => true,
+            });
+            for (mid, source) in requeue {
+                if let Some(forwards) = self.forwarding.get_mut(&source) {
+                    forwards.retain(|f| !(f.subscriber == id && f.mid == mid));
+                    let kind = self.participants[&source.publisher].tracks_in[&source.mid].kind;
+                    self.participants.get_mut(&id).unwrap().changes.push_front(Change::Add { source, kind });
+                }
+            }
+        }
+        let p = self.participants.get_mut(&id).unwrap(); // checked above
+        let result = p.rtc.sdp_api().accept_offer(offer).map_err(|e| SfuError::InvalidSdp(e.to_string()));
+        if !p.rtc.is_alive() {
+            self.remove_participant(now, id, LeaveReason::NegotiationFailed);
+        } else {
+            self.drain(now, id);
+            self.negotiate(now, id);
+        }
+        self.run_work(now);
+        result
+    }
+
+    /// Removes a participant and everything it owned.
+    pub fn leave(&mut self, now: Instant, id: ParticipantId, reason: LeaveReason) -> Result<(), SfuError> {
+        if !self.participants.contains_key(&id) {
+            return Err(SfuError::UnknownParticipant(id));
+        }
+        self.remove_participant(now, id, reason);
+        self.run_work(now);
+        Ok(())
+    }
+
+    /// Removes everyone, e.g. at shutdown.
+    pub fn remove_all(&mut self, now: Instant, reason: LeaveReason) {
+        let ids: Vec<_> = self.participants.keys().copied().collect();
+        for id in ids {
+            self.remove_participant(now, id, reason);
+        }
+        self.run_work(now);
+    }
+
+    /// Feeds one received datagram. Anything unusable is dropped and counted.
+    pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, datagram: &[u8]) {
+        self.out.stats.datagrams_in += 1;
+        self.out.stats.bytes_in += datagram.len() as u64;
+        let kind = classify(datagram);
+        let routed = match kind {
+            DatagramKind::Stun => stun_local_ufrag(datagram).and_then(|u| self.demux.by_ufrag(u)).or_else(|| self.demux.by_addr(source)),
+            DatagramKind::Dtls | DatagramKind::Rtp => self.demux.by_addr(source),
+            DatagramKind::Unknown => {
+                self.out.stats.dropped.malformed += 1;
+                return;
+            }
+        };
+        let Some(id) = routed else {
+            trace!(%source, "datagram from unknown source");
+            self.out.stats.dropped.unknown_source += 1;
+            return;
+        };
+        let Some(p) = self.participants.get_mut(&id) else {
+            self.out.stats.dropped.unknown_source += 1;
+            return;
+        };
+        let Ok(contents) = datagram.try_into() else {
+            self.out.stats.dropped.malformed += 1;
+            return;
+        };
+        let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
+        match p.rtc.handle_input(input) {
+            Ok(()) => {
+                p.last_rx = now;
+                if kind == DatagramKind::Stun && self.demux.insert_addr(source, id) {
+                    p.addrs.push(source);
+                }
+            }
+            Err(e) => {
+                debug!(participant = %id, error = %e, "datagram rejected");
+                self.out.stats.dropped.rejected += 1;
+            }
+        }
+        self.drain(now, id);
+        self.run_work(now);
+    }
+
+    /// Drives every participant whose deadline has passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        while let Some(Reverse((at, id))) = self.out.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.out.timers.pop();
+            if self.participants.get(&id).is_some_and(|p| p.wake_at == at) {
+                due.push(id);
+            }
+        }
+        let grace = self.config.disconnect_grace;
+        for id in due {
+            let Some(p) = self.participants.get_mut(&id) else { continue };
+            let silent = now.saturating_duration_since(p.last_rx) >= grace;
+            let ice_lost = p.ice_disconnected_at.is_some_and(|at| now.saturating_duration_since(at) >= grace);
+            if silent || ice_lost {
+                self.remove_participant(now, id, LeaveReason::IceTimeout);
+                continue;
+            }
+            if let Err(e) = p.rtc.handle_input(Input::Timeout(now)) {
+                warn!(participant = %id, error = %e, "rtc failed");
+                self.remove_participant(now, id, LeaveReason::Closed);
+                continue;
+            }
+            self.drain(now, id);
+        }
+        self.run_work(now);
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.transmits.pop_front()
+    }
+
+    /// The next event for a signaling connection.
+    pub fn poll_event(&mut self) -> Option<SfuEvent> {
+        self.out.events.pop_front()
+    }
+
+    /// When [`Sfu::handle_timeout`] is next due (maybe early, never late).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.out.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Counts of everything the core holds, and traffic counters.
+    pub fn stats(&self) -> SfuStats {
+        let (addrs, ufrags) = self.demux.len();
+        SfuStats {
+            rooms: self.rooms.len(),
+            participants: self.participants.len(),
+            tracks: self.participants.values().map(|p| p.tracks_in.len()).sum(),
+            forwarding_entries: self.forwarding.values().map(Vec::len).sum(),
+            demux_entries: addrs + ufrags,
+            ..self.out.stats
+        }
+    }
+
+    /// Display names in a room, for tests and the admin API.
+    pub fn room_members(&self, room: &RoomId) -> Vec<(ParticipantId, String)> {
+        let Some(room) = self.rooms.get(room) else { return Vec::new() };
+        room.members.iter().map(|id| (*id, self.participants[id].name.clone())).collect()
+    }
+
+    /// Drains one participant's `Rtc` to its next timeout, queueing work that
+    /// touches other participants, then files its next deadline.
+    fn drain(&mut self, now: Instant, id: ParticipantId) {
+        let Some(p) = self.participants.get_mut(&id) else { return };
+        drain_participant(now, p, &mut self.out);
+    }
+
+    /// Offers the participant's queued changes, unless an offer is in flight.
+    fn negotiate(&mut self, now: Instant, id: ParticipantId) {
+        let Some(p) = self.participants.get_mut(&id) else { return };
+        if p.pending_offer.is_some() || p.changes.is_empty() {
+            return;
+        }
+        let mut api = p.rtc.sdp_api();
+        while let Some(change) = p.changes.pop_front() {
+            match change {
+                Change::Add { source, kind } => {
+                    // The publisher may have left while this waited.
+                    let Some(forwards) = self.forwarding.get_mut(&source) else { continue };
+                    let stream_id = source.publisher.to_string();
+                    let track_id = format!("{}-{}", source.publisher, source.mid);
+                    let mid = api.add_media(kind, Direction::SendOnly, Some(stream_id), Some(track_id), None);
+                    p.tracks_out.insert(mid, TrackOut { source, state: OutState::Negotiating });
+                    forwards.push(Forward { subscriber: id, mid, open: false, pt: None, seq_offset: None });
+                }
+                Change::Stop(mid) => api.stop_media(mid),
+            }
+        }
+        if let Some((offer, pending)) = api.apply() {
+            debug!(participant = %id, "renegotiating");
+            p.pending_offer = Some(pending);
+            self.out.events.push_back(SfuEvent::Offer { participant: id, offer });
+        }
+        drain_participant(now, p, &mut self.out);
+    }
+
+    fn run_work(&mut self, now: Instant) {
+        while let Some(work) = self.out.work.pop_front() {
+            match work {
+                Work::Forward { source, codec, packet } => self.forward(now, source, codec, &packet),
+                Work::KeyframeRequest { source, kind } => {
+                    let Some(p) = self.participants.get_mut(&source.publisher) else { continue };
+                    let Some(track) = p.tracks_in.get_mut(&source.mid) else { continue };
+                    if track.last_keyframe_request.is_some_and(|at| now.saturating_duration_since(at) < KEYFRAME_REQUEST_INTERVAL) {
+                        continue;
+                    }
+                    track.last_keyframe_request = Some(now);
+                    if let Some(rx) = p.rtc.direct_api().stream_rx_by_mid(source.mid, None) {
+                        rx.request_keyframe(kind);
+                    }
+                    drain_participant(now, p, &mut self.out);
+                }
+                Work::Publish { source, kind } => {
+                    self.forwarding.entry(source).or_default();
+                    let Some(room) = self.participants.get(&source.publisher).map(|p| p.room.clone()) else { continue };
+                    let members = self.rooms.get(&room).map(|r| r.members.clone()).unwrap_or_default();
+                    for member in members.into_iter().filter(|m| *m != source.publisher) {
+                        if let Some(m) = self.participants.get_mut(&member) {
+                            m.changes.push_back(Change::Add { source, kind });
+                        }
+                        self.negotiate(now, member);
+                    }
+                }
+                Work::Remove { participant, reason } => self.remove_participant(now, participant, reason),
+            }
+        }
+    }
+
+    /// Writes one publisher packet to every open subscriber of its track.
+    fn forward(&mut self, now: Instant, source: TrackKey, codec: Codec, packet: &RtpPacket) {
+        let Some(forwards) = self.forwarding.get_mut(&source) else { return };
+        let in_pt = packet.header.payload_type;
+        let in_seq = *packet.seq_no;
+        let is_video = codec.is_video();
+        // Only what describes the media travels on; mid/rid belong to each hop.
+        let exts = ExtensionValues {
+            audio_level: packet.header.ext_vals.audio_level,
+            voice_activity: packet.header.ext_vals.voice_activity,
+            video_orientation: packet.header.ext_vals.video_orientation,
+            ..Default::default()
+        };
+        for forward in forwards.iter_mut().filter(|f| f.open) {
+            let Some(sub) = self.participants.get_mut(&forward.subscriber) else { continue };
+            let out_pt = match forward.pt {
+                Some((pt_in, pt_out)) if pt_in == in_pt => pt_out,
+                _ => {
+                    let Some(pt_out) = sub.pt_for(forward.mid, codec) else {
+                        self.out.stats.dropped.unroutable += 1;
+                        continue;
+                    };
+                    forward.pt = Some((in_pt, pt_out));
+                    pt_out
+                }
+            };
+            let offset = *forward.seq_offset.get_or_insert(in_seq & !0xffff);
+            let Some(out_seq) = in_seq.checked_sub(offset) else {
+                self.out.stats.dropped.unroutable += 1;
+                continue;
+            };
+            let mut api = sub.rtc.direct_api();
+            let Some(tx) = api.stream_tx_by_mid(forward.mid, None) else {
+                self.out.stats.dropped.unroutable += 1;
+                continue;
+            };
+            tx.write_rtp(
+                RtpWrite::new(out_pt, out_seq.into(), packet.header.timestamp, packet.timestamp, packet.payload.clone())
+                    .marker(packet.header.marker)
+                    .ext_vals(exts.clone())
+                    .nackable(is_video),
+            );
+            drop(api);
+            self.out.stats.rtp_forwarded += 1;
+            drain_participant(now, sub, &mut self.out);
+        }
+    }
+
+    /// Removes a participant, its forwarding entries both ways, its demux keys
+    /// and, when it was the last, its room. Everyone affected hears of it.
+    fn remove_participant(&mut self, now: Instant, id: ParticipantId, reason: LeaveReason) {
+        let Some(mut p) = self.participants.remove(&id) else { return };
+        info!(participant = %id, room = %p.room, reason = reason.as_str(), "participant removed");
+        p.rtc.disconnect();
+        self.demux.remove(id, &p.ufrag, &p.addrs);
+
+        // Its own tracks: every subscriber stops the m-line carrying them.
+        for mid in p.tracks_in.keys() {
+            let Some(forwards) = self.forwarding.remove(&TrackKey { publisher: id, mid: *mid }) else { continue };
+            for forward in forwards {
+                let Some(sub) = self.participants.get_mut(&forward.subscriber) else { continue };
+                if let Some(track) = sub.tracks_out.get_mut(&forward.mid) {
+                    track.state = OutState::Stopping;
+                    sub.changes.push_back(Change::Stop(forward.mid));
+                }
+                self.negotiate(now, forward.subscriber);
+            }
+        }
+        // What it received: drop it from each publisher's subscriber list.
+        for track in p.tracks_out.values() {
+            if let Some(forwards) = self.forwarding.get_mut(&track.source) {
+                forwards.retain(|f| f.subscriber != id);
+            }
+        }
+        // Queued adds elsewhere for its tracks are skipped in `negotiate`
+        // because their forwarding key is gone.
+
+        if let Some(room) = self.rooms.get_mut(&p.room) {
+            room.members.retain(|m| *m != id);
+            for member in &room.members {
+                self.out.events.push_back(SfuEvent::ParticipantLeft { to: *member, participant: id, reason });
+            }
+            if room.members.is_empty() {
+                self.rooms.remove(&p.room);
+                info!(room = %p.room, "room removed");
+            }
+        }
+        self.out.events.push_back(SfuEvent::Removed { participant: id, reason });
+    }
+}
+
+/// See [`Sfu::drain`]. A free function so callers can hold other fields.
+fn drain_participant(now: Instant, p: &mut Participant, out: &mut Outputs) {
+    loop {
+        let output = match p.rtc.poll_output() {
+            Ok(output) => output,
+            Err(e) => {
+                warn!(participant = %p.id, error = %e, "rtc failed");
+                out.work.push_back(Work::Remove { participant: p.id, reason: LeaveReason::Closed });
+                p.rtc_deadline = now + Duration::from_secs(3600);
+                break;
+            }
+        };
+        match output {
+            Output::Timeout(at) => {
+                p.rtc_deadline = at;
+                break;
+            }
+            Output::Transmit(t) => {
+                let contents: Vec<u8> = t.contents.into();
+                out.stats.datagrams_out += 1;
+                out.stats.bytes_out += contents.len() as u64;
+                out.transmits.push_back(Transmit { source: t.source, destination: t.destination, contents });
+            }
+            Output::Event(event) => handle_event(now, p, event, out),
+        }
+    }
+    if !p.rtc.is_alive() {
+        out.work.push_back(Work::Remove { participant: p.id, reason: LeaveReason::Closed });
+    }
+    let silence_deadline = p.last_rx + out.grace;
+    let ice_deadline = p.ice_disconnected_at.map(|at| at + out.grace);
+    let wake = [Some(p.rtc_deadline), Some(silence_deadline), ice_deadline].into_iter().flatten().min().unwrap_or(silence_deadline);
+    if wake != p.wake_at {
+        p.wake_at = wake;
+        out.timers.push(Reverse((wake, p.id)));
+    }
+}
+
+fn handle_event(now: Instant, p: &mut Participant, event: Event, out: &mut Outputs) {
+    match event {
+        Event::Connected => {
+            p.connected = true;
+            info!(participant = %p.id, "media connected");
+            out.events.push_back(SfuEvent::Connected { participant: p.id });
+        }
+        Event::IceConnectionStateChange(state) => {
+            debug!(participant = %p.id, ?state, "ice state");
+            match state {
+                IceConnectionState::Disconnected => {
+                    p.ice_disconnected_at.get_or_insert(now);
+                }
+                IceConnectionState::Connected | IceConnectionState::Completed => p.ice_disconnected_at = None,
+                _ => {}
+            }
+        }
+        Event::MediaAdded(media) => {
+            // Our direction: receiving means the participant publishes here.
+            if media.direction.is_receiving() && !p.tracks_out.contains_key(&media.mid) {
+                p.tracks_in.insert(media.mid, TrackIn { kind: media.kind, last_keyframe_request: None });
+                debug!(participant = %p.id, mid = %media.mid, kind = ?media.kind, "track published");
+                out.work.push_back(Work::Publish { source: TrackKey { publisher: p.id, mid: media.mid }, kind: media.kind });
+            }
+        }
+        Event::RtpPacket(packet) => {
+            let Some(mid) = p.mid_of(packet.header.ssrc) else {
+                out.stats.dropped.unroutable += 1;
+                return;
+            };
+            if !p.tracks_in.contains_key(&mid) {
+                out.stats.dropped.unroutable += 1;
+                return;
+            }
+            let Some(codec) = p.codec_of(packet.header.payload_type) else {
+                out.stats.dropped.unroutable += 1;
+                return;
+            };
+            let source = TrackKey { publisher: p.id, mid };
+            out.work.push_back(Work::Forward { source, codec, packet: Box::new(packet) });
+        }
+        Event::KeyframeRequest(request) => {
+            if let Some(track) = p.tracks_out.get(&request.mid) {
+                out.work.push_back(Work::KeyframeRequest { source: track.source, kind: request.kind });
+            }
+        }
+        Event::Closed => out.work.push_back(Work::Remove { participant: p.id, reason: LeaveReason::Closed }),
+        _ => {}
+    }
+}

@@ -1,0 +1,283 @@
+//! A virtual-time network of str0m client peers around one SFU core.
+//!
+//! Every datagram is delivered at once; time advances to the earliest deadline
+//! of the SFU, any client, or the next 20 ms audio frame. Clients publish fake
+//! Opus frames whose first byte is their client index, so a receiver can tell
+//! who it heard without decoding.
+
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use fleetcall_sfu::{
+    JoinRequest, LeaveReason, ParticipantId, RoomId, Sfu, SfuConfig, SfuEvent, SfuStats,
+};
+use str0m::change::SdpPendingOffer;
+use str0m::format::Codec;
+use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+
+pub const SFU_ADDR: &str = "10.0.0.100:5000";
+pub const FRAME: Duration = Duration::from_millis(20);
+
+pub struct Client {
+    pub index: u8,
+    pub addr: SocketAddr,
+    pub rtc: Rtc,
+    pub participant: ParticipantId,
+    pub audio_mid: Option<Mid>,
+    pub pending: Option<SdpPendingOffer>,
+    /// Publishing fake audio every 20 ms.
+    pub talking: bool,
+    /// Stopped: sends and receives nothing (an abrupt network loss).
+    pub silent: bool,
+    pub connected: bool,
+    pub deadline: Instant,
+    pub frames_sent: u64,
+    /// Packets received per sending client index.
+    pub heard: HashMap<u8, u64>,
+    /// Events the SFU addressed to this client's participant.
+    pub events: Vec<String>,
+}
+
+pub struct Net {
+    pub sfu: Sfu,
+    pub now: Instant,
+    pub start: Instant,
+    pub clients: Vec<Client>,
+    next_frame: Instant,
+    next_participant: u64,
+    /// Datagrams in flight: (from, to, bytes).
+    wire: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
+    pub removed: Vec<(ParticipantId, LeaveReason)>,
+}
+
+impl Net {
+    pub fn new(grace: Duration) -> Self {
+        let now = Instant::now();
+        let config = SfuConfig {
+            candidates: vec![SFU_ADDR.parse().unwrap()],
+            disconnect_grace: grace,
+            ..SfuConfig::default()
+        };
+        Net {
+            sfu: Sfu::new(config),
+            now,
+            start: now,
+            clients: Vec::new(),
+            next_frame: now,
+            next_participant: 1,
+            wire: VecDeque::new(),
+            removed: Vec::new(),
+        }
+    }
+
+    /// A new client joins `room` publishing one audio track; returns its index.
+    pub fn join(&mut self, room: &str) -> usize {
+        let index = self.clients.len() as u8;
+        let addr: SocketAddr = format!("10.0.0.{}:{}", index + 1, 4000 + index as u16).parse().unwrap();
+        let mut rtc = Rtc::builder().build(self.now);
+        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        let mut api = rtc.sdp_api();
+        let mid = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+        let (offer, pending) = api.apply().unwrap();
+        let participant = ParticipantId(self.next_participant);
+        self.next_participant += 1;
+        let joined = self
+            .sfu
+            .join(self.now, JoinRequest { room: RoomId::from(room), participant, name: format!("client-{index}"), offer })
+            .expect("join accepted");
+        rtc.sdp_api().accept_answer(pending, joined.answer).unwrap();
+        self.clients.push(Client {
+            index,
+            addr,
+            rtc,
+            participant,
+            audio_mid: Some(mid),
+            pending: None,
+            talking: true,
+            silent: false,
+            connected: false,
+            deadline: self.now,
+            frames_sent: 0,
+            heard: HashMap::new(),
+            events: Vec::new(),
+        });
+        let i = self.clients.len() - 1;
+        self.drain_client(i);
+        self.pump();
+        i
+    }
+
+    pub fn client_by_participant(&mut self, id: ParticipantId) -> Option<&mut Client> {
+        self.clients.iter_mut().find(|c| c.participant == id)
+    }
+
+    /// Runs the network for `duration` of virtual time.
+    pub fn run(&mut self, duration: Duration) {
+        let end = self.now + duration;
+        while self.now < end {
+            let mut next = end.min(self.next_frame);
+            if let Some(t) = self.sfu.poll_timeout() {
+                next = next.min(t);
+            }
+            for c in &self.clients {
+                if !c.silent {
+                    next = next.min(c.deadline);
+                }
+            }
+            // Never stand still: str0m may ask for "now" again.
+            self.now = next.max(self.now + Duration::from_micros(100));
+            self.sfu.handle_timeout(self.now);
+            for i in 0..self.clients.len() {
+                if !self.clients[i].silent && self.clients[i].deadline <= self.now {
+                    let now = self.now;
+                    self.clients[i].rtc.handle_input(Input::Timeout(now)).unwrap();
+                    self.drain_client(i);
+                }
+            }
+            if self.now >= self.next_frame {
+                self.send_frames();
+                self.next_frame += FRAME;
+            }
+            self.pump();
+        }
+    }
+
+    /// Runs until `done` holds or `limit` passes; returns whether it held.
+    pub fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Net) -> bool) -> bool {
+        let end = self.now + limit;
+        while self.now < end {
+            if done(self) {
+                return true;
+            }
+            self.run(Duration::from_millis(10));
+        }
+        done(self)
+    }
+
+    pub fn stats(&self) -> SfuStats {
+        self.sfu.stats()
+    }
+
+    fn send_frames(&mut self) {
+        let now = self.now;
+        for i in 0..self.clients.len() {
+            let c = &mut self.clients[i];
+            if c.silent || !c.talking || !c.connected {
+                continue;
+            }
+            let Some(mid) = c.audio_mid else { continue };
+            let Some(writer) = c.rtc.writer(mid) else { continue };
+            let Some(pt) = writer.payload_params().find(|p| p.spec().codec == Codec::Opus).map(|p| p.pt()) else {
+                continue;
+            };
+            let time = MediaTime::new(c.frames_sent * 960, Frequency::FORTY_EIGHT_KHZ);
+            let payload = vec![c.index, 0xde, 0xad, 0xbe, 0xef, (c.frames_sent & 0xff) as u8];
+            writer.write(pt, now, time, payload).unwrap();
+            c.frames_sent += 1;
+            self.drain_client(i);
+        }
+    }
+
+    /// Moves datagrams and events until nothing is left to move.
+    pub fn pump(&mut self) {
+        loop {
+            let mut moved = false;
+            while let Some(t) = self.sfu.poll_transmit() {
+                self.wire.push_back((t.source, t.destination, t.contents));
+                moved = true;
+            }
+            while let Some((from, to, bytes)) = self.wire.pop_front() {
+                moved = true;
+                if to == SFU_ADDR.parse().unwrap() {
+                    self.sfu.handle_datagram(self.now, from, to, &bytes);
+                    continue;
+                }
+                let Some(i) = self.clients.iter().position(|c| c.addr == to) else { continue };
+                if self.clients[i].silent {
+                    continue;
+                }
+                let now = self.now;
+                let input = Input::Receive(now, Receive { proto: Protocol::Udp, source: from, destination: to, contents: bytes.as_slice().try_into().unwrap() });
+                self.clients[i].rtc.handle_input(input).unwrap();
+                self.drain_client(i);
+            }
+            while let Some(event) = self.sfu.poll_event() {
+                moved = true;
+                self.handle_sfu_event(event);
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    fn handle_sfu_event(&mut self, event: SfuEvent) {
+        let now = self.now;
+        match event {
+            SfuEvent::Offer { participant, offer } => {
+                let Some(c) = self.client_by_participant(participant) else { return };
+                if c.silent {
+                    return;
+                }
+                c.events.push("offer".into());
+                let answer = c.rtc.sdp_api().accept_offer(offer).unwrap();
+                let i = self.clients.iter().position(|c| c.participant == participant).unwrap();
+                self.drain_client(i);
+                self.sfu.accept_answer(now, participant, answer).unwrap();
+            }
+            SfuEvent::Connected { participant } => {
+                if let Some(c) = self.client_by_participant(participant) {
+                    c.events.push("connected".into());
+                }
+            }
+            SfuEvent::ParticipantJoined { to, participant, .. } => {
+                if let Some(c) = self.client_by_participant(to) {
+                    c.events.push(format!("joined:{participant}"));
+                }
+            }
+            SfuEvent::ParticipantLeft { to, participant, reason } => {
+                if let Some(c) = self.client_by_participant(to) {
+                    c.events.push(format!("left:{participant}:{}", reason.as_str()));
+                }
+            }
+            SfuEvent::Removed { participant, reason } => self.removed.push((participant, reason)),
+            _ => {}
+        }
+    }
+
+    fn drain_client(&mut self, i: usize) {
+        let c = &mut self.clients[i];
+        loop {
+            match c.rtc.poll_output().unwrap() {
+                Output::Timeout(t) => {
+                    c.deadline = t;
+                    break;
+                }
+                Output::Transmit(t) => {
+                    if !c.silent {
+                        self.wire.push_back((t.source, t.destination, t.contents.into()));
+                    }
+                }
+                Output::Event(Event::Connected) => c.connected = true,
+                Output::Event(Event::MediaData(data)) => {
+                    if let Some(sender) = data.data.first() {
+                        *c.heard.entry(*sender).or_default() += 1;
+                    }
+                }
+                Output::Event(_) => {}
+            }
+        }
+    }
+}
+
+pub fn init_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
