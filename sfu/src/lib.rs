@@ -13,11 +13,13 @@
 //! Rooms live on exactly one worker, so forwarding never takes a lock.
 
 mod demux;
+pub mod driver;
 mod error;
 mod ids;
 mod participant;
 mod sfu;
 
+pub use driver::{DriverConfig, Session, SfuDriver, SfuHandle};
 pub use error::SfuError;
 pub use ids::{ParticipantId, RoomId};
 pub use sfu::{DropCounts, JoinRequest, Joined, LeaveReason, Sfu, SfuConfig, SfuEvent, SfuStats, Transmit};

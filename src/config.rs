@@ -1,0 +1,245 @@
+//! Configuration: embedded defaults < TOML file < environment < flags.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+/// When to serve HTTPS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// HTTPS unless the HTTP address is loopback (browsers need a secure
+    /// context for the microphone, and loopback already is one).
+    Auto,
+    /// Always HTTPS with the self-signed certificate in the data dir.
+    On,
+    /// Plain HTTP.
+    Off,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// `fleetcall serve` flags. Each also reads a `FLEETCALL_*` variable.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (see README for the keys).
+    #[arg(long, env = "FLEETCALL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory for TLS material and the admin token; created on first start.
+    #[arg(long, env = "FLEETCALL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP listen address (web client, signaling, health, admin API).
+    #[arg(long, env = "FLEETCALL_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Serve HTTPS: auto | on | off.
+    #[arg(long, env = "FLEETCALL_TLS")]
+    pub tls: Option<TlsMode>,
+    /// IP the media (UDP) sockets bind.
+    #[arg(long, env = "FLEETCALL_MEDIA_BIND")]
+    pub media_bind: Option<IpAddr>,
+    /// First media UDP port; worker i uses first + i. 0 picks ephemeral ports.
+    #[arg(long, env = "FLEETCALL_MEDIA_PORT")]
+    pub media_port: Option<u16>,
+    /// Media worker threads (one UDP port each). Default: one per core.
+    #[arg(long, env = "FLEETCALL_WORKERS")]
+    pub workers: Option<usize>,
+    /// LAN or public IP announced to devices for media.
+    #[arg(long, env = "FLEETCALL_ADVERTISE_IP")]
+    pub advertise_ip: Option<IpAddr>,
+    /// Seconds a participant may be silent or ICE-disconnected before removal.
+    #[arg(long, env = "FLEETCALL_DISCONNECT_GRACE_SECS")]
+    pub disconnect_grace_secs: Option<f64>,
+    /// Most participants in one room.
+    #[arg(long, env = "FLEETCALL_MAX_ROOM_SIZE")]
+    pub max_room_size: Option<usize>,
+    /// Seconds to drain connections on SIGTERM/Ctrl-C before exiting anyway.
+    #[arg(long, env = "FLEETCALL_SHUTDOWN_TIMEOUT_SECS")]
+    pub shutdown_timeout_secs: Option<f64>,
+    /// Log format: text | json. Filter with RUST_LOG.
+    #[arg(long, env = "FLEETCALL_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The configuration file. Unknown keys are errors, so a typo never silently
+/// falls back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+    #[serde(default)]
+    http: FileHttp,
+    #[serde(default)]
+    media: FileMedia,
+    #[serde(default)]
+    shutdown: FileShutdown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHttp {
+    addr: Option<SocketAddr>,
+    tls: Option<TlsMode>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMedia {
+    bind: Option<IpAddr>,
+    first_port: Option<u16>,
+    workers: Option<usize>,
+    advertise_ip: Option<IpAddr>,
+    disconnect_grace_secs: Option<f64>,
+    max_room_size: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileShutdown {
+    timeout_secs: Option<f64>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub http_addr: SocketAddr,
+    pub tls: bool,
+    pub media_bind: IpAddr,
+    pub media_port: u16,
+    pub workers: usize,
+    pub advertise_ip: Option<IpAddr>,
+    pub disconnect_grace: Duration,
+    pub max_room_size: usize,
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Merges flags/environment (already merged by clap) over the file over defaults.
+    pub fn load(args: ServeArgs) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let http_addr = args.http_addr.or(file.http.addr).unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)));
+        let tls = match args.tls.or(file.http.tls).unwrap_or(TlsMode::Auto) {
+            TlsMode::Auto => !http_addr.ip().is_loopback(),
+            TlsMode::On => true,
+            TlsMode::Off => false,
+        };
+        let workers = args
+            .workers
+            .or(file.media.workers)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let config = Config {
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("fleetcall-data")),
+            http_addr,
+            tls,
+            media_bind: args.media_bind.or(file.media.bind).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            media_port: args.media_port.or(file.media.first_port).unwrap_or(50_000),
+            workers,
+            advertise_ip: args.advertise_ip.or(file.media.advertise_ip),
+            disconnect_grace: seconds("disconnect grace", args.disconnect_grace_secs.or(file.media.disconnect_grace_secs).unwrap_or(5.0))?,
+            max_room_size: args.max_room_size.or(file.media.max_room_size).unwrap_or(100),
+            shutdown_timeout: seconds("shutdown timeout", args.shutdown_timeout_secs.or(file.shutdown.timeout_secs).unwrap_or(5.0))?,
+            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.workers == 0 || self.workers > 256 {
+            bail!("workers must be between 1 and 256, got {}", self.workers);
+        }
+        if self.media_port != 0 && usize::from(self.media_port) + self.workers - 1 > usize::from(u16::MAX) {
+            bail!("media ports {}..{} run past 65535", self.media_port, usize::from(self.media_port) + self.workers - 1);
+        }
+        if self.media_bind.is_unspecified() && self.advertise_ip.is_none() {
+            bail!("media bind {} needs --advertise-ip: the address devices reach this server on", self.media_bind);
+        }
+        if self.max_room_size < 2 {
+            bail!("max room size must be at least 2");
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+fn seconds(what: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("{what} must be a positive number of seconds, got {value}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn load(args: &[&str]) -> anyhow::Result<Config> {
+        let cli = Cli::try_parse_from(std::iter::once("fleetcall").chain(args.iter().copied()))?;
+        Config::load(cli.serve)
+    }
+
+    #[test]
+    fn zero_configuration_listens_on_loopback_without_tls() {
+        let config = load(&[]).unwrap();
+        assert!(config.http_addr.ip().is_loopback());
+        assert!(config.media_bind.is_loopback());
+        assert!(!config.tls);
+        assert_eq!(config.disconnect_grace, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("fleetcall-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fleetcall.toml");
+        std::fs::write(&path, "[http]\naddr = \"0.0.0.0:9000\"\n[media]\nworkers = 3\nadvertise_ip = \"10.1.2.3\"\nbind = \"0.0.0.0\"\n").unwrap();
+        let config = load(&["--config", path.to_str().unwrap(), "--workers", "1"]).unwrap();
+        assert_eq!(config.workers, 1);
+        assert_eq!(config.http_addr.port(), 9000);
+        assert!(config.tls, "a LAN address gets HTTPS in auto mode");
+        assert_eq!(config.advertise_ip, Some("10.1.2.3".parse().unwrap()));
+    }
+
+    #[test]
+    fn bad_configuration_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("fleetcall-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("typo.toml");
+        std::fs::write(&path, "[media]\nworkerz = 3\n").unwrap();
+        let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(format!("{err:#}").contains("workerz"), "{err:#}");
+        assert!(load(&["--media-bind", "0.0.0.0"]).unwrap_err().to_string().contains("advertise"));
+        assert!(load(&["--workers", "0"]).is_err());
+        assert!(load(&["--disconnect-grace-secs", "-1"]).is_err());
+        assert!(load(&["--config", "/nonexistent/fleetcall.toml"]).is_err());
+    }
+}

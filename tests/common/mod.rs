@@ -1,0 +1,112 @@
+//! Shared helpers for the end-to-end tests: a real `fleetcall` server process
+//! on loopback with a fresh data dir and ephemeral ports.
+
+#![allow(dead_code)]
+
+pub mod cdp;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// A running server; killed on drop.
+pub struct Server {
+    pub child: Child,
+    /// e.g. `http://127.0.0.1:40123`, without a trailing slash.
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub admin_token: String,
+}
+
+impl Server {
+    /// Starts `fleetcall serve` with `extra` flags and waits until it serves.
+    pub fn start(extra: &[&str]) -> anyhow::Result<Server> {
+        let data_dir = std::env::temp_dir().join(format!(
+            "fleetcall-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()
+        ));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetcall"))
+            .args(["serve", "--http-addr", "127.0.0.1:0", "--media-port", "0", "--data-dir"])
+            .arg(&data_dir)
+            .args(extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("spawning fleetcall")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            let Some(line) = lines.next() else {
+                let status = child.wait()?;
+                bail!("fleetcall exited before serving: {status}");
+            };
+            let line = line?;
+            if let Some(url) = line.strip_prefix("fleetcall serving ") {
+                break url.trim_end_matches('/').to_owned();
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let admin_token = std::fs::read_to_string(data_dir.join("admin-token"))?.trim().to_owned();
+        Ok(Server { child, url, data_dir, admin_token })
+    }
+
+    /// The signaling WebSocket URL.
+    pub fn ws_url(&self) -> String {
+        format!("{}/ws", self.url.replacen("http", "ws", 1))
+    }
+
+    /// `GET /api/stats` as JSON.
+    pub async fn stats(&self) -> anyhow::Result<serde_json::Value> {
+        let body = http_get(&format!("{}/api/stats", self.url), Some(&self.admin_token)).await?;
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Polls the stats until `done` holds; returns the last stats and when.
+    pub async fn wait_stats(
+        &self,
+        limit: Duration,
+        mut done: impl FnMut(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<(serde_json::Value, Duration)> {
+        let start = Instant::now();
+        loop {
+            let stats = self.stats().await?;
+            if done(&stats) {
+                return Ok((stats, start.elapsed()));
+            }
+            if start.elapsed() > limit {
+                bail!("stats did not converge in {limit:?}: {stats}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a fresh TCP connection; returns the body of a 200.
+pub async fn http_get(url: &str, bearer: Option<&str>) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").context("http URL")?;
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response.split_once("\r\n\r\n").context("HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {url}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
