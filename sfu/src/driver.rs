@@ -11,8 +11,10 @@
 //! a port per worker the kernel does the hand-off for free, the demux tables
 //! stay inside the worker, and forwarding never takes a lock. Firewalls need
 //! a range of N ports (N = workers, default one per core) instead of one, which
-//! is a fair price on an institutional LAN. See the README's performance section
-//! for the measured cost of the hand-off this avoids.
+//! is a fair price on an institutional LAN. Measured (`benches/handoff.rs`,
+//! 2-core VM): the copy and channel hand-off alone cost about 150 ns per
+//! datagram before any wake-up, about 2.5 % of the 6 µs a 5-person room's
+//! packet costs in the core, on every datagram of every room.
 //!
 //! # Batched I/O
 //!
