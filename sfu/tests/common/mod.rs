@@ -29,12 +29,20 @@ pub struct Client {
     pub rtc: Rtc,
     pub participant: ParticipantId,
     pub audio_mid: Option<Mid>,
+    pub video_mid: Option<Mid>,
+    /// Keyframe requests the SFU sent this client.
+    pub keyframe_requests: u64,
+    /// Video frames received.
+    pub video_frames: u64,
     pub pending: Option<SdpPendingOffer>,
     /// Publishing fake audio every 20 ms.
     pub talking: bool,
     /// Stopped: sends and receives nothing (an abrupt network loss).
     pub silent: bool,
     pub connected: bool,
+    /// Answer SFU offers at once; when false they wait in `held_offers`.
+    pub auto_answer: bool,
+    pub held_offers: Vec<str0m::change::SdpOffer>,
     pub deadline: Instant,
     pub frames_sent: u64,
     /// Packets received per sending client index.
@@ -83,12 +91,18 @@ impl Net {
 
     /// A new client joins `room` publishing one audio track; returns its index.
     pub fn join(&mut self, room: &str) -> usize {
+        self.join_with(room, false)
+    }
+
+    /// Like [`Net::join`], optionally also publishing a VP8 video track.
+    pub fn join_with(&mut self, room: &str, video: bool) -> usize {
         let index = self.clients.len() as u8;
         let addr: SocketAddr = format!("10.0.0.{}:{}", index + 1, 4000 + index as u16).parse().unwrap();
         let mut rtc = Rtc::builder().build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         let mut api = rtc.sdp_api();
         let mid = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+        let video_mid = video.then(|| api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None));
         let (offer, pending) = api.apply().unwrap();
         let participant = ParticipantId(self.next_participant);
         self.next_participant += 1;
@@ -103,10 +117,15 @@ impl Net {
             rtc,
             participant,
             audio_mid: Some(mid),
+            video_mid,
+            keyframe_requests: 0,
+            video_frames: 0,
             pending: None,
             talking: true,
             silent: false,
             connected: false,
+            auto_answer: true,
+            held_offers: Vec::new(),
             deadline: self.now,
             frames_sent: 0,
             heard: HashMap::new(),
@@ -184,6 +203,14 @@ impl Net {
             let time = MediaTime::new(c.frames_sent * 960, Frequency::FORTY_EIGHT_KHZ);
             let payload = vec![c.index, 0xde, 0xad, 0xbe, 0xef, (c.frames_sent & 0xff) as u8];
             writer.write(pt, now, time, payload).unwrap();
+            if let Some(mid) = c.video_mid {
+                let writer = c.rtc.writer(mid).unwrap();
+                let pt = writer.payload_params().find(|p| p.spec().codec == Codec::Vp8).map(|p| p.pt()).unwrap();
+                let time = MediaTime::new(c.frames_sent * 1800, Frequency::NINETY_KHZ);
+                // A VP8 payload header byte, then an opaque "frame".
+                let frame = vec![c.index; 1200];
+                writer.write(pt, now, time, frame).unwrap();
+            }
             c.frames_sent += 1;
             self.drain_client(i);
         }
@@ -238,6 +265,10 @@ impl Net {
                     return;
                 }
                 c.events.push("offer".into());
+                if !c.auto_answer {
+                    c.held_offers.push(offer);
+                    return;
+                }
                 let answer = c.rtc.sdp_api().accept_offer(offer).unwrap();
                 let i = self.clients.iter().position(|c| c.participant == participant).unwrap();
                 self.drain_client(i);
@@ -278,10 +309,13 @@ impl Net {
                 }
                 Output::Event(Event::Connected) => c.connected = true,
                 Output::Event(Event::MediaData(data)) => {
-                    if let Some(sender) = data.data.first() {
+                    if data.params.spec().codec == Codec::Vp8 {
+                        c.video_frames += 1;
+                    } else if let Some(sender) = data.data.first() {
                         *c.heard.entry(*sender).or_default() += 1;
                     }
                 }
+                Output::Event(Event::KeyframeRequest(_)) => c.keyframe_requests += 1,
                 Output::Event(_) => {}
             }
         }
