@@ -1,3 +1,4 @@
 //! fleetcall-signaling: the control plane.
 
+pub mod pb;
 pub mod protocol;
