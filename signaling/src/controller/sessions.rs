@@ -136,8 +136,6 @@ impl Controller {
             self.out.push_back(super::Output::Send { conn, frame });
         }
         let Some(call_id) = call else { return };
-        let Some(state) = self.call_state(call_id) else { return };
-        self.send(conn, 0, server_frame::Kind::CallState(state));
         let Some(call) = self.calls.get_mut(&call_id) else { return };
         let Some(member) = call.members.get_mut(&device) else { return };
         let was_reconnecting = std::mem::replace(&mut member.reconnecting, false);
@@ -149,6 +147,9 @@ impl Controller {
             }
             MemberState::Invited => None,
         };
+        if let Some(state) = self.call_state(call_id) {
+            self.send(conn, 0, server_frame::Kind::CallState(state));
+        }
         if was_reconnecting {
             self.notify_others(call_id, &device, status, EndReason::Unspecified);
         }
