@@ -271,6 +271,7 @@ mod tests {
     fn json_uses_the_canonical_proto3_mapping() {
         let frame = pb::ServerFrame {
             reply_to: 0,
+            seq: 0,
             kind: Some(pb::server_frame::Kind::CallEnded(pb::CallEnded {
                 call_id: u64::MAX,
                 reason: pb::EndReason::RingTimeout as i32,
@@ -302,6 +303,7 @@ mod tests {
     fn encoding_refuses_oversize_messages() {
         let frame = pb::ServerFrame {
             reply_to: 0,
+            seq: 0,
             kind: Some(pb::server_frame::Kind::SdpOffer(pb::SdpOffer {
                 sdp: "v".repeat(MAX_FRAME_BYTES),
                 ..Default::default()

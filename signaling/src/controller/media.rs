@@ -203,20 +203,20 @@ impl Controller {
                 let revision = leg.next_revision;
                 leg.next_revision += 1;
                 leg.server_offer = Some((revision, sdp.clone()));
-                // While detached, the offer waits for the resume (and so does
-                // its deadline).
+                // While detached, the offer waits in the replay buffer and its
+                // deadline starts at the resume.
                 if attached {
                     self.timers.set(Timer::Leg(key, LegTimer::Answer), now + config.answer_timeout);
-                    self.push(
-                        key.session,
-                        server_frame::Kind::SdpOffer(pb::SdpOffer {
-                            call_id: call.0,
-                            session_id: key.session.0,
-                            revision,
-                            sdp,
-                        }),
-                    );
                 }
+                self.push(
+                    key.session,
+                    server_frame::Kind::SdpOffer(pb::SdpOffer {
+                        call_id: call.0,
+                        session_id: key.session.0,
+                        revision,
+                        sdp,
+                    }),
+                );
             }
             SfuNotice::Answer { sdp, .. } => {
                 let Some(revision) = leg.device_offer.take() else {

@@ -102,9 +102,11 @@ pub struct Config {
     pub max_errors_per_connection: u32,
     /// Replies remembered per session for duplicate `op_id`s.
     pub op_cache_size: usize,
-    /// Frames queued for a detached session; more and the session cannot be
-    /// resumed (the device is told `SessionUnknown` and rejoins).
-    pub outbox_limit: usize,
+    /// Bytes of session frames kept until the device acknowledges them
+    /// (`Heartbeat.ack_seq`), for replay after a resume. A session whose
+    /// buffer overflows cannot be resumed (the device is told
+    /// `SessionUnknown` and rejoins).
+    pub replay_limit_bytes: usize,
     /// Members (joined + invited) per group call.
     pub max_group_members: usize,
 }
@@ -125,7 +127,7 @@ impl Default for Config {
             ended_call_retention: Duration::from_secs(120),
             max_errors_per_connection: 16,
             op_cache_size: 64,
-            outbox_limit: 128,
+            replay_limit_bytes: 256 * 1024,
             max_group_members: 32,
         }
     }
@@ -315,9 +317,15 @@ struct Session {
     /// Last moment both directions were proven (Hello or latest ack).
     last_proof: Instant,
     call: Option<CallId>,
+    /// Replies by op id, without their `seq`.
     ops: VecDeque<(u64, ServerFrame)>,
-    outbox: VecDeque<ServerFrame>,
-    outbox_overflow: bool,
+    /// Session frames not yet acknowledged by the device, in `seq` order.
+    replay: VecDeque<ServerFrame>,
+    replay_bytes: usize,
+    /// Frames were dropped from `replay`: the session cannot be resumed.
+    replay_overflow: bool,
+    /// `seq` of the next session frame.
+    next_seq: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -946,11 +954,18 @@ impl Controller {
         if let Some(frame) = cached {
             self.stats.duplicate_requests += 1;
             debug!(%sid, op_id, "duplicate request answered from cache");
-            self.out.push_back(Output::Send { conn, frame });
+            self.deliver(sid, frame, None);
             return;
         }
-        // The reply goes before every event the request causes.
+        // The reply goes before every event the request causes, in the
+        // output queue and in `seq` order.
         let mark = self.out.len();
+        let Some(reply_seq) = self.sessions.get_mut(&sid).map(|s| {
+            s.next_seq += 1;
+            s.next_seq - 1
+        }) else {
+            return;
+        };
         let result = match kind {
             K::Invite(m) => self.on_invite(now, sid, m),
             K::Ringing(m) => self.on_ringing(now, sid, m.call_id),
@@ -974,6 +989,7 @@ impl Controller {
         let reply = match result {
             Ok(call_id) => ServerFrame {
                 reply_to: op_id,
+                seq: 0,
                 kind: Some(server_frame::Kind::Ack(pb::Ack { call_id })),
             },
             Err(rej) => {
@@ -981,6 +997,7 @@ impl Controller {
                 *self.stats.errors_sent.entry(rej.code).or_default() += 1;
                 ServerFrame {
                     reply_to: op_id,
+                    seq: 0,
                     kind: Some(server_frame::Kind::Error(pb::Error {
                         code: rej.code as i32,
                         message: rej.message,
@@ -995,12 +1012,13 @@ impl Controller {
             }
             s.ops.push_back((op_id, reply.clone()));
         }
-        self.out.insert(mark, Output::Send { conn, frame: reply });
+        let _ = conn; // the session is attached to `conn`; deliver sends there
+        self.deliver(sid, reply, Some((mark, reply_seq)));
     }
 
     /// Sends a frame on a connection (no caching, no session involved).
     fn send(&mut self, conn: ConnId, reply_to: u64, kind: server_frame::Kind) {
-        self.out.push_back(Output::Send { conn, frame: ServerFrame { reply_to, kind: Some(kind) } });
+        self.out.push_back(Output::Send { conn, frame: ServerFrame { reply_to, seq: 0, kind: Some(kind) } });
     }
 
     fn send_error(&mut self, conn: ConnId, reply_to: u64, code: ErrorCode, msg: &str, call: u64) {
@@ -1012,18 +1030,43 @@ impl Controller {
         );
     }
 
-    /// Pushes an event to a session: sent if attached, queued if detached.
+    /// Pushes an event to a session.
     fn push(&mut self, sid: SessionId, kind: server_frame::Kind) {
+        self.deliver(sid, ServerFrame { reply_to: 0, seq: 0, kind: Some(kind) }, None);
+    }
+
+    /// Delivers a session frame: numbers it (or uses the reserved `seq`),
+    /// keeps it for replay until acknowledged, and sends it if the session
+    /// is attached. With `at`, the send is placed at that position of the
+    /// output queue (a reply goes before the events its request caused).
+    fn deliver(&mut self, sid: SessionId, mut frame: ServerFrame, at: Option<(usize, u64)>) {
         let Some(s) = self.sessions.get_mut(&sid) else { return };
-        let frame = ServerFrame { reply_to: 0, kind: Some(kind) };
-        match s.link {
-            Link::Attached(conn) => self.out.push_back(Output::Send { conn, frame }),
-            Link::Detached { .. } => {
-                if s.outbox.len() >= self.config.outbox_limit {
-                    s.outbox_overflow = true;
-                } else {
-                    s.outbox.push_back(frame);
-                }
+        frame.seq = match at {
+            Some((_, seq)) => seq,
+            None => {
+                let seq = s.next_seq;
+                s.next_seq += 1;
+                seq
+            }
+        };
+        if !s.replay_overflow {
+            let len = prost::Message::encoded_len(&frame);
+            if s.replay_bytes + len > self.config.replay_limit_bytes {
+                debug!(%sid, "replay buffer full: session no longer resumable");
+                s.replay_overflow = true;
+                s.replay.clear();
+                s.replay_bytes = 0;
+            } else {
+                let pos = s.replay.partition_point(|f| f.seq < frame.seq);
+                s.replay.insert(pos, frame.clone());
+                s.replay_bytes += len;
+            }
+        }
+        if let Link::Attached(conn) = s.link {
+            let out = Output::Send { conn, frame };
+            match at {
+                Some((mark, _)) => self.out.insert(mark, out),
+                None => self.out.push_back(out),
             }
         }
     }

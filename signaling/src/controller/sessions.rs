@@ -56,10 +56,10 @@ impl Controller {
         if let Some(resume) = hello.resume {
             let sid = SessionId(resume.session_id);
             let resumable = self.sessions.get(&sid).is_some_and(|s| {
-                s.device == device && s.token[..] == resume.resume_token[..] && !s.outbox_overflow
+                s.device == device && s.token[..] == resume.resume_token[..] && !s.replay_overflow
             });
             if resumable {
-                self.resume(now, conn, sid, version);
+                self.resume(now, conn, sid, version, resume.last_seq);
                 return;
             }
             self.stats.sessions_unknown += 1;
@@ -102,8 +102,10 @@ impl Controller {
                 last_proof: now,
                 call: None,
                 ops: Default::default(),
-                outbox: Default::default(),
-                outbox_overflow: false,
+                replay: Default::default(),
+                replay_bytes: 0,
+                replay_overflow: false,
+                next_seq: 1,
             },
         );
         if let Some(d) = self.devices.get_mut(&device) {
@@ -114,7 +116,7 @@ impl Controller {
         self.attach(now, conn, sid, version, false);
     }
 
-    fn resume(&mut self, now: Instant, conn: ConnId, sid: SessionId, version: u32) {
+    fn resume(&mut self, now: Instant, conn: ConnId, sid: SessionId, version: u32, last_seq: u64) {
         let Some(s) = self.sessions.get(&sid) else { return };
         let (old_link, old_epoch, device) = (s.link, s.epoch, s.device.clone());
         if let Link::Attached(old_conn) = old_link
@@ -128,11 +130,13 @@ impl Controller {
         info!(%conn, %device, %sid, "session resumed");
         self.attach(now, conn, sid, version, true);
 
-        // Deliver what was queued, then the current state of its call.
+        // Send again everything the device has not processed, then the
+        // current state of its call.
         let Some(s) = self.sessions.get_mut(&sid) else { return };
-        let queued: Vec<_> = s.outbox.drain(..).collect();
+        s.ack_replay(last_seq);
         let call = s.call;
-        for frame in queued {
+        let again: Vec<_> = s.replay.iter().cloned().collect();
+        for frame in again {
             self.out.push_back(super::Output::Send { conn, frame });
         }
         let Some(call_id) = call else { return };
@@ -140,29 +144,19 @@ impl Controller {
         let Some(member) = call.members.get_mut(&device) else { return };
         let was_reconnecting = std::mem::replace(&mut member.reconnecting, false);
         let status = member.status();
-        // A renegotiation offer that arrived while detached is sent now.
+        // A renegotiation offer still unanswered was replayed above; its
+        // answer deadline starts now.
         let pending = match &member.state {
-            MemberState::Joined(leg) => {
-                leg.server_offer.as_ref().map(|(rev, sdp)| (leg.key, *rev, sdp.clone()))
-            }
-            MemberState::Invited => None,
+            MemberState::Joined(leg) if leg.server_offer.is_some() => Some(leg.key),
+            _ => None,
         };
         if let Some(state) = self.call_state(call_id) {
-            self.send(conn, 0, server_frame::Kind::CallState(state));
+            self.push(sid, server_frame::Kind::CallState(state));
         }
         if was_reconnecting {
             self.notify_others(call_id, &device, status, EndReason::Unspecified);
         }
-        if let Some((key, revision, sdp)) = pending {
-            self.push(
-                sid,
-                server_frame::Kind::SdpOffer(pb::SdpOffer {
-                    call_id: call_id.0,
-                    session_id: sid.0,
-                    revision,
-                    sdp,
-                }),
-            );
+        if let Some(key) = pending {
             self.timers.set(
                 Timer::Leg(key, super::LegTimer::Answer),
                 now + self.config.answer_timeout,
@@ -209,7 +203,7 @@ impl Controller {
         let seq = s.hb.next_seq;
         s.hb.next_seq += 1;
         self.stats.heartbeats_sent += 1;
-        self.send(conn, 0, server_frame::Kind::Heartbeat(pb::Heartbeat { seq, sent_at_ms }));
+        self.send(conn, 0, server_frame::Kind::Heartbeat(pb::Heartbeat { seq, sent_at_ms, ack_seq: 0 }));
     }
 
     /// Every interval: count the previous heartbeat if it was not acked, act
@@ -274,10 +268,11 @@ impl Controller {
         hb: pb::Heartbeat,
     ) {
         self.stats.heartbeats_received += 1;
-        if let Some(d) =
-            self.sessions.get(&sid).and_then(|s| self.devices.get_mut(&s.device))
-        {
-            d.last_heartbeat = Some(now);
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            s.ack_replay(hb.ack_seq);
+            if let Some(d) = self.devices.get_mut(&s.device) {
+                d.last_heartbeat = Some(now);
+            }
         }
         self.send(
             conn,
@@ -373,6 +368,17 @@ impl Controller {
                     reason: reason as i32,
                 }),
             );
+        }
+    }
+}
+
+impl Session {
+    /// Drops frames the device has processed from the replay buffer.
+    fn ack_replay(&mut self, acked: u64) {
+        while self.replay.front().is_some_and(|f| f.seq <= acked) {
+            if let Some(f) = self.replay.pop_front() {
+                self.replay_bytes -= prost::Message::encoded_len(&f);
+            }
         }
     }
 }

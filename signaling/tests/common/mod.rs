@@ -82,6 +82,10 @@ pub struct Dev {
     pub ended: Vec<(Instant, CallEnded)>,
     /// Terminal events that arrived for a call the device was not in.
     pub duplicate_terminal: Vec<CallEnded>,
+    /// Highest session `seq` processed (reset by a fresh Welcome).
+    pub last_seq: u64,
+    /// Session frames that came twice or out of order: (expected, got).
+    pub seq_errors: Vec<(u64, u64)>,
     to_server: VecDeque<(Instant, ClientFrame)>,
     to_device: VecDeque<(Instant, ServerFrame)>,
     next_op: u64,
@@ -206,6 +210,8 @@ impl Sim {
             in_call: BTreeSet::new(),
             ended: Vec::new(),
             duplicate_terminal: Vec::new(),
+            last_seq: 0,
+            seq_errors: Vec::new(),
             to_server: VecDeque::new(),
             to_device: VecDeque::new(),
             next_op: 1,
@@ -245,7 +251,8 @@ impl Sim {
         self.ctl.handle_connection_up(now, conn, id);
         self.drain();
         let resume = if resume {
-            self.dev(name).session.clone().map(|(session_id, resume_token)| pb::Resume { session_id, resume_token })
+            let last_seq = self.dev(name).last_seq;
+            self.dev(name).session.clone().map(|(session_id, resume_token)| pb::Resume { session_id, resume_token, last_seq })
         } else {
             None
         };
@@ -508,7 +515,9 @@ impl Sim {
                 let seq = dev.hb_seq;
                 dev.next_hb = Some(now + secs(2));
                 let at_ms = (now - self.start).as_millis() as u64;
-                self.send_frame(name, ClientFrame { op_id: 0, kind: Some(C::Heartbeat(pb::Heartbeat { seq, sent_at_ms: at_ms })) });
+                let ack_seq = dev.last_seq;
+                let hb = pb::Heartbeat { seq, sent_at_ms: at_ms, ack_seq };
+                self.send_frame(name, ClientFrame { op_id: 0, kind: Some(C::Heartbeat(hb)) });
             }
         }
         while self.sfu.pending.front().is_some_and(|(t, _)| *t <= now) {
@@ -564,6 +573,21 @@ impl Sim {
         let now = self.now;
         let dev = self.dev_mut(name);
         dev.inbox.push((now, frame.clone()));
+        if let Some(S::Welcome(w)) = &frame.kind
+            && !w.resumed
+        {
+            dev.last_seq = 0;
+        }
+        if frame.seq != 0 {
+            // Session frames arrive exactly once, in order, across resumes.
+            if frame.seq != dev.last_seq + 1 {
+                dev.seq_errors.push((dev.last_seq + 1, frame.seq));
+                if frame.seq <= dev.last_seq {
+                    return;
+                }
+            }
+            dev.last_seq = frame.seq;
+        }
         let op_kind = dev.ops.get(&frame.reply_to).copied();
         let Some(kind) = frame.kind else { return };
         match kind {
@@ -752,8 +776,10 @@ impl Sim {
             let live = self.ctl.call(p.room).is_some_and(|c| c.phase != pb::CallPhase::Ended);
             assert!(live, "seed {seed}: SFU participant {key} in an ended call");
         }
-        // Exactly one terminal event per device participation.
+        // Exactly one terminal event per device participation, and session
+        // frames exactly once, in order.
         for (name, dev) in &self.devs {
+            assert!(dev.seq_errors.is_empty(), "seed {seed}: {name} saw session frames out of order (expected, got): {:?}", dev.seq_errors);
             assert!(
                 dev.duplicate_terminal.is_empty(),
                 "seed {seed}: {name} got a terminal event for a call it was not in: {:?}",
