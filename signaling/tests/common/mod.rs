@@ -114,6 +114,8 @@ pub struct FakeSfu {
     pub connect_delay: Duration,
     /// Devices whose joins are refused.
     pub refuse: BTreeSet<DeviceId>,
+    /// Devices whose next join only is refused.
+    pub refuse_once: BTreeSet<DeviceId>,
     /// Devices whose media never connects.
     pub no_media: BTreeSet<DeviceId>,
     /// Send renegotiation offers to others when a participant connects.
@@ -170,6 +172,7 @@ impl Sim {
                 join_delay: ms(5),
                 connect_delay: ms(150),
                 refuse: BTreeSet::new(),
+                refuse_once: BTreeSet::new(),
                 no_media: BTreeSet::new(),
                 renegotiate: true,
                 silent: false,
@@ -222,8 +225,8 @@ impl Sim {
         };
         self.devs.insert(name.to_string(), dev);
         self.connect(name, false);
-        self.run_for(ms(50));
-        assert!(self.dev(name).session.is_some(), "{name} was not welcomed");
+        let welcomed = self.run_until_cond(secs(1), |s| s.dev(name).session.is_some());
+        assert!(welcomed.is_some(), "{name} was not welcomed");
         self
     }
 
@@ -686,7 +689,7 @@ impl Sim {
         let now = self.now;
         match cmd {
             SfuCommand::Join { room, participant, display_name, .. } => {
-                if self.sfu.refuse.contains(&display_name) {
+                if self.sfu.refuse.contains(&display_name) || self.sfu.refuse_once.remove(&display_name) {
                     self.sfu.pending.push_back((now + self.sfu.join_delay, SfuNotice::JoinFailed { participant, error: "refused".into() }));
                     return;
                 }
