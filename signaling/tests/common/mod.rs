@@ -90,6 +90,7 @@ pub struct Dev {
     to_device: VecDeque<(Instant, ServerFrame)>,
     next_op: u64,
     ops: BTreeMap<u64, &'static str>,
+    answered: BTreeSet<u64>,
     offered: BTreeSet<(u64, u64)>,
     hb_seq: u64,
     next_hb: Option<Instant>,
@@ -219,6 +220,7 @@ impl Sim {
             to_device: VecDeque::new(),
             next_op: 1,
             ops: BTreeMap::new(),
+            answered: BTreeSet::new(),
             offered: BTreeSet::new(),
             hb_seq: 0,
             next_hb: None,
@@ -597,7 +599,9 @@ impl Sim {
             S::Welcome(w) => {
                 dev.session = Some((w.session_id, w.resume_token.clone()));
                 if !w.resumed {
+                    // Op ids and the call view belong to the session.
                     dev.in_call.clear();
+                    dev.answered.clear();
                 }
                 if dev.auto.heartbeat {
                     dev.next_hb = Some(now + secs(2));
@@ -610,6 +614,9 @@ impl Sim {
                     self.send_frame(name, ClientFrame { op_id: 0, kind: Some(ack) });
                 }
             }
+            // A client acts on the first reply to an op only (a replayed op
+            // gets the cached reply again).
+            S::Ack(_) if !dev.answered.insert(frame.reply_to) => {}
             S::Ack(a) => {
                 if matches!(op_kind, Some("invite" | "group_create" | "group_join" | "accept")) && a.call_id != 0 {
                     // Not yet in the view if the call already ended (busy...).
