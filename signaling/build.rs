@@ -18,7 +18,9 @@ fn main() {
 
     let mut config = prost_build::Config::new();
     config.out_dir(&out);
-    config.compile_fds(fds).unwrap_or_else(|e| panic!("prost-build: {e}"));
+    config
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("prost-build: {e}"));
 
     pbjson_build::Builder::new()
         .out_dir(&out)

@@ -20,7 +20,11 @@ pub struct Backoff {
 impl Backoff {
     /// `base`: ceiling of the first delay; `cap`: largest ceiling.
     pub fn new(base: Duration, cap: Duration) -> Self {
-        Backoff { base, cap: cap.max(base), attempt: 0 }
+        Backoff {
+            base,
+            cap: cap.max(base),
+            attempt: 0,
+        }
     }
 
     /// Defaults for the fleet: 500 ms base, 30 s cap.
@@ -100,6 +104,9 @@ mod tests {
             assert!(*d <= Duration::from_secs(30));
             buckets[((d.as_secs_f64() / 3.0) as usize).min(9)] += 1;
         }
-        assert!(buckets.iter().all(|&n| (50..=200).contains(&n)), "{buckets:?}");
+        assert!(
+            buckets.iter().all(|&n| (50..=200).contains(&n)),
+            "{buckets:?}"
+        );
     }
 }

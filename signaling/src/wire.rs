@@ -31,11 +31,18 @@ const MAX_VARINT_BYTES: usize = 10;
 pub fn encode_frame<M: Message>(msg: &M, dst: &mut BytesMut) -> Result<(), Error> {
     let len = msg.encoded_len();
     if len > MAX_FRAME_BYTES {
-        return Err(Error::MessageTooLarge { len, max: MAX_FRAME_BYTES });
+        return Err(Error::MessageTooLarge {
+            len,
+            max: MAX_FRAME_BYTES,
+        });
     }
     dst.reserve(len + prost::length_delimiter_len(len));
     // Cannot fail: capacity was reserved above.
-    msg.encode_length_delimited(dst).map_err(|_| Error::MessageTooLarge { len, max: MAX_FRAME_BYTES })
+    msg.encode_length_delimited(dst)
+        .map_err(|_| Error::MessageTooLarge {
+            len,
+            max: MAX_FRAME_BYTES,
+        })
 }
 
 /// [`encode_frame`] into a fresh vector.
@@ -75,7 +82,10 @@ impl FrameDecoder {
 
     /// A decoder with another limit (tests, tools).
     pub fn with_max_frame(max_frame: usize) -> Self {
-        FrameDecoder { max_frame, failed: None }
+        FrameDecoder {
+            max_frame,
+            failed: None,
+        }
     }
 
     /// Takes the next complete frame off the front of `src`.
@@ -126,7 +136,10 @@ impl FrameDecoder {
 
     fn fatal_error(&self, fatal: Fatal) -> Error {
         match fatal {
-            Fatal::TooLarge(len) => Error::FrameTooLarge { len, max: self.max_frame },
+            Fatal::TooLarge(len) => Error::FrameTooLarge {
+                len,
+                max: self.max_frame,
+            },
             Fatal::BadPrefix => Error::BadLengthPrefix,
         }
     }
@@ -136,7 +149,10 @@ impl FrameDecoder {
 /// ignored, an unknown kind gives `kind: None`).
 pub fn decode_json<M: DeserializeOwned>(text: &str) -> Result<M, Error> {
     if text.len() > MAX_FRAME_BYTES {
-        return Err(Error::FrameTooLarge { len: text.len() as u64, max: MAX_FRAME_BYTES });
+        return Err(Error::FrameTooLarge {
+            len: text.len() as u64,
+            max: MAX_FRAME_BYTES,
+        });
     }
     Ok(serde_json::from_str(text)?)
 }
@@ -145,7 +161,10 @@ pub fn decode_json<M: DeserializeOwned>(text: &str) -> Result<M, Error> {
 pub fn encode_json<M: Serialize>(msg: &M) -> Result<String, Error> {
     let text = serde_json::to_string(msg)?;
     if text.len() > MAX_FRAME_BYTES {
-        return Err(Error::MessageTooLarge { len: text.len(), max: MAX_FRAME_BYTES });
+        return Err(Error::MessageTooLarge {
+            len: text.len(),
+            max: MAX_FRAME_BYTES,
+        });
     }
     Ok(text)
 }
@@ -182,7 +201,9 @@ mod tests {
         encode_frame(&hello(), &mut wire).unwrap();
         let invite = pb::ClientFrame {
             op_id: 7,
-            kind: Some(Kind::Invite(pb::Invite { callee: "b".repeat(300) })),
+            kind: Some(Kind::Invite(pb::Invite {
+                callee: "b".repeat(300),
+            })),
         };
         encode_frame(&invite, &mut wire).unwrap();
 
@@ -205,11 +226,17 @@ mod tests {
         put_varint(&mut buf, (MAX_FRAME_BYTES + 1) as u64);
         let mut dec = FrameDecoder::new();
         let err = dec.decode::<pb::ClientFrame>(&mut buf).unwrap_err();
-        assert!(matches!(err, Error::FrameTooLarge { len, .. } if len == MAX_FRAME_BYTES as u64 + 1));
+        assert!(
+            matches!(err, Error::FrameTooLarge { len, .. } if len == MAX_FRAME_BYTES as u64 + 1)
+        );
         assert!(err.is_fatal());
         // Poisoned: the stream cannot be trusted any more.
         let mut more = BytesMut::from(&encode_frame_to_vec(&hello()).unwrap()[..]);
-        assert!(dec.decode::<pb::ClientFrame>(&mut more).unwrap_err().is_fatal());
+        assert!(
+            dec.decode::<pb::ClientFrame>(&mut more)
+                .unwrap_err()
+                .is_fatal()
+        );
     }
 
     #[test]
@@ -242,14 +269,20 @@ mod tests {
         let err = dec.decode::<pb::ClientFrame>(&mut buf).unwrap_err();
         assert!(matches!(err, Error::Malformed(_)), "{err:?}");
         assert!(!err.is_fatal());
-        assert_eq!(dec.decode::<pb::ClientFrame>(&mut buf).unwrap(), Some(hello()));
+        assert_eq!(
+            dec.decode::<pb::ClientFrame>(&mut buf).unwrap(),
+            Some(hello())
+        );
     }
 
     #[test]
     fn overlong_varint_is_fatal() {
         let mut dec = FrameDecoder::with_max_frame(usize::MAX);
         let mut buf = BytesMut::from(&[0x80u8; 11][..]);
-        assert!(matches!(dec.decode::<pb::ClientFrame>(&mut buf), Err(Error::BadLengthPrefix)));
+        assert!(matches!(
+            dec.decode::<pb::ClientFrame>(&mut buf),
+            Err(Error::BadLengthPrefix)
+        ));
     }
 
     #[test]
@@ -260,11 +293,23 @@ mod tests {
         put_varint(&mut fixed, 5);
         fixed.extend_from_slice(&[0x08, 0x05, 0xfa, 0x03, 0x00]);
         let frame: pb::ClientFrame = FrameDecoder::new().decode(&mut fixed).unwrap().unwrap();
-        assert_eq!(frame, pb::ClientFrame { op_id: 5, kind: None });
+        assert_eq!(
+            frame,
+            pb::ClientFrame {
+                op_id: 5,
+                kind: None
+            }
+        );
 
         let json = r#"{"opId":"5","teleport":{"to":"mars"},"extra":1}"#;
         let frame: pb::ClientFrame = decode_json(json).unwrap();
-        assert_eq!(frame, pb::ClientFrame { op_id: 5, kind: None });
+        assert_eq!(
+            frame,
+            pb::ClientFrame {
+                op_id: 5,
+                kind: None
+            }
+        );
     }
 
     #[test]
@@ -293,8 +338,14 @@ mod tests {
 
     #[test]
     fn json_garbage_and_oversize_are_errors() {
-        assert!(matches!(decode_json::<pb::ClientFrame>("{not json"), Err(Error::MalformedJson(_))));
-        let big = format!(r#"{{"invite":{{"callee":"{}"}}}}"#, "x".repeat(MAX_FRAME_BYTES));
+        assert!(matches!(
+            decode_json::<pb::ClientFrame>("{not json"),
+            Err(Error::MalformedJson(_))
+        ));
+        let big = format!(
+            r#"{{"invite":{{"callee":"{}"}}}}"#,
+            "x".repeat(MAX_FRAME_BYTES)
+        );
         let err = decode_json::<pb::ClientFrame>(&big).unwrap_err();
         assert!(err.is_fatal());
     }
@@ -309,6 +360,9 @@ mod tests {
                 ..Default::default()
             })),
         };
-        assert!(matches!(encode_frame_to_vec(&frame), Err(Error::MessageTooLarge { .. })));
+        assert!(matches!(
+            encode_frame_to_vec(&frame),
+            Err(Error::MessageTooLarge { .. })
+        ));
     }
 }

@@ -10,7 +10,8 @@ use fleetcall_signaling::Error;
 use fleetcall_signaling::controller::{Output, Reachability};
 use fleetcall_signaling::ids::{ConnId, DeviceId};
 use fleetcall_signaling::pb::{
-    self, CallPhase, ClientFrame, CloseReason, ErrorCode, client_frame::Kind as C, server_frame::Kind as S,
+    self, CallPhase, ClientFrame, CloseReason, ErrorCode, client_frame::Kind as C,
+    server_frame::Kind as S,
 };
 use fleetcall_signaling::wire::{self, FrameDecoder, MAX_FRAME_BYTES};
 use rand::{Rng, RngExt, SeedableRng, rngs::StdRng};
@@ -64,7 +65,13 @@ fn oversize_frame_closes_only_that_connection() {
     assert_eq!(sim.phase(call), CallPhase::Active);
     for d in ["a", "b"] {
         assert!(errors(&sim, d).is_empty());
-        assert_eq!(sim.ctl.device(&DeviceId::new(d).unwrap()).unwrap().reachability, Reachability::Online);
+        assert_eq!(
+            sim.ctl
+                .device(&DeviceId::new(d).unwrap())
+                .unwrap()
+                .reachability,
+            Reachability::Online
+        );
     }
     sim.check();
 }
@@ -124,7 +131,12 @@ fn too_many_bad_frames_close_the_connection() {
     feed(&mut sim, "a", &mut FrameDecoder::new(), &raw);
     sim.run_for(ms(100));
     let errs = errors(&sim, "a");
-    assert_eq!(errs.iter().filter(|c| **c == ErrorCode::MalformedFrame).count(), 17);
+    assert_eq!(
+        errs.iter()
+            .filter(|c| **c == ErrorCode::MalformedFrame)
+            .count(),
+        17
+    );
     assert_eq!(errs.last(), Some(&ErrorCode::TooManyErrors));
     assert_eq!(sim.dev("a").closes, vec![CloseReason::TooManyErrors]);
     sim.check();
@@ -135,11 +147,27 @@ fn frames_before_hello_close_with_not_registered() {
     let mut sim = Sim::new(seed_from_env(85));
     let now = sim.now;
     let conn = ConnId(500);
-    sim.ctl.handle_connection_up(now, conn, DeviceId::new("early").unwrap());
-    sim.ctl.handle_frame(now, conn, ClientFrame { op_id: 1, kind: Some(C::Invite(pb::Invite { callee: "x".into() })) });
+    sim.ctl
+        .handle_connection_up(now, conn, DeviceId::new("early").unwrap());
+    sim.ctl.handle_frame(
+        now,
+        conn,
+        ClientFrame {
+            op_id: 1,
+            kind: Some(C::Invite(pb::Invite { callee: "x".into() })),
+        },
+    );
     let outs: Vec<_> = std::iter::from_fn(|| sim.ctl.poll_output()).collect();
-    assert!(matches!(&outs[0], Output::Send { frame, .. } if matches!(&frame.kind, Some(S::Error(e)) if e.code() == ErrorCode::NotRegistered)));
-    assert_eq!(outs[1], Output::Close { conn, reason: CloseReason::ProtocolError });
+    assert!(
+        matches!(&outs[0], Output::Send { frame, .. } if matches!(&frame.kind, Some(S::Error(e)) if e.code() == ErrorCode::NotRegistered))
+    );
+    assert_eq!(
+        outs[1],
+        Output::Close {
+            conn,
+            reason: CloseReason::ProtocolError
+        }
+    );
     // A later frame on the closed connection is ignored.
     sim.ctl.handle_frame(now, conn, ClientFrame::default());
     assert_eq!(sim.ctl.poll_output(), None);
@@ -153,21 +181,111 @@ fn out_of_order_messages_get_clear_errors_and_change_nothing() {
     let before = sim.ctl.calls();
 
     let cases: Vec<(&str, C, ErrorCode)> = vec![
-        ("c", C::Accept(pb::Accept { call_id: 999 }), ErrorCode::UnknownCall),
-        ("c", C::Accept(pb::Accept { call_id: call }), ErrorCode::NotInCall),
-        ("a", C::Accept(pb::Accept { call_id: call }), ErrorCode::InvalidState),
-        ("c", C::Ringing(pb::Ringing { call_id: 999 }), ErrorCode::UnknownCall),
-        ("a", C::SdpAnswer(pb::SdpAnswer { call_id: call, revision: 1, sdp: "v=0".into(), ..Default::default() }), ErrorCode::NoPendingOffer),
-        ("c", C::SdpOffer(pb::SdpOffer { call_id: call, sdp: "v=0".into(), ..Default::default() }), ErrorCode::NotInCall),
-        ("a", C::SdpOffer(pb::SdpOffer { call_id: call, sdp: "v=0".into(), ..Default::default() }), ErrorCode::InvalidState),
-        ("a", C::SdpOffer(pb::SdpOffer { call_id: call, session_id: 12345, sdp: "v=0".into(), ..Default::default() }), ErrorCode::StaleSession),
-        ("a", C::IceRestart(pb::IceRestart { call_id: call, sdp: String::new(), ..Default::default() }), ErrorCode::InvalidArgument),
-        ("a", C::GroupEnd(pb::GroupEnd { call_id: call }), ErrorCode::InvalidState),
-        ("a", C::Invite(pb::Invite { callee: "a".into() }), ErrorCode::AlreadyInCall),
-        ("c", C::Invite(pb::Invite { callee: "c".into() }), ErrorCode::InvalidArgument),
-        ("c", C::Invite(pb::Invite { callee: String::new() }), ErrorCode::InvalidArgument),
-        ("c", C::GroupInvite(pb::GroupInvite { call_id: call, invitees: vec![] }), ErrorCode::NotInCall),
-        ("c", C::GroupCreate(pb::GroupCreate { name: "x".repeat(65), invitees: vec![] }), ErrorCode::InvalidArgument),
+        (
+            "c",
+            C::Accept(pb::Accept { call_id: 999 }),
+            ErrorCode::UnknownCall,
+        ),
+        (
+            "c",
+            C::Accept(pb::Accept { call_id: call }),
+            ErrorCode::NotInCall,
+        ),
+        (
+            "a",
+            C::Accept(pb::Accept { call_id: call }),
+            ErrorCode::InvalidState,
+        ),
+        (
+            "c",
+            C::Ringing(pb::Ringing { call_id: 999 }),
+            ErrorCode::UnknownCall,
+        ),
+        (
+            "a",
+            C::SdpAnswer(pb::SdpAnswer {
+                call_id: call,
+                revision: 1,
+                sdp: "v=0".into(),
+                ..Default::default()
+            }),
+            ErrorCode::NoPendingOffer,
+        ),
+        (
+            "c",
+            C::SdpOffer(pb::SdpOffer {
+                call_id: call,
+                sdp: "v=0".into(),
+                ..Default::default()
+            }),
+            ErrorCode::NotInCall,
+        ),
+        (
+            "a",
+            C::SdpOffer(pb::SdpOffer {
+                call_id: call,
+                sdp: "v=0".into(),
+                ..Default::default()
+            }),
+            ErrorCode::InvalidState,
+        ),
+        (
+            "a",
+            C::SdpOffer(pb::SdpOffer {
+                call_id: call,
+                session_id: 12345,
+                sdp: "v=0".into(),
+                ..Default::default()
+            }),
+            ErrorCode::StaleSession,
+        ),
+        (
+            "a",
+            C::IceRestart(pb::IceRestart {
+                call_id: call,
+                sdp: String::new(),
+                ..Default::default()
+            }),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "a",
+            C::GroupEnd(pb::GroupEnd { call_id: call }),
+            ErrorCode::InvalidState,
+        ),
+        (
+            "a",
+            C::Invite(pb::Invite { callee: "a".into() }),
+            ErrorCode::AlreadyInCall,
+        ),
+        (
+            "c",
+            C::Invite(pb::Invite { callee: "c".into() }),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "c",
+            C::Invite(pb::Invite {
+                callee: String::new(),
+            }),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "c",
+            C::GroupInvite(pb::GroupInvite {
+                call_id: call,
+                invitees: vec![],
+            }),
+            ErrorCode::NotInCall,
+        ),
+        (
+            "c",
+            C::GroupCreate(pb::GroupCreate {
+                name: "x".repeat(65),
+                invitees: vec![],
+            }),
+            ErrorCode::InvalidArgument,
+        ),
     ];
     let mut ops = Vec::new();
     for (dev, kind, _) in &cases {
@@ -187,17 +305,57 @@ fn a_second_hello_an_unknown_kind_and_a_missing_op_id_are_errors_not_disconnects
     let mut sim = Sim::new(seed_from_env(87));
     sim.add("a").add("b");
     let call = sim.active_call("a", "b");
-    let hello = C::Hello(pb::Hello { min_version: 1, max_version: 1, ..Default::default() });
-    sim.send_frame("a", ClientFrame { op_id: 0, kind: Some(hello) });
-    sim.send_frame("a", ClientFrame { op_id: 77, kind: None });
-    sim.send_frame("a", ClientFrame { op_id: 0, kind: Some(C::Hangup(pb::Hangup { call_id: call })) });
+    let hello = C::Hello(pb::Hello {
+        min_version: 1,
+        max_version: 1,
+        ..Default::default()
+    });
+    sim.send_frame(
+        "a",
+        ClientFrame {
+            op_id: 0,
+            kind: Some(hello),
+        },
+    );
+    sim.send_frame(
+        "a",
+        ClientFrame {
+            op_id: 77,
+            kind: None,
+        },
+    );
+    sim.send_frame(
+        "a",
+        ClientFrame {
+            op_id: 0,
+            kind: Some(C::Hangup(pb::Hangup { call_id: call })),
+        },
+    );
     sim.run_for(ms(100));
-    assert_eq!(errors(&sim, "a"), vec![ErrorCode::UnexpectedHello, ErrorCode::UnknownMessage, ErrorCode::MissingOpId]);
+    assert_eq!(
+        errors(&sim, "a"),
+        vec![
+            ErrorCode::UnexpectedHello,
+            ErrorCode::UnknownMessage,
+            ErrorCode::MissingOpId
+        ]
+    );
     let unknown = sim.dev("a").inbox.iter().find(|(_, f)| f.reply_to == 77);
-    assert!(unknown.is_some(), "the unknown kind's error names its op id");
+    assert!(
+        unknown.is_some(),
+        "the unknown kind's error names its op id"
+    );
     assert!(sim.dev("a").closes.is_empty());
-    assert_eq!(sim.phase(call), CallPhase::Active, "the hangup without op id was not executed");
-    assert_eq!(sim.received("a", |k| matches!(k, S::Welcome(_)).then_some(())).len(), 1);
+    assert_eq!(
+        sim.phase(call),
+        CallPhase::Active,
+        "the hangup without op id was not executed"
+    );
+    assert_eq!(
+        sim.received("a", |k| matches!(k, S::Welcome(_)).then_some(()))
+            .len(),
+        1
+    );
     sim.check();
 }
 
@@ -217,7 +375,10 @@ fn browser_json_garbage_is_an_error_and_oversize_is_fatal() {
     let f: ClientFrame = wire::decode_json(r#"{"opId":"9","fly":{}}"#).unwrap();
     sim.ctl.handle_frame(now, conn, f);
     sim.drain();
-    let big = format!(r#"{{"invite":{{"callee":"{}"}}}}"#, "x".repeat(MAX_FRAME_BYTES));
+    let big = format!(
+        r#"{{"invite":{{"callee":"{}"}}}}"#,
+        "x".repeat(MAX_FRAME_BYTES)
+    );
     let err = wire::decode_json::<ClientFrame>(&big).unwrap_err();
     assert!(matches!(err, Error::FrameTooLarge { .. }));
     sim.ctl.handle_wire_error(now, conn, &err);
@@ -225,7 +386,13 @@ fn browser_json_garbage_is_an_error_and_oversize_is_fatal() {
     sim.run_for(ms(100));
     assert_eq!(
         errors(&sim, "web"),
-        vec![ErrorCode::MalformedFrame, ErrorCode::MalformedFrame, ErrorCode::MalformedFrame, ErrorCode::UnknownMessage, ErrorCode::FrameTooLarge]
+        vec![
+            ErrorCode::MalformedFrame,
+            ErrorCode::MalformedFrame,
+            ErrorCode::MalformedFrame,
+            ErrorCode::UnknownMessage,
+            ErrorCode::FrameTooLarge
+        ]
     );
     assert_eq!(sim.dev("web").closes, vec![CloseReason::FrameTooLarge]);
     sim.check();

@@ -27,7 +27,10 @@ fn silent_callee_is_detected_and_the_caller_sees_unavailable_within_the_bound() 
     // Detection needs at least `unreachable_after` missed intervals, and the
     // fault struck mid-interval here, so the bound (+ link latency) holds.
     assert!(took <= bound + ms(20), "took {took:?}, bound {bound:?}");
-    assert!(took >= secs(4), "declared unreachable too eagerly: {took:?}");
+    assert!(
+        took >= secs(4),
+        "declared unreachable too eagerly: {took:?}"
+    );
 
     let ended = sim.ended_for("caller", call);
     assert_eq!(ended.len(), 1);
@@ -36,12 +39,19 @@ fn silent_callee_is_detected_and_the_caller_sees_unavailable_within_the_bound() 
     assert_eq!(sim.end_reason(call), Some(EndReason::Unavailable));
 
     // The stuck connection was closed by the server, the device is marked.
-    assert_eq!(sim.dev("callee").closes, vec![CloseReason::HeartbeatTimeout]);
+    assert_eq!(
+        sim.dev("callee").closes,
+        vec![CloseReason::HeartbeatTimeout]
+    );
     let row = sim.ctl.device(&DeviceId::new("callee").unwrap()).unwrap();
     assert_eq!(row.reachability, Reachability::Unreachable);
     assert!(row.last_error.unwrap().contains("heartbeats missed"));
     // Media mappings are gone, the caller is free again.
-    assert!(sim.sfu.participants.is_empty(), "{:?}", sim.sfu.participants);
+    assert!(
+        sim.sfu.participants.is_empty(),
+        "{:?}",
+        sim.sfu.participants
+    );
     let caller = sim.ctl.device(&DeviceId::new("caller").unwrap()).unwrap();
     assert_eq!(caller.call, None);
     assert!(caller.participants.is_empty());

@@ -6,7 +6,9 @@ mod common;
 use common::*;
 use fleetcall_signaling::controller::SfuCommand;
 use fleetcall_signaling::controller::Transition;
-use fleetcall_signaling::pb::{self, CallPhase, EndReason, client_frame::Kind as C, server_frame::Kind as S};
+use fleetcall_signaling::pb::{
+    self, CallPhase, EndReason, client_frame::Kind as C, server_frame::Kind as S,
+};
 
 fn phases_seen(sim: &Sim, name: &str, call: u64) -> Vec<CallPhase> {
     let mut v: Vec<CallPhase> = sim.received(name, |k| match k {
@@ -35,11 +37,24 @@ fn answered_call_connects_media_for_both_and_hangs_up_cleanly() {
     sim.run_for(ms(600));
     assert_eq!(sim.acked_call("b", op), call);
     assert_eq!(sim.phase(call), CallPhase::Active);
-    assert_eq!(phases_seen(&sim, "a", call), vec![CallPhase::Inviting, CallPhase::Ringing, CallPhase::Connecting, CallPhase::Active]);
-    assert_eq!(phases_seen(&sim, "b", call), vec![CallPhase::Ringing, CallPhase::Connecting, CallPhase::Active]);
+    assert_eq!(
+        phases_seen(&sim, "a", call),
+        vec![
+            CallPhase::Inviting,
+            CallPhase::Ringing,
+            CallPhase::Connecting,
+            CallPhase::Active
+        ]
+    );
+    assert_eq!(
+        phases_seen(&sim, "b", call),
+        vec![CallPhase::Ringing, CallPhase::Connecting, CallPhase::Active]
+    );
     // Both got an SDP answer from the SFU through the control stream.
     for dev in ["a", "b"] {
-        let answers = sim.received(dev, |k| matches!(k, S::SdpAnswer(a) if a.call_id == call).then_some(()));
+        let answers = sim.received(dev, |k| {
+            matches!(k, S::SdpAnswer(a) if a.call_id == call).then_some(())
+        });
         assert_eq!(answers.len(), 1, "{dev}");
     }
     assert_eq!(sim.sfu.participants.len(), 2);
@@ -54,10 +69,19 @@ fn answered_call_connects_media_for_both_and_hangs_up_cleanly() {
         assert_eq!(ended[0].by, "b");
     }
     assert!(sim.sfu.participants.is_empty());
-    let leaves = sim.sfu.commands.iter().filter(|c| matches!(c, SfuCommand::Leave { .. })).count();
+    let leaves = sim
+        .sfu
+        .commands
+        .iter()
+        .filter(|c| matches!(c, SfuCommand::Leave { .. }))
+        .count();
     assert_eq!(leaves, 2);
     let t = &sim.ctl.stats().call_transitions;
-    let to_end = Transition { from: CallPhase::Active, to: CallPhase::Ended, reason: Some(EndReason::Hangup) };
+    let to_end = Transition {
+        from: CallPhase::Active,
+        to: CallPhase::Ended,
+        reason: Some(EndReason::Hangup),
+    };
     assert_eq!(t.get(&to_end), Some(&1));
     sim.check();
 }
@@ -89,7 +113,12 @@ fn busy() {
     assert_eq!(ended.len(), 1);
     assert_eq!(ended[0].reason(), EndReason::Busy);
     // b never heard of it, and its call goes on.
-    assert!(sim.received("b", |k| matches!(k, S::IncomingCall(i) if i.call_id == call).then_some(())).is_empty());
+    assert!(
+        sim.received("b", |k| {
+            matches!(k, S::IncomingCall(i) if i.call_id == call).then_some(())
+        })
+        .is_empty()
+    );
     assert_eq!(sim.phase(first), CallPhase::Active);
     // c's media participant was never created in the SFU.
     assert_eq!(sim.sfu.participants.len(), 2);
@@ -117,17 +146,28 @@ fn ring_timeout() {
     let mut sim = Sim::new(seed_from_env(35));
     sim.add("a").add("b");
     let call = sim.invite("a", "b");
-    let created = sim.ctl.call(fleetcall_signaling::ids::CallId(call)).unwrap().created_at;
+    let created = sim
+        .ctl
+        .call(fleetcall_signaling::ids::CallId(call))
+        .unwrap()
+        .created_at;
     sim.run_for(secs(29));
     assert_eq!(sim.phase(call), CallPhase::Ringing);
-    let took = sim.run_until_cond(secs(2), |s| !s.ended_for("a", call).is_empty()).unwrap();
+    let took = sim
+        .run_until_cond(secs(2), |s| !s.ended_for("a", call).is_empty())
+        .unwrap();
     assert!(took < secs(2));
     for dev in ["a", "b"] {
         let ended = sim.ended_for(dev, call);
         assert_eq!(ended.len(), 1, "{dev}");
         assert_eq!(ended[0].reason(), EndReason::RingTimeout);
     }
-    let ended_at = sim.ctl.call(fleetcall_signaling::ids::CallId(call)).unwrap().ended_at.unwrap();
+    let ended_at = sim
+        .ctl
+        .call(fleetcall_signaling::ids::CallId(call))
+        .unwrap()
+        .ended_at
+        .unwrap();
     assert_eq!(ended_at - created, secs(30));
     assert!(sim.sfu.participants.is_empty());
     sim.check();

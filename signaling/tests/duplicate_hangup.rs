@@ -15,7 +15,13 @@ fn same_op_id_twice_is_answered_from_the_cache() {
     let op = sim.request("a", C::Hangup(pb::Hangup { call_id: call }));
     sim.request_with_op("a", op, C::Hangup(pb::Hangup { call_id: call }));
     sim.run_for(ms(100));
-    let replies: Vec<_> = sim.dev("a").inbox.iter().filter(|(_, f)| f.reply_to == op).map(|(_, f)| f.clone()).collect();
+    let replies: Vec<_> = sim
+        .dev("a")
+        .inbox
+        .iter()
+        .filter(|(_, f)| f.reply_to == op)
+        .map(|(_, f)| f.clone())
+        .collect();
     assert_eq!(replies.len(), 2);
     // Same reply, delivered again under a new session seq.
     assert_eq!(replies[0].kind, replies[1].kind);
@@ -38,8 +44,14 @@ fn a_new_hangup_for_an_ended_call_is_a_harmless_ack() {
     let op_b = sim.request("b", C::Hangup(pb::Hangup { call_id: call }));
     let op_a = sim.request("a", C::Hangup(pb::Hangup { call_id: call }));
     sim.run_for(ms(100));
-    assert!(matches!(sim.reply("a", op_a).unwrap().kind, Some(S::Ack(_))));
-    assert!(matches!(sim.reply("b", op_b).unwrap().kind, Some(S::Ack(_))));
+    assert!(matches!(
+        sim.reply("a", op_a).unwrap().kind,
+        Some(S::Ack(_))
+    ));
+    assert!(matches!(
+        sim.reply("b", op_b).unwrap().kind,
+        Some(S::Ack(_))
+    ));
     for dev in ["a", "b"] {
         let ended = sim.ended_for(dev, call);
         assert_eq!(ended.len(), 1, "{dev}");
@@ -76,7 +88,14 @@ fn the_hangup_retried_after_a_resume_is_not_executed_twice() {
     // The reply and the CallEnded that were lost in flight were replayed by
     // the resume, and only once.
     assert_eq!(sim.ended_for("a", call).len(), 1);
-    assert_eq!(sim.dev("a").inbox.iter().filter(|(_, f)| f.reply_to == op).count(), 2);
+    assert_eq!(
+        sim.dev("a")
+            .inbox
+            .iter()
+            .filter(|(_, f)| f.reply_to == op)
+            .count(),
+        2
+    );
     assert_eq!(sim.ended_for("b", call).len(), 1);
     assert_eq!(sim.phase(next), pb::CallPhase::Active);
     assert_eq!(sim.ctl.stats().duplicate_requests, 1);

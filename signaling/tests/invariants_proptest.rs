@@ -23,7 +23,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::*;
 use fleetcall_signaling::ids::CallId;
-use fleetcall_signaling::pb::{self, CallPhase, EndReason, ParticipantStatus, client_frame::Kind as C};
+use fleetcall_signaling::pb::{
+    self, CallPhase, EndReason, ParticipantStatus, client_frame::Kind as C,
+};
 use fleetcall_signaling::wire::FrameDecoder;
 use proptest::prelude::*;
 
@@ -134,12 +136,29 @@ fn apply(sim: &mut Sim, action: &Action, last_op: &mut BTreeMap<String, (u64, C)
             req(sim, name(*a), C::Hangup(pb::Hangup { call_id }));
         }
         Action::GroupCreate(a, mask) => {
-            let invitees = (0..DEVICES).filter(|i| mask & (1 << i) != 0).map(name).collect();
-            req(sim, name(*a), C::GroupCreate(pb::GroupCreate { name: "g".into(), invitees }));
+            let invitees = (0..DEVICES)
+                .filter(|i| mask & (1 << i) != 0)
+                .map(name)
+                .collect();
+            req(
+                sim,
+                name(*a),
+                C::GroupCreate(pb::GroupCreate {
+                    name: "g".into(),
+                    invitees,
+                }),
+            );
         }
         Action::GroupInvite(a, b) => {
             let call_id = call_of(sim, &name(*a));
-            req(sim, name(*a), C::GroupInvite(pb::GroupInvite { call_id, invitees: vec![name(*b)] }));
+            req(
+                sim,
+                name(*a),
+                C::GroupInvite(pb::GroupInvite {
+                    call_id,
+                    invitees: vec![name(*b)],
+                }),
+            );
         }
         Action::GroupJoin(a) => {
             let call_id = call_of(sim, &name(*a));
@@ -155,7 +174,12 @@ fn apply(sim: &mut Sim, action: &Action, last_op: &mut BTreeMap<String, (u64, C)
         }
         Action::IceRestart(a) => {
             let call_id = call_of(sim, &name(*a));
-            let kind = C::IceRestart(pb::IceRestart { call_id, revision: 1, sdp: "v=0 r".into(), ..Default::default() });
+            let kind = C::IceRestart(pb::IceRestart {
+                call_id,
+                revision: 1,
+                sdp: "v=0 r".into(),
+                ..Default::default()
+            });
             req(sim, name(*a), kind);
         }
         Action::ReplayLastOp(a) => {
@@ -170,7 +194,9 @@ fn apply(sim: &mut Sim, action: &Action, last_op: &mut BTreeMap<String, (u64, C)
             let dev = name(*a);
             if let Some(conn) = sim.dev(&dev).conn {
                 let mut buf = BytesMut::from(&[2u8, 0xff, 0xff][..]);
-                let err = FrameDecoder::new().decode::<pb::ClientFrame>(&mut buf).unwrap_err();
+                let err = FrameDecoder::new()
+                    .decode::<pb::ClientFrame>(&mut buf)
+                    .unwrap_err();
                 let now = sim.now;
                 sim.ctl.handle_wire_error(now, conn, &err);
                 sim.drain();
@@ -187,13 +213,20 @@ fn apply(sim: &mut Sim, action: &Action, last_op: &mut BTreeMap<String, (u64, C)
         Action::Reconnect(a, resume) => sim.reconnect(&name(*a), *resume),
         Action::SfuLoses(a) => {
             let dev = name(*a);
-            let key = sim.sfu.participants.iter().find(|(_, p)| p.device.as_str() == dev).map(|(k, _)| *k);
+            let key = sim
+                .sfu
+                .participants
+                .iter()
+                .find(|(_, p)| p.device.as_str() == dev)
+                .map(|(k, _)| *k);
             if let Some(key) = key {
                 sim.sfu_remove(key, "ice timeout");
             }
         }
         Action::SfuRefuses(a) => {
-            sim.sfu.refuse_once.insert(fleetcall_signaling::ids::DeviceId::new(name(*a)).unwrap());
+            sim.sfu
+                .refuse_once
+                .insert(fleetcall_signaling::ids::DeviceId::new(name(*a)).unwrap());
         }
         Action::Run(ms_) => sim.run_for(Duration::from_millis(*ms_)),
         Action::Jump(s) => sim.jump(Duration::from_secs(*s)),
@@ -208,8 +241,15 @@ fn check_absorbing(sim: &Sim, seen: &mut BTreeMap<u64, EndReason>, step: usize) 
             (Some(r), None) => {
                 seen.insert(c.id.0, r);
             }
-            (Some(r), Some(prev)) => assert_eq!(r, *prev, "seed {}: step {step}: call {} changed its end reason", sim.seed, c.id),
-            (None, Some(prev)) => panic!("seed {}: step {step}: call {} came back to life after {prev:?}", sim.seed, c.id),
+            (Some(r), Some(prev)) => assert_eq!(
+                r, *prev,
+                "seed {}: step {step}: call {} changed its end reason",
+                sim.seed, c.id
+            ),
+            (None, Some(prev)) => panic!(
+                "seed {}: step {step}: call {} came back to life after {prev:?}",
+                sim.seed, c.id
+            ),
             (None, None) => {}
         }
     }
@@ -220,7 +260,10 @@ fn run_case(seed: u64, jitter_ms: u64, actions: &[Action]) -> Sim {
     sim.jitter = Duration::from_millis(jitter_ms);
     for i in 0..DEVICES {
         // Some devices answer on their own, the others only by action.
-        let auto = Auto { accept: i >= 3, ..Auto::default() };
+        let auto = Auto {
+            accept: i >= 3,
+            ..Auto::default()
+        };
         sim.add_with(&name(i), Transport::Quic, auto);
     }
     let mut seen = BTreeMap::new();
@@ -263,7 +306,11 @@ fn run_case(seed: u64, jitter_ms: u64, actions: &[Action]) -> Sim {
             c.phase
         );
         for (d, st, _) in &c.members {
-            assert_eq!(*st, ParticipantStatus::Connected, "seed {seed}: {d} not connected in {c:?}");
+            assert_eq!(
+                *st,
+                ParticipantStatus::Connected,
+                "seed {seed}: {d} not connected in {c:?}"
+            );
         }
     }
     // Every device that was told about a call and is still in it agrees with
@@ -271,8 +318,14 @@ fn run_case(seed: u64, jitter_ms: u64, actions: &[Action]) -> Sim {
     for i in 0..DEVICES {
         let dev = name(i);
         for call in sim.dev(&dev).in_call.clone() {
-            let live = sim.ctl.call(CallId(call)).is_some_and(|c| c.phase != CallPhase::Ended);
-            assert!(live, "seed {seed}: {dev} still believes it is in ended call {call}");
+            let live = sim
+                .ctl
+                .call(CallId(call))
+                .is_some_and(|c| c.phase != CallPhase::Ended);
+            assert!(
+                live,
+                "seed {seed}: {dev} still believes it is in ended call {call}"
+            );
         }
     }
     sim
@@ -310,17 +363,31 @@ fn long_fixed_sequence() {
     bytes[..8].copy_from_slice(&seed.to_le_bytes());
     let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &bytes);
     let mut runner = TestRunner::new_with_rng(Config::default(), rng);
-    let actions = prop::collection::vec(action(), 400).new_tree(&mut runner).unwrap().current();
+    let actions = prop::collection::vec(action(), 400)
+        .new_tree(&mut runner)
+        .unwrap()
+        .current();
     let sim = run_case(seed, 20, &actions);
     // The run must have exercised the paths it claims to cover.
     let st = sim.ctl.stats();
     println!("{st:#?}");
-    let ended: u64 = st.call_transitions.iter().filter(|(t, _)| t.to == CallPhase::Ended).map(|(_, n)| n).sum();
-    assert!(st.direct_calls_created >= 10 && st.group_calls_created >= 5, "{st:?}");
+    let ended: u64 = st
+        .call_transitions
+        .iter()
+        .filter(|(t, _)| t.to == CallPhase::Ended)
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        st.direct_calls_created >= 10 && st.group_calls_created >= 5,
+        "{st:?}"
+    );
     assert!(ended >= 10, "{st:?}");
-    let reached_active = st.call_transitions.keys().filter(|t| t.from == CallPhase::Connecting && t.to == CallPhase::Active).count();
+    let reached_active = st
+        .call_transitions
+        .keys()
+        .filter(|t| t.from == CallPhase::Connecting && t.to == CallPhase::Active)
+        .count();
     assert!(reached_active >= 1, "{st:?}");
     assert!(st.sessions_resumed >= 1 && st.sessions_unknown + st.sessions_replaced >= 1);
     assert!(st.heartbeats_missed >= 3 && st.stale_sessions_swept >= 1);
 }
-

@@ -5,7 +5,9 @@ mod common;
 use common::*;
 use fleetcall_signaling::controller::Reachability;
 use fleetcall_signaling::ids::{ConnId, DeviceId};
-use fleetcall_signaling::pb::{self, CloseReason, client_frame::Kind as C, server_frame::Kind as S};
+use fleetcall_signaling::pb::{
+    self, CloseReason, client_frame::Kind as C, server_frame::Kind as S,
+};
 
 #[test]
 fn hello_gets_a_welcome_and_a_row_in_the_device_table() {
@@ -24,7 +26,10 @@ fn hello_gets_a_welcome_and_a_row_in_the_device_table() {
     assert_eq!(w.device_id, "ward3-bed12");
     assert_eq!(w.resume_token.len(), 16);
 
-    let row = sim.ctl.device(&DeviceId::new("ward3-bed12").unwrap()).unwrap();
+    let row = sim
+        .ctl
+        .device(&DeviceId::new("ward3-bed12").unwrap())
+        .unwrap();
     assert_eq!(row.reachability, Reachability::Online);
     assert_eq!(row.version, "sim 1.0");
     assert_eq!(row.sessions.len(), 1);
@@ -71,10 +76,15 @@ fn unsupported_version_is_rejected_and_closed() {
     sim.add("a");
     let conn = ConnId(99);
     let now = sim.now;
-    sim.ctl.handle_connection_up(now, conn, DeviceId::new("future").unwrap());
+    sim.ctl
+        .handle_connection_up(now, conn, DeviceId::new("future").unwrap());
     let hello = pb::ClientFrame {
         op_id: 0,
-        kind: Some(C::Hello(pb::Hello { min_version: 2, max_version: 5, ..Default::default() })),
+        kind: Some(C::Hello(pb::Hello {
+            min_version: 2,
+            max_version: 5,
+            ..Default::default()
+        })),
     };
     sim.ctl.handle_frame(now, conn, hello);
     let outs: Vec<_> = std::iter::from_fn(|| sim.ctl.poll_output()).collect();
@@ -82,7 +92,9 @@ fn unsupported_version_is_rejected_and_closed() {
     match &outs[0] {
         fleetcall_signaling::controller::Output::Send { conn: c, frame } => {
             assert_eq!(*c, conn);
-            let Some(S::Rejected(r)) = &frame.kind else { panic!("{frame:?}") };
+            let Some(S::Rejected(r)) = &frame.kind else {
+                panic!("{frame:?}")
+            };
             assert_eq!(r.code(), pb::ErrorCode::UnsupportedVersion);
             assert_eq!((r.server_min_version, r.server_max_version), (1, 1));
         }
@@ -90,11 +102,20 @@ fn unsupported_version_is_rejected_and_closed() {
     }
     assert_eq!(
         outs[1],
-        fleetcall_signaling::controller::Output::Close { conn, reason: CloseReason::UnsupportedVersion }
+        fleetcall_signaling::controller::Output::Close {
+            conn,
+            reason: CloseReason::UnsupportedVersion
+        }
     );
     // Nothing else was touched.
     sim.run_for(secs(5));
-    assert_eq!(sim.ctl.device(&DeviceId::new("a").unwrap()).unwrap().reachability, Reachability::Online);
+    assert_eq!(
+        sim.ctl
+            .device(&DeviceId::new("a").unwrap())
+            .unwrap()
+            .reachability,
+        Reachability::Online
+    );
     sim.check();
 }
 
@@ -102,13 +123,62 @@ fn unsupported_version_is_rejected_and_closed() {
 fn a_connection_that_never_says_hello_is_closed() {
     let mut sim = Sim::new(seed_from_env(5));
     let now = sim.now;
-    sim.ctl.handle_connection_up(now, ConnId(7), DeviceId::new("mute").unwrap());
+    sim.ctl
+        .handle_connection_up(now, ConnId(7), DeviceId::new("mute").unwrap());
     assert_eq!(sim.ctl.poll_timeout(), Some(now + secs(10)));
     sim.ctl.handle_timeout(now + secs(10));
     assert_eq!(
         sim.ctl.poll_output(),
-        Some(fleetcall_signaling::controller::Output::Close { conn: ConnId(7), reason: CloseReason::HelloTimeout })
+        Some(fleetcall_signaling::controller::Output::Close {
+            conn: ConnId(7),
+            reason: CloseReason::HelloTimeout
+        })
     );
     let row = sim.ctl.device(&DeviceId::new("mute").unwrap()).unwrap();
     assert_eq!(row.last_error.as_deref(), Some("no hello in time"));
+}
+
+#[test]
+fn due_timers_fire_before_input_even_if_the_driver_is_late() {
+    // The driver never called handle_timeout; a Hello arriving exactly at the
+    // hello deadline still loses to the deadline.
+    let mut sim = Sim::new(seed_from_env(6));
+    let now = sim.now;
+    let conn = ConnId(8);
+    sim.ctl
+        .handle_connection_up(now, conn, DeviceId::new("late").unwrap());
+    let hello = pb::ClientFrame {
+        op_id: 0,
+        kind: Some(C::Hello(pb::Hello {
+            min_version: 1,
+            max_version: 1,
+            ..Default::default()
+        })),
+    };
+    sim.ctl.handle_frame(now + secs(10), conn, hello.clone());
+    let outs: Vec<_> = std::iter::from_fn(|| sim.ctl.poll_output()).collect();
+    assert_eq!(
+        outs,
+        vec![fleetcall_signaling::controller::Output::Close {
+            conn,
+            reason: CloseReason::HelloTimeout
+        }]
+    );
+    // Time never runs backwards: an older `now` is clamped to the latest
+    // seen (+10 s), so this connection's own deadline is +20 s and its Hello
+    // is welcomed; the heartbeat timestamp shows the clamped time.
+    sim.ctl
+        .handle_connection_up(now, ConnId(9), DeviceId::new("early").unwrap());
+    sim.ctl
+        .handle_frame(now + secs(10) - ms(1), ConnId(9), hello);
+    let outs: Vec<_> = std::iter::from_fn(|| sim.ctl.poll_output()).collect();
+    let kinds: Vec<_> = outs
+        .iter()
+        .map(|o| match o {
+            fleetcall_signaling::controller::Output::Send { frame, .. } => frame.kind.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(matches!(kinds[0], Some(S::Welcome(_))));
+    assert!(matches!(kinds[1], Some(S::Heartbeat(ref h)) if h.sent_at_ms == 10_000));
 }

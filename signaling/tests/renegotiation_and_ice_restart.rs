@@ -6,7 +6,9 @@ mod common;
 
 use common::*;
 use fleetcall_signaling::controller::{SfuCommand, SfuNotice};
-use fleetcall_signaling::pb::{self, CallPhase, EndReason, ErrorCode, client_frame::Kind as C, server_frame::Kind as S};
+use fleetcall_signaling::pb::{
+    self, CallPhase, EndReason, ErrorCode, client_frame::Kind as C, server_frame::Kind as S,
+};
 
 fn offers(sim: &Sim, name: &str) -> Vec<pb::SdpOffer> {
     sim.received(name, |k| match k {
@@ -25,22 +27,50 @@ fn server_offers_are_relayed_with_revisions_and_answers_go_back_to_the_sfu() {
     // b connected after a, so the SFU renegotiated a.
     let o = offers(&sim, "a");
     assert_eq!(o.len(), 1);
-    assert_eq!((o[0].call_id, o[0].revision, o[0].session_id), (call, 1, a_key.session.0));
+    assert_eq!(
+        (o[0].call_id, o[0].revision, o[0].session_id),
+        (call, 1, a_key.session.0)
+    );
 
     // The room changes again before a answered: the newer offer supersedes.
     let now = sim.now;
-    sim.ctl.handle_sfu(now, SfuNotice::Offer { participant: a_key, sdp: "v=0 second".into() });
+    sim.ctl.handle_sfu(
+        now,
+        SfuNotice::Offer {
+            participant: a_key,
+            sdp: "v=0 second".into(),
+        },
+    );
     sim.drain();
     sim.run_for(ms(50));
     let o = offers(&sim, "a");
     assert_eq!(o.last().unwrap().revision, 2);
     // An answer to the superseded offer is refused as stale.
-    let stale = sim.request("a", C::SdpAnswer(pb::SdpAnswer { call_id: call, revision: 1, sdp: "v=0 a1".into(), ..Default::default() }));
-    let good = sim.request("a", C::SdpAnswer(pb::SdpAnswer { call_id: call, revision: 2, sdp: "v=0 a2".into(), ..Default::default() }));
+    let stale = sim.request(
+        "a",
+        C::SdpAnswer(pb::SdpAnswer {
+            call_id: call,
+            revision: 1,
+            sdp: "v=0 a1".into(),
+            ..Default::default()
+        }),
+    );
+    let good = sim.request(
+        "a",
+        C::SdpAnswer(pb::SdpAnswer {
+            call_id: call,
+            revision: 2,
+            sdp: "v=0 a2".into(),
+            ..Default::default()
+        }),
+    );
     sim.run_for(ms(50));
     assert_eq!(sim.error_of("a", stale), ErrorCode::StaleRevision);
     sim.acked_call("a", good);
-    assert!(sim.sfu.commands.contains(&SfuCommand::Answer { participant: a_key, sdp: "v=0 a2".into() }));
+    assert!(sim.sfu.commands.contains(&SfuCommand::Answer {
+        participant: a_key,
+        sdp: "v=0 a2".into()
+    }));
     sim.check();
 }
 
@@ -50,15 +80,29 @@ fn ice_restart_from_the_device_is_answered_by_the_sfu() {
     sim.add("a").add("b");
     let call = sim.active_call("a", "b");
     let b_key = sim.key_of("b", call).unwrap();
-    let op = sim.request("b", C::IceRestart(pb::IceRestart { call_id: call, revision: 7, sdp: "v=0 restart".into(), ..Default::default() }));
+    let op = sim.request(
+        "b",
+        C::IceRestart(pb::IceRestart {
+            call_id: call,
+            revision: 7,
+            sdp: "v=0 restart".into(),
+            ..Default::default()
+        }),
+    );
     sim.run_for(ms(100));
     sim.acked_call("b", op);
-    assert!(sim.sfu.commands.contains(&SfuCommand::Offer { participant: b_key, sdp: "v=0 restart".into() }));
+    assert!(sim.sfu.commands.contains(&SfuCommand::Offer {
+        participant: b_key,
+        sdp: "v=0 restart".into()
+    }));
     let answers = sim.received("b", |k| match k {
         S::SdpAnswer(a) => Some((a.revision, a.sdp.clone())),
         _ => None,
     });
-    assert_eq!(answers.last().unwrap(), &(7, "v=0 sfu restart answer".to_string()));
+    assert_eq!(
+        answers.last().unwrap(),
+        &(7, "v=0 sfu restart answer".to_string())
+    );
     assert_eq!(sim.phase(call), CallPhase::Active);
     sim.check();
 }
@@ -71,10 +115,26 @@ fn a_device_offer_cancels_a_server_offer_in_flight() {
     let call = sim.active_call("a", "b");
     assert_eq!(offers(&sim, "a").len(), 1, "server offer pending at a");
     // Glare: a restarts ICE instead of answering.
-    sim.request("a", C::IceRestart(pb::IceRestart { call_id: call, revision: 1, sdp: "v=0 r".into(), ..Default::default() }));
+    sim.request(
+        "a",
+        C::IceRestart(pb::IceRestart {
+            call_id: call,
+            revision: 1,
+            sdp: "v=0 r".into(),
+            ..Default::default()
+        }),
+    );
     sim.run_for(ms(100));
     // The late answer to the cancelled offer finds nothing outstanding.
-    let late = sim.request("a", C::SdpAnswer(pb::SdpAnswer { call_id: call, revision: 1, sdp: "v=0".into(), ..Default::default() }));
+    let late = sim.request(
+        "a",
+        C::SdpAnswer(pb::SdpAnswer {
+            call_id: call,
+            revision: 1,
+            sdp: "v=0".into(),
+            ..Default::default()
+        }),
+    );
     sim.run_for(ms(50));
     assert_eq!(sim.error_of("a", late), ErrorCode::NoPendingOffer);
     // And no answer deadline is left to kill the call.
@@ -91,7 +151,13 @@ fn an_unanswered_server_offer_times_out() {
     sim.dev_mut("owner").auto.answer_offers = false;
     // c joins; the SFU renegotiates owner and b; owner never answers.
     sim.dev_mut("c").auto.accept = true;
-    sim.request("owner", C::GroupInvite(pb::GroupInvite { call_id: call, invitees: vec!["c".into()] }));
+    sim.request(
+        "owner",
+        C::GroupInvite(pb::GroupInvite {
+            call_id: call,
+            invitees: vec!["c".into()],
+        }),
+    );
     sim.run_for(secs(12));
     let ended = sim.ended_for("owner", call);
     assert_eq!(ended.len(), 1);
@@ -112,7 +178,13 @@ fn an_offer_made_while_detached_is_delivered_and_timed_after_the_resume() {
     let before = offers(&sim, "a").len();
     sim.drop_connection("a");
     let now = sim.now;
-    sim.ctl.handle_sfu(now, SfuNotice::Offer { participant: a_key, sdp: "v=0 while away".into() });
+    sim.ctl.handle_sfu(
+        now,
+        SfuNotice::Offer {
+            participant: a_key,
+            sdp: "v=0 while away".into(),
+        },
+    );
     sim.drain();
     // Longer than the answer timeout, shorter than the grace.
     sim.run_for(secs(9));
@@ -122,7 +194,12 @@ fn an_offer_made_while_detached_is_delivered_and_timed_after_the_resume() {
     let o = offers(&sim, "a");
     assert_eq!(o.len(), before + 1, "delivered exactly once");
     assert_eq!(o.last().unwrap().sdp, "v=0 while away");
-    assert!(sim.sfu.commands.iter().any(|c| matches!(c, SfuCommand::Answer { participant, .. } if *participant == a_key)));
+    assert!(
+        sim.sfu
+            .commands
+            .iter()
+            .any(|c| matches!(c, SfuCommand::Answer { participant, .. } if *participant == a_key))
+    );
     sim.run_for(secs(15));
     assert_eq!(sim.phase(call), CallPhase::Active);
     sim.check();

@@ -18,7 +18,11 @@ fn welcomes(sim: &Sim, name: &str) -> Vec<pb::Welcome> {
 }
 
 fn leave_count(sim: &Sim) -> usize {
-    sim.sfu.commands.iter().filter(|c| matches!(c, SfuCommand::Leave { .. })).count()
+    sim.sfu
+        .commands
+        .iter()
+        .filter(|c| matches!(c, SfuCommand::Leave { .. }))
+        .count()
 }
 
 #[test]
@@ -37,7 +41,13 @@ fn reconnect_within_the_grace_resumes_and_media_is_untouched() {
         _ => None,
     });
     // (Connected: b's media came up when the call started.)
-    assert_eq!(reconnecting, vec![ParticipantStatus::Connected, ParticipantStatus::Reconnecting]);
+    assert_eq!(
+        reconnecting,
+        vec![
+            ParticipantStatus::Connected,
+            ParticipantStatus::Reconnecting
+        ]
+    );
 
     sim.connect("b", true);
     sim.run_for(ms(100));
@@ -61,7 +71,11 @@ fn reconnect_within_the_grace_resumes_and_media_is_untouched() {
     });
     assert_eq!(
         updates,
-        vec![ParticipantStatus::Connected, ParticipantStatus::Reconnecting, ParticipantStatus::Connected]
+        vec![
+            ParticipantStatus::Connected,
+            ParticipantStatus::Reconnecting,
+            ParticipantStatus::Connected
+        ]
     );
     assert_eq!(sim.ctl.stats().sessions_resumed, 1);
     sim.check();
@@ -81,7 +95,10 @@ fn events_while_detached_are_delivered_on_resume() {
     sim.drop_connection("b");
     sim.request("a", C::Hangup(pb::Hangup { call_id: call }));
     sim.run_for(secs(2));
-    assert!(sim.sfu.participants.is_empty(), "both participants removed at the hangup");
+    assert!(
+        sim.sfu.participants.is_empty(),
+        "both participants removed at the hangup"
+    );
     assert!(sim.ended_for("b", call).is_empty());
     sim.connect("b", true);
     sim.run_for(ms(100));
@@ -107,7 +124,9 @@ fn after_the_grace_the_device_is_told_session_unknown_and_rejoins_the_group() {
     assert!(!sim.sfu.participants.contains_key(&old_key));
     assert_eq!(sim.phase(call), CallPhase::Active);
     let gone = sim.received("owner", |k| match k {
-        S::ParticipantUpdate(u) if u.device_id == "b" && u.status() == ParticipantStatus::Gone => Some(u.reason()),
+        S::ParticipantUpdate(u) if u.device_id == "b" && u.status() == ParticipantStatus::Gone => {
+            Some(u.reason())
+        }
         _ => None,
     });
     assert_eq!(gone, vec![EndReason::ConnectionLost]);
@@ -136,8 +155,16 @@ fn after_the_grace_the_device_is_told_session_unknown_and_rejoins_the_group() {
     assert_ne!(new_key, old_key);
     assert_eq!(new_key.session.0, w.session_id);
     assert!(sim.sfu.participants.contains_key(&new_key));
-    let snap = sim.ctl.call(fleetcall_signaling::ids::CallId(call)).unwrap();
-    assert!(snap.members.iter().all(|(_, st, _)| *st == ParticipantStatus::Connected), "{snap:?}");
+    let snap = sim
+        .ctl
+        .call(fleetcall_signaling::ids::CallId(call))
+        .unwrap();
+    assert!(
+        snap.members
+            .iter()
+            .all(|(_, st, _)| *st == ParticipantStatus::Connected),
+        "{snap:?}"
+    );
     sim.check();
 }
 
@@ -152,7 +179,11 @@ fn after_the_grace_a_direct_call_has_ended_and_the_device_starts_over() {
     assert!(sim.sfu.participants.is_empty());
     sim.connect("b", true);
     sim.run_for(ms(100));
-    assert_eq!(sim.received("b", |k| matches!(k, S::SessionUnknown(_)).then_some(())).len(), 1);
+    assert_eq!(
+        sim.received("b", |k| matches!(k, S::SessionUnknown(_)).then_some(()))
+            .len(),
+        1
+    );
     // A former participant cannot rejoin an ended call.
     let op = sim.request("b", C::GroupJoin(pb::GroupJoin { call_id: call }));
     sim.run_for(ms(100));
@@ -174,7 +205,11 @@ fn a_wrong_resume_token_is_treated_as_unknown() {
     }
     sim.connect("b", true);
     sim.run_for(ms(100));
-    assert_eq!(sim.received("b", |k| matches!(k, S::SessionUnknown(_)).then_some(())).len(), 1);
+    assert_eq!(
+        sim.received("b", |k| matches!(k, S::SessionUnknown(_)).then_some(()))
+            .len(),
+        1
+    );
     // The old session is replaced right away: the call converges now.
     assert_eq!(sim.end_reason(call), Some(EndReason::ConnectionLost));
     assert_eq!(sim.ctl.stats().sessions_replaced, 1);

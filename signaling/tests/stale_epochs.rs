@@ -25,17 +25,33 @@ fn a_late_removal_for_an_old_participation_is_ignored() {
     // The SFU's notices about the old one arrive late.
     let now = sim.now;
     for notice in [
-        SfuNotice::Removed { participant: old, reason: "late".into() },
+        SfuNotice::Removed {
+            participant: old,
+            reason: "late".into(),
+        },
         SfuNotice::Connected { participant: old },
-        SfuNotice::Offer { participant: old, sdp: "v=0".into() },
-        SfuNotice::Joined { participant: old, answer_sdp: "v=0".into() },
+        SfuNotice::Offer {
+            participant: old,
+            sdp: "v=0".into(),
+        },
+        SfuNotice::Joined {
+            participant: old,
+            answer_sdp: "v=0".into(),
+        },
     ] {
         sim.ctl.handle_sfu(now, notice);
         sim.drain();
     }
     assert_eq!(sim.ctl.stats().stale_sfu_notices, 4);
-    let snap = sim.ctl.call(fleetcall_signaling::ids::CallId(call)).unwrap();
-    let b = snap.members.iter().find(|(d, _, _)| d.as_str() == "b").unwrap();
+    let snap = sim
+        .ctl
+        .call(fleetcall_signaling::ids::CallId(call))
+        .unwrap();
+    let b = snap
+        .members
+        .iter()
+        .find(|(d, _, _)| d.as_str() == "b")
+        .unwrap();
     assert_eq!((b.1, b.2), (ParticipantStatus::Connected, Some(new)));
     assert!(sim.sfu.participants.contains_key(&new));
     assert_eq!(sim.phase(call), CallPhase::Active);

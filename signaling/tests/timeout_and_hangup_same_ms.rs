@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use fleetcall_signaling::ids::{CallId, DeviceId};
-use fleetcall_signaling::pb::{self, CallPhase, EndReason, client_frame::Kind as C, server_frame::Kind as S};
+use fleetcall_signaling::pb::{
+    self, CallPhase, EndReason, client_frame::Kind as C, server_frame::Kind as S,
+};
 
 #[test]
 fn ring_timeout_and_cancel_at_the_same_instant() {
@@ -77,7 +79,10 @@ fn connect_timeout_and_hangups_from_both_sides_at_the_same_instant() {
     assert_eq!(ended_at, deadline, "the timeout fired at its deadline");
     assert_eq!(sim.end_reason(call), Some(EndReason::SetupTimeout));
     for (dev, op) in [("a", op_a), ("b", op_b)] {
-        assert!(matches!(sim.reply(dev, op).unwrap().kind, Some(S::Ack(_))), "{dev}");
+        assert!(
+            matches!(sim.reply(dev, op).unwrap().kind, Some(S::Ack(_))),
+            "{dev}"
+        );
         let ended = sim.ended_for(dev, call);
         assert_eq!(ended.len(), 1, "{dev}: {ended:?}");
         assert_eq!(ended[0].reason(), EndReason::SetupTimeout);
@@ -98,7 +103,10 @@ fn two_hangups_at_the_same_instant_end_the_call_once() {
     // Both frames arrive in the same millisecond; the first processed wins.
     assert_eq!(sim.end_reason(call), Some(EndReason::Hangup));
     for (dev, op) in [("a", op_a), ("b", op_b)] {
-        assert!(matches!(sim.reply(dev, op).unwrap().kind, Some(S::Ack(_))), "{dev}");
+        assert!(
+            matches!(sim.reply(dev, op).unwrap().kind, Some(S::Ack(_))),
+            "{dev}"
+        );
         let ended = sim.ended_for(dev, call);
         assert_eq!(ended.len(), 1, "{dev}");
         assert_eq!(ended[0].by, "a");

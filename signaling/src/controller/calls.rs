@@ -35,7 +35,11 @@ impl Controller {
             .calls
             .get(&id)
             .ok_or_else(|| Reject::new(ErrorCode::UnknownCall, "no such call").call(call_id))?;
-        let member = call.members.get(&device).filter(|m| m.session == sid).is_some();
+        let member = call
+            .members
+            .get(&device)
+            .filter(|m| m.session == sid)
+            .is_some();
         let role = match (call.is_live(), member, call.former.contains(&device)) {
             (false, _, true) => Role::EndedMember(id),
             (false, _, false) => {
@@ -56,7 +60,11 @@ impl Controller {
 
     /// Whether `device` can be alerted now: its live session, or why not.
     fn availability(&self, device: &DeviceId) -> Result<SessionId, EndReason> {
-        let sid = self.devices.get(device).and_then(|d| d.session).ok_or(EndReason::Unavailable)?;
+        let sid = self
+            .devices
+            .get(device)
+            .and_then(|d| d.session)
+            .ok_or(EndReason::Unavailable)?;
         let s = self.sessions.get(&sid).ok_or(EndReason::Unavailable)?;
         if !matches!(s.link, super::Link::Attached(_)) {
             return Err(EndReason::Unavailable);
@@ -74,12 +82,20 @@ impl Controller {
     }
 
     fn record_transition(&mut self, from: CallPhase, to: CallPhase, reason: Option<EndReason>) {
-        *self.stats.call_transitions.entry(Transition { from, to, reason }).or_default() += 1;
+        *self
+            .stats
+            .call_transitions
+            .entry(Transition { from, to, reason })
+            .or_default() += 1;
     }
 
     fn set_phase(&mut self, call_id: CallId, to: LivePhase) {
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
-        let Phase::Live(from) = call.phase else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
+        let Phase::Live(from) = call.phase else {
+            return;
+        };
         if from == to {
             return;
         }
@@ -102,7 +118,10 @@ impl Controller {
             participants: call
                 .members
                 .iter()
-                .map(|(d, m)| pb::Participant { device_id: d.to_string(), status: m.status() as i32 })
+                .map(|(d, m)| pb::Participant {
+                    device_id: d.to_string(),
+                    status: m.status() as i32,
+                })
                 .collect(),
             owner,
             group_name,
@@ -111,9 +130,14 @@ impl Controller {
 
     /// Pushes the call's state to every member.
     fn broadcast_state(&mut self, call_id: CallId) {
-        let Some(state) = self.call_state(call_id) else { return };
-        let targets: Vec<SessionId> =
-            self.calls.get(&call_id).map(|c| c.members.values().map(|m| m.session).collect()).unwrap_or_default();
+        let Some(state) = self.call_state(call_id) else {
+            return;
+        };
+        let targets: Vec<SessionId> = self
+            .calls
+            .get(&call_id)
+            .map(|c| c.members.values().map(|m| m.session).collect())
+            .unwrap_or_default();
         for sid in targets {
             self.push(sid, server_frame::Kind::CallState(state.clone()));
         }
@@ -132,12 +156,18 @@ impl Controller {
         let callee = DeviceId::new(m.callee)
             .map_err(|e| Reject::new(ErrorCode::InvalidArgument, e.to_string()))?;
         if callee == caller {
-            return Err(Reject::new(ErrorCode::InvalidArgument, "cannot call yourself"));
+            return Err(Reject::new(
+                ErrorCode::InvalidArgument,
+                "cannot call yourself",
+            ));
         }
         let call_id = self.alloc_call();
         info!(%call_id, %caller, %callee, "invite");
         let mut call = Call {
-            kind: CallKindState::Direct { caller: caller.clone(), callee: callee.clone() },
+            kind: CallKindState::Direct {
+                caller: caller.clone(),
+                callee: callee.clone(),
+            },
             phase: Phase::Live(LivePhase::Inviting),
             created_at: now,
             members: BTreeMap::new(),
@@ -146,7 +176,14 @@ impl Controller {
         // The caller joins the media room at once, so media is ready when
         // the callee answers.
         let leg = self.new_leg(now, sid, call_id, &caller);
-        call.members.insert(caller.clone(), Member { session: sid, state: MemberState::Joined(leg), reconnecting: false });
+        call.members.insert(
+            caller.clone(),
+            Member {
+                session: sid,
+                state: MemberState::Joined(leg),
+                reconnecting: false,
+            },
+        );
         self.calls.insert(call_id, call);
         self.stats.direct_calls_created += 1;
         self.record_transition(CallPhase::Unspecified, CallPhase::Inviting, None);
@@ -166,14 +203,21 @@ impl Controller {
                 if let Some(call) = self.calls.get_mut(&call_id) {
                     call.members.insert(
                         callee.clone(),
-                        Member { session: callee_sid, state: MemberState::Invited, reconnecting: false },
+                        Member {
+                            session: callee_sid,
+                            state: MemberState::Invited,
+                            reconnecting: false,
+                        },
                     );
                     call.former.insert(callee.clone());
                 }
                 if let Some(s) = self.sessions.get_mut(&callee_sid) {
                     s.call = Some(call_id);
                 }
-                self.timers.set(Timer::Ring(call_id, callee_sid), now + self.config.ring_timeout);
+                self.timers.set(
+                    Timer::Ring(call_id, callee_sid),
+                    now + self.config.ring_timeout,
+                );
                 self.push(
                     callee_sid,
                     server_frame::Kind::IncomingCall(pb::IncomingCall {
@@ -181,7 +225,8 @@ impl Controller {
                         kind: CallKind::Direct as i32,
                         from: caller.to_string(),
                         group_name: String::new(),
-                        ring_timeout_ms: u32::try_from(self.config.ring_timeout.as_millis()).unwrap_or(u32::MAX),
+                        ring_timeout_ms: u32::try_from(self.config.ring_timeout.as_millis())
+                            .unwrap_or(u32::MAX),
                     }),
                 );
                 if let Some(state) = self.call_state(call_id) {
@@ -198,14 +243,23 @@ impl Controller {
         let id = match role {
             Role::Member(id) => id,
             Role::EndedMember(id) => return Err(Self::ended(id)),
-            Role::Former(_) => return Err(Reject::new(ErrorCode::NotInCall, "not in this call").call(call_id)),
+            Role::Former(_) => {
+                return Err(Reject::new(ErrorCode::NotInCall, "not in this call").call(call_id));
+            }
         };
         let call = &self.calls[&id];
-        let invited = matches!(call.members.get(&device).map(|m| &m.state), Some(MemberState::Invited));
+        let invited = matches!(
+            call.members.get(&device).map(|m| &m.state),
+            Some(MemberState::Invited)
+        );
         if !invited {
-            return Err(Reject::new(ErrorCode::InvalidState, "only an invited device rings").call(call_id));
+            return Err(
+                Reject::new(ErrorCode::InvalidState, "only an invited device rings").call(call_id),
+            );
         }
-        if call.phase == Phase::Live(LivePhase::Inviting) && matches!(call.kind, CallKindState::Direct { .. }) {
+        if call.phase == Phase::Live(LivePhase::Inviting)
+            && matches!(call.kind, CallKindState::Direct { .. })
+        {
             self.set_phase(id, LivePhase::Ringing);
             self.broadcast_state(id);
         }
@@ -217,7 +271,9 @@ impl Controller {
         let id = match role {
             Role::Member(id) => id,
             Role::EndedMember(id) => return Err(Self::ended(id)),
-            Role::Former(_) => return Err(Reject::new(ErrorCode::NotInCall, "not in this call").call(call_id)),
+            Role::Former(_) => {
+                return Err(Reject::new(ErrorCode::NotInCall, "not in this call").call(call_id));
+            }
         };
         let call = &self.calls[&id];
         if matches!(call.kind, CallKindState::Group { .. }) {
@@ -226,12 +282,20 @@ impl Controller {
         match call.members.get(&device).map(|m| &m.state) {
             Some(MemberState::Invited) => {}
             Some(MemberState::Joined(_)) if call.initiator() != &device => return Ok(call_id),
-            _ => return Err(Reject::new(ErrorCode::InvalidState, "the caller cannot accept").call(call_id)),
+            _ => {
+                return Err(
+                    Reject::new(ErrorCode::InvalidState, "the caller cannot accept").call(call_id),
+                );
+            }
         }
         info!(call_id = %id, %device, "accepted");
         self.timers.cancel(Timer::Ring(id, sid));
         let leg = self.new_leg(now, sid, id, &device);
-        if let Some(m) = self.calls.get_mut(&id).and_then(|c| c.members.get_mut(&device)) {
+        if let Some(m) = self
+            .calls
+            .get_mut(&id)
+            .and_then(|c| c.members.get_mut(&device))
+        {
             m.state = MemberState::Joined(leg);
         }
         self.set_phase(id, LivePhase::Connecting);
@@ -248,10 +312,18 @@ impl Controller {
         };
         match self.calls[&id].members.get(&device).map(|m| &m.state) {
             Some(MemberState::Invited) => {
-                self.leave(now, id, &device, Cause::new(EndReason::Declined).by(&device));
+                self.leave(
+                    now,
+                    id,
+                    &device,
+                    Cause::new(EndReason::Declined).by(&device),
+                );
                 Ok(call_id)
             }
-            _ => Err(Reject::new(ErrorCode::InvalidState, "already answered; hang up instead").call(call_id)),
+            _ => Err(
+                Reject::new(ErrorCode::InvalidState, "already answered; hang up instead")
+                    .call(call_id),
+            ),
         }
     }
 
@@ -262,9 +334,14 @@ impl Controller {
             Role::EndedMember(_) | Role::Former(_) => return Ok(call_id),
         };
         let call = &self.calls[&id];
-        let is_caller = matches!(&call.kind, CallKindState::Direct { caller, .. } if *caller == device);
+        let is_caller =
+            matches!(&call.kind, CallKindState::Direct { caller, .. } if *caller == device);
         if !is_caller {
-            return Err(Reject::new(ErrorCode::InvalidState, "only the caller of a 1:1 call cancels").call(call_id));
+            return Err(Reject::new(
+                ErrorCode::InvalidState,
+                "only the caller of a 1:1 call cancels",
+            )
+            .call(call_id));
         }
         let reason = if call.phase == Phase::Live(LivePhase::Active) {
             EndReason::Hangup
@@ -283,12 +360,16 @@ impl Controller {
             Role::EndedMember(_) | Role::Former(_) => return Ok(call_id),
         };
         let call = &self.calls[&id];
-        let invited = matches!(call.members.get(&device).map(|m| &m.state), Some(MemberState::Invited));
+        let invited = matches!(
+            call.members.get(&device).map(|m| &m.state),
+            Some(MemberState::Invited)
+        );
         let reason = match (&call.kind, call.phase) {
             (_, _) if invited => EndReason::Declined,
-            (CallKindState::Direct { .. }, Phase::Live(LivePhase::Inviting | LivePhase::Ringing)) => {
-                EndReason::Cancelled
-            }
+            (
+                CallKindState::Direct { .. },
+                Phase::Live(LivePhase::Inviting | LivePhase::Ringing),
+            ) => EndReason::Cancelled,
             (CallKindState::Direct { .. }, _) => EndReason::Hangup,
             (CallKindState::Group { .. }, _) => EndReason::Left,
         };
@@ -297,7 +378,9 @@ impl Controller {
     }
 
     pub(super) fn on_ring_timer(&mut self, now: Instant, call_id: CallId, sid: SessionId) {
-        let Some(call) = self.calls.get(&call_id) else { return };
+        let Some(call) = self.calls.get(&call_id) else {
+            return;
+        };
         if !call.is_live() {
             return;
         }
@@ -308,14 +391,21 @@ impl Controller {
             .map(|(d, _)| d.clone());
         if let Some(device) = invited {
             info!(%call_id, %device, "ring timeout");
-            let cause = Cause::new(EndReason::RingTimeout).by(&device).detail("nobody answered");
+            let cause = Cause::new(EndReason::RingTimeout)
+                .by(&device)
+                .detail("nobody answered");
             self.leave(now, call_id, &device, cause);
         }
     }
 
     // ---- groups -----------------------------------------------------------
 
-    pub(super) fn on_group_create(&mut self, now: Instant, sid: SessionId, m: pb::GroupCreate) -> Handled {
+    pub(super) fn on_group_create(
+        &mut self,
+        now: Instant,
+        sid: SessionId,
+        m: pb::GroupCreate,
+    ) -> Handled {
         let (owner, busy) = match self.sessions.get(&sid) {
             Some(s) => (s.device.clone(), s.call),
             None => return Err(Reject::new(ErrorCode::NotRegistered, "no session")),
@@ -324,18 +414,31 @@ impl Controller {
             return Err(Reject::new(ErrorCode::AlreadyInCall, "already in a call").call(c.0));
         }
         if m.name.len() > MAX_GROUP_NAME || m.name.chars().any(char::is_control) {
-            return Err(Reject::new(ErrorCode::InvalidArgument, "group name too long or not printable"));
+            return Err(Reject::new(
+                ErrorCode::InvalidArgument,
+                "group name too long or not printable",
+            ));
         }
         let invitees = parse_invitees(&m.invitees, self.config.max_group_members - 1)?;
         let call_id = self.alloc_call();
         info!(%call_id, %owner, name = %m.name, "group created");
         let leg = self.new_leg(now, sid, call_id, &owner);
         let mut members = BTreeMap::new();
-        members.insert(owner.clone(), Member { session: sid, state: MemberState::Joined(leg), reconnecting: false });
+        members.insert(
+            owner.clone(),
+            Member {
+                session: sid,
+                state: MemberState::Joined(leg),
+                reconnecting: false,
+            },
+        );
         self.calls.insert(
             call_id,
             Call {
-                kind: CallKindState::Group { owner: owner.clone(), name: m.name },
+                kind: CallKindState::Group {
+                    owner: owner.clone(),
+                    name: m.name,
+                },
                 phase: Phase::Live(LivePhase::Active),
                 created_at: now,
                 members,
@@ -356,21 +459,36 @@ impl Controller {
         Ok(call_id.0)
     }
 
-    pub(super) fn on_group_invite(&mut self, now: Instant, sid: SessionId, m: pb::GroupInvite) -> Handled {
+    pub(super) fn on_group_invite(
+        &mut self,
+        now: Instant,
+        sid: SessionId,
+        m: pb::GroupInvite,
+    ) -> Handled {
         let (role, device) = self.role(sid, m.call_id)?;
         let id = match role {
             Role::Member(id) => id,
             Role::EndedMember(id) => return Err(Self::ended(id)),
-            Role::Former(_) => return Err(Reject::new(ErrorCode::NotInCall, "not in this call").call(m.call_id)),
+            Role::Former(_) => {
+                return Err(Reject::new(ErrorCode::NotInCall, "not in this call").call(m.call_id));
+            }
         };
         let call = &self.calls[&id];
         if !matches!(call.kind, CallKindState::Group { .. }) {
             return Err(Reject::new(ErrorCode::InvalidState, "not a group call").call(m.call_id));
         }
-        if !matches!(call.members.get(&device).map(|m| &m.state), Some(MemberState::Joined(_))) {
-            return Err(Reject::new(ErrorCode::InvalidState, "join before inviting").call(m.call_id));
+        if !matches!(
+            call.members.get(&device).map(|m| &m.state),
+            Some(MemberState::Joined(_))
+        ) {
+            return Err(
+                Reject::new(ErrorCode::InvalidState, "join before inviting").call(m.call_id)
+            );
         }
-        let room = self.config.max_group_members.saturating_sub(call.members.len());
+        let room = self
+            .config
+            .max_group_members
+            .saturating_sub(call.members.len());
         let invitees = parse_invitees(&m.invitees, room)?;
         for target in invitees {
             self.invite_to_group(now, id, &device, target);
@@ -378,8 +496,16 @@ impl Controller {
         Ok(m.call_id)
     }
 
-    fn invite_to_group(&mut self, now: Instant, call_id: CallId, inviter: &DeviceId, target: DeviceId) {
-        let Some(call) = self.calls.get(&call_id) else { return };
+    fn invite_to_group(
+        &mut self,
+        now: Instant,
+        call_id: CallId,
+        inviter: &DeviceId,
+        target: DeviceId,
+    ) {
+        let Some(call) = self.calls.get(&call_id) else {
+            return;
+        };
         if call.members.contains_key(&target) || target == *inviter {
             return;
         }
@@ -396,14 +522,19 @@ impl Controller {
                 if let Some(call) = self.calls.get_mut(&call_id) {
                     call.members.insert(
                         target.clone(),
-                        Member { session: tsid, state: MemberState::Invited, reconnecting: false },
+                        Member {
+                            session: tsid,
+                            state: MemberState::Invited,
+                            reconnecting: false,
+                        },
                     );
                     call.former.insert(target.clone());
                 }
                 if let Some(s) = self.sessions.get_mut(&tsid) {
                     s.call = Some(call_id);
                 }
-                self.timers.set(Timer::Ring(call_id, tsid), now + self.config.ring_timeout);
+                self.timers
+                    .set(Timer::Ring(call_id, tsid), now + self.config.ring_timeout);
                 self.push(
                     tsid,
                     server_frame::Kind::IncomingCall(pb::IncomingCall {
@@ -411,10 +542,16 @@ impl Controller {
                         kind: CallKind::Group as i32,
                         from: inviter.to_string(),
                         group_name: name,
-                        ring_timeout_ms: u32::try_from(self.config.ring_timeout.as_millis()).unwrap_or(u32::MAX),
+                        ring_timeout_ms: u32::try_from(self.config.ring_timeout.as_millis())
+                            .unwrap_or(u32::MAX),
                     }),
                 );
-                self.notify_others(call_id, &target, ParticipantStatus::Invited, EndReason::Unspecified);
+                self.notify_others(
+                    call_id,
+                    &target,
+                    ParticipantStatus::Invited,
+                    EndReason::Unspecified,
+                );
             }
         }
     }
@@ -435,7 +572,9 @@ impl Controller {
             None => {
                 // A former participant rejoining (e.g. after SessionUnknown).
                 if let Some(other) = self.sessions.get(&sid).and_then(|s| s.call) {
-                    return Err(Reject::new(ErrorCode::AlreadyInCall, "already in a call").call(other.0));
+                    return Err(
+                        Reject::new(ErrorCode::AlreadyInCall, "already in a call").call(other.0)
+                    );
                 }
                 if call.members.len() >= self.config.max_group_members {
                     return Err(Reject::new(ErrorCode::Overloaded, "group is full").call(call_id));
@@ -448,7 +587,11 @@ impl Controller {
         if let Some(call) = self.calls.get_mut(&id) {
             call.members.insert(
                 device.clone(),
-                Member { session: sid, state: MemberState::Joined(leg), reconnecting: false },
+                Member {
+                    session: sid,
+                    state: MemberState::Joined(leg),
+                    reconnecting: false,
+                },
             );
         }
         if let Some(s) = self.sessions.get_mut(&sid) {
@@ -457,7 +600,12 @@ impl Controller {
         if let Some(state) = self.call_state(id) {
             self.push(sid, server_frame::Kind::CallState(state));
         }
-        self.notify_others(id, &device, ParticipantStatus::Joining, EndReason::Unspecified);
+        self.notify_others(
+            id,
+            &device,
+            ParticipantStatus::Joining,
+            EndReason::Unspecified,
+        );
         Ok(call_id)
     }
 
@@ -467,10 +615,20 @@ impl Controller {
             Role::Member(id) => {
                 let call = &self.calls[&id];
                 if !matches!(call.kind, CallKindState::Group { .. }) {
-                    return Err(Reject::new(ErrorCode::InvalidState, "not a group call; hang up").call(call_id));
+                    return Err(
+                        Reject::new(ErrorCode::InvalidState, "not a group call; hang up")
+                            .call(call_id),
+                    );
                 }
-                let invited = matches!(call.members.get(&device).map(|m| &m.state), Some(MemberState::Invited));
-                let reason = if invited { EndReason::Declined } else { EndReason::Left };
+                let invited = matches!(
+                    call.members.get(&device).map(|m| &m.state),
+                    Some(MemberState::Invited)
+                );
+                let reason = if invited {
+                    EndReason::Declined
+                } else {
+                    EndReason::Left
+                };
                 self.leave(now, id, &device, Cause::new(reason).by(&device));
                 Ok(call_id)
             }
@@ -489,9 +647,11 @@ impl Controller {
                 self.end_call(now, id, Cause::new(EndReason::EndedByOwner).by(&device));
                 Ok(call_id)
             }
-            CallKindState::Group { .. } => {
-                Err(Reject::new(ErrorCode::Forbidden, "only the owner ends a group call").call(call_id))
-            }
+            CallKindState::Group { .. } => Err(Reject::new(
+                ErrorCode::Forbidden,
+                "only the owner ends a group call",
+            )
+            .call(call_id)),
             CallKindState::Direct { .. } => {
                 Err(Reject::new(ErrorCode::InvalidState, "not a group call; hang up").call(call_id))
             }
@@ -502,7 +662,9 @@ impl Controller {
 
     /// `device` is out of `call`: a 1:1 call ends, a group goes on without it.
     pub(super) fn leave(&mut self, now: Instant, call_id: CallId, device: &DeviceId, cause: Cause) {
-        let Some(call) = self.calls.get(&call_id) else { return };
+        let Some(call) = self.calls.get(&call_id) else {
+            return;
+        };
         match call.kind {
             CallKindState::Direct { .. } => {
                 self.end_call(now, call_id, cause);
@@ -513,48 +675,88 @@ impl Controller {
 
     /// Ends a call for everyone, exactly once: later calls do nothing.
     pub(super) fn end_call(&mut self, now: Instant, call_id: CallId, cause: Cause) -> bool {
-        let Some(call) = self.calls.get_mut(&call_id) else { return false };
-        let Phase::Live(from) = call.phase else { return false };
-        call.phase = Phase::Ended { reason: cause.reason, at: now };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return false;
+        };
+        let Phase::Live(from) = call.phase else {
+            return false;
+        };
+        call.phase = Phase::Ended {
+            reason: cause.reason,
+            at: now,
+        };
         let members = std::mem::take(&mut call.members);
         info!(%call_id, reason = ?cause.reason, by = ?cause.by, detail = %cause.detail, "call ended");
         self.record_transition(from.wire(), CallPhase::Ended, Some(cause.reason));
         if let Some(at) = cause.fault_at {
-            self.stats.fault_to_convergence.observe(now.saturating_duration_since(at));
+            self.stats
+                .fault_to_convergence
+                .observe(now.saturating_duration_since(at));
         }
         for (device, member) in members {
             self.release_member(call_id, &device, member, &cause);
         }
-        self.timers.set(Timer::ForgetCall(call_id), now + self.config.ended_call_retention);
+        self.timers.set(
+            Timer::ForgetCall(call_id),
+            now + self.config.ended_call_retention,
+        );
         true
     }
 
     /// Removes one member of a group call; ends the call when nobody joined
     /// is left.
     fn remove_member(&mut self, now: Instant, call_id: CallId, device: &DeviceId, cause: Cause) {
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
         if !call.is_live() {
             return;
         }
-        let Some(member) = call.members.remove(device) else { return };
+        let Some(member) = call.members.remove(device) else {
+            return;
+        };
         let was_joined = matches!(member.state, MemberState::Joined(_));
-        let nobody_left = !call.members.values().any(|m| matches!(m.state, MemberState::Joined(_)));
+        let nobody_left = !call
+            .members
+            .values()
+            .any(|m| matches!(m.state, MemberState::Joined(_)));
         info!(%call_id, %device, reason = ?cause.reason, "participant removed");
-        *self.stats.participants_removed.entry(cause.reason).or_default() += 1;
+        *self
+            .stats
+            .participants_removed
+            .entry(cause.reason)
+            .or_default() += 1;
         if let Some(at) = cause.fault_at {
-            self.stats.fault_to_convergence.observe(now.saturating_duration_since(at));
+            self.stats
+                .fault_to_convergence
+                .observe(now.saturating_duration_since(at));
         }
         self.release_member(call_id, device, member, &cause);
-        if was_joined || matches!(cause.reason, EndReason::Declined | EndReason::RingTimeout | EndReason::Unavailable) {
+        if was_joined
+            || matches!(
+                cause.reason,
+                EndReason::Declined | EndReason::RingTimeout | EndReason::Unavailable
+            )
+        {
             self.notify_others(call_id, device, ParticipantStatus::Gone, cause.reason);
         }
         if nobody_left {
-            self.end_call(now, call_id, Cause::new(EndReason::Empty).detail("last participant left"));
+            self.end_call(
+                now,
+                call_id,
+                Cause::new(EndReason::Empty).detail("last participant left"),
+            );
         }
     }
 
     /// Tears down one member's participation and tells it the call is over.
-    fn release_member(&mut self, call_id: CallId, device: &DeviceId, member: Member, cause: &Cause) {
+    fn release_member(
+        &mut self,
+        call_id: CallId,
+        device: &DeviceId,
+        member: Member,
+        cause: &Cause,
+    ) {
         match member.state {
             MemberState::Invited => self.timers.cancel(Timer::Ring(call_id, member.session)),
             MemberState::Joined(leg) => self.teardown_leg(leg, cause.reason),
@@ -578,7 +780,9 @@ impl Controller {
 
     /// Phase `Connecting` -> `Active` once every member's media is connected.
     pub(super) fn maybe_active(&mut self, call_id: CallId) {
-        let Some(call) = self.calls.get(&call_id) else { return };
+        let Some(call) = self.calls.get(&call_id) else {
+            return;
+        };
         if call.phase != Phase::Live(LivePhase::Connecting) {
             return;
         }
@@ -604,8 +808,12 @@ impl Controller {
         last_proof: Instant,
         detail: &str,
     ) {
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
-        let Some(member) = call.members.get_mut(device).filter(|m| m.session == sid) else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
+        let Some(member) = call.members.get_mut(device).filter(|m| m.session == sid) else {
+            return;
+        };
         match &member.state {
             MemberState::Invited => {
                 let cause = Cause::new(EndReason::Unavailable)
@@ -627,7 +835,12 @@ impl Controller {
                 // after the resume.
                 let key = leg.key;
                 self.timers.cancel(Timer::Leg(key, super::LegTimer::Answer));
-                self.notify_others(call_id, device, ParticipantStatus::Reconnecting, EndReason::Unspecified);
+                self.notify_others(
+                    call_id,
+                    device,
+                    ParticipantStatus::Reconnecting,
+                    EndReason::Unspecified,
+                );
             }
         }
     }
@@ -637,13 +850,17 @@ impl Controller {
 fn parse_invitees(ids: &[String], max: usize) -> Result<Vec<DeviceId>, Reject> {
     let mut out: Vec<DeviceId> = Vec::new();
     for id in ids {
-        let d = DeviceId::new(id.clone()).map_err(|e| Reject::new(ErrorCode::InvalidArgument, e.to_string()))?;
+        let d = DeviceId::new(id.clone())
+            .map_err(|e| Reject::new(ErrorCode::InvalidArgument, e.to_string()))?;
         if !out.contains(&d) {
             out.push(d);
         }
     }
     if out.len() > max {
-        return Err(Reject::new(ErrorCode::InvalidArgument, format!("at most {max} more members")));
+        return Err(Reject::new(
+            ErrorCode::InvalidArgument,
+            format!("at most {max} more members"),
+        ));
     }
     Ok(out)
 }

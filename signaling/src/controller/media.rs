@@ -14,10 +14,22 @@ use crate::pb::{self, EndReason, ErrorCode, ParticipantStatus, server_frame};
 
 impl Controller {
     /// A fresh participation for `device` in `call`, waiting for its offer.
-    pub(super) fn new_leg(&mut self, now: Instant, sid: SessionId, call: CallId, device: &DeviceId) -> Leg {
-        let key = ParticipantKey { session: sid, epoch: self.alloc_epoch() };
+    pub(super) fn new_leg(
+        &mut self,
+        now: Instant,
+        sid: SessionId,
+        call: CallId,
+        device: &DeviceId,
+    ) -> Leg {
+        let key = ParticipantKey {
+            session: sid,
+            epoch: self.alloc_epoch(),
+        };
         self.legs.insert(key, (call, device.clone()));
-        self.timers.set(Timer::Leg(key, LegTimer::Offer), now + self.config.offer_timeout);
+        self.timers.set(
+            Timer::Leg(key, LegTimer::Offer),
+            now + self.config.offer_timeout,
+        );
         Leg {
             key,
             phase: LegPhase::AwaitingOffer,
@@ -37,14 +49,24 @@ impl Controller {
         }
         self.legs.remove(&leg.key);
         if leg.in_sfu {
-            self.out.push_back(Output::Sfu(SfuCommand::Leave { participant: leg.key, reason }));
+            self.out.push_back(Output::Sfu(SfuCommand::Leave {
+                participant: leg.key,
+                reason,
+            }));
         }
     }
 
     /// The sender's participation in `call_id`, for SDP requests.
-    fn sender_leg(&self, sid: SessionId, call_id: u64, session_id: u64) -> Result<(CallId, DeviceId, ParticipantKey), Reject> {
+    fn sender_leg(
+        &self,
+        sid: SessionId,
+        call_id: u64,
+        session_id: u64,
+    ) -> Result<(CallId, DeviceId, ParticipantKey), Reject> {
         if session_id != 0 && session_id != sid.0 {
-            return Err(Reject::new(ErrorCode::StaleSession, "message names another session").call(call_id));
+            return Err(
+                Reject::new(ErrorCode::StaleSession, "message names another session").call(call_id),
+            );
         }
         let device = self
             .sessions
@@ -64,33 +86,50 @@ impl Controller {
             .get(&device)
             .filter(|m| m.session == sid)
             .ok_or_else(|| Reject::new(ErrorCode::NotInCall, "not in this call").call(call_id))?;
-        let leg = member
-            .leg()
-            .ok_or_else(|| Reject::new(ErrorCode::InvalidState, "answer or join the call first").call(call_id))?;
+        let leg = member.leg().ok_or_else(|| {
+            Reject::new(ErrorCode::InvalidState, "answer or join the call first").call(call_id)
+        })?;
         Ok((id, device, leg.key))
     }
 
     fn leg_mut(&mut self, key: ParticipantKey) -> Option<&mut Leg> {
         let (call, device) = self.legs.get(&key)?;
-        let leg = self.calls.get_mut(call)?.members.get_mut(device)?.leg_mut()?;
+        let leg = self
+            .calls
+            .get_mut(call)?
+            .members
+            .get_mut(device)?
+            .leg_mut()?;
         (leg.key == key).then_some(leg)
     }
 
-    pub(super) fn on_sdp_offer(&mut self, now: Instant, sid: SessionId, m: pb::SdpOffer) -> Handled {
+    pub(super) fn on_sdp_offer(
+        &mut self,
+        now: Instant,
+        sid: SessionId,
+        m: pb::SdpOffer,
+    ) -> Handled {
         let (call, device, key) = self.sender_leg(sid, m.call_id, m.session_id)?;
         if m.sdp.is_empty() {
             return Err(Reject::new(ErrorCode::InvalidArgument, "empty sdp").call(m.call_id));
         }
         let sfu_timeout = self.config.sfu_timeout;
-        let leg = self.leg_mut(key).ok_or_else(|| Reject::new(ErrorCode::InvalidState, "no participation"))?;
+        let leg = self
+            .leg_mut(key)
+            .ok_or_else(|| Reject::new(ErrorCode::InvalidState, "no participation"))?;
         if leg.phase != LegPhase::AwaitingOffer {
-            return Err(Reject::new(ErrorCode::InvalidState, "media already offered; use ice_restart").call(m.call_id));
+            return Err(Reject::new(
+                ErrorCode::InvalidState,
+                "media already offered; use ice_restart",
+            )
+            .call(m.call_id));
         }
         leg.phase = LegPhase::Joining;
         leg.in_sfu = true;
         leg.join_revision = m.revision;
         self.timers.cancel(Timer::Leg(key, LegTimer::Offer));
-        self.timers.set(Timer::Leg(key, LegTimer::SfuJoin), now + sfu_timeout);
+        self.timers
+            .set(Timer::Leg(key, LegTimer::SfuJoin), now + sfu_timeout);
         debug!(%call, %device, %key, "join offer to sfu");
         self.out.push_back(Output::Sfu(SfuCommand::Join {
             room: call,
@@ -101,15 +140,30 @@ impl Controller {
         Ok(m.call_id)
     }
 
-    pub(super) fn on_sdp_answer(&mut self, _now: Instant, sid: SessionId, m: pb::SdpAnswer) -> Handled {
+    pub(super) fn on_sdp_answer(
+        &mut self,
+        _now: Instant,
+        sid: SessionId,
+        m: pb::SdpAnswer,
+    ) -> Handled {
         let (_, _, key) = self.sender_leg(sid, m.call_id, m.session_id)?;
-        let leg = self.leg_mut(key).ok_or_else(|| Reject::new(ErrorCode::InvalidState, "no participation"))?;
+        let leg = self
+            .leg_mut(key)
+            .ok_or_else(|| Reject::new(ErrorCode::InvalidState, "no participation"))?;
         match &leg.server_offer {
-            None => return Err(Reject::new(ErrorCode::NoPendingOffer, "no server offer outstanding").call(m.call_id)),
+            None => {
+                return Err(
+                    Reject::new(ErrorCode::NoPendingOffer, "no server offer outstanding")
+                        .call(m.call_id),
+                );
+            }
             Some((rev, _)) if *rev != m.revision => {
                 return Err(Reject::new(
                     ErrorCode::StaleRevision,
-                    format!("answer to revision {}, outstanding offer is {rev}", m.revision),
+                    format!(
+                        "answer to revision {}, outstanding offer is {rev}",
+                        m.revision
+                    ),
                 )
                 .call(m.call_id));
             }
@@ -120,19 +174,31 @@ impl Controller {
         }
         leg.server_offer = None;
         self.timers.cancel(Timer::Leg(key, LegTimer::Answer));
-        self.out.push_back(Output::Sfu(SfuCommand::Answer { participant: key, sdp: m.sdp }));
+        self.out.push_back(Output::Sfu(SfuCommand::Answer {
+            participant: key,
+            sdp: m.sdp,
+        }));
         Ok(m.call_id)
     }
 
-    pub(super) fn on_ice_restart(&mut self, now: Instant, sid: SessionId, m: pb::IceRestart) -> Handled {
+    pub(super) fn on_ice_restart(
+        &mut self,
+        now: Instant,
+        sid: SessionId,
+        m: pb::IceRestart,
+    ) -> Handled {
         let (_, _, key) = self.sender_leg(sid, m.call_id, m.session_id)?;
         if m.sdp.is_empty() {
             return Err(Reject::new(ErrorCode::InvalidArgument, "empty sdp").call(m.call_id));
         }
         let sfu_timeout = self.config.sfu_timeout;
-        let leg = self.leg_mut(key).ok_or_else(|| Reject::new(ErrorCode::InvalidState, "no participation"))?;
+        let leg = self
+            .leg_mut(key)
+            .ok_or_else(|| Reject::new(ErrorCode::InvalidState, "no participation"))?;
         if !matches!(leg.phase, LegPhase::Connecting | LegPhase::Connected) {
-            return Err(Reject::new(ErrorCode::InvalidState, "media not negotiated yet").call(m.call_id));
+            return Err(
+                Reject::new(ErrorCode::InvalidState, "media not negotiated yet").call(m.call_id),
+            );
         }
         leg.device_offer = Some(m.revision);
         // The device's offer wins over a server offer in flight; the SFU
@@ -141,8 +207,12 @@ impl Controller {
         if cancelled {
             self.timers.cancel(Timer::Leg(key, LegTimer::Answer));
         }
-        self.timers.set(Timer::Leg(key, LegTimer::SfuAnswer), now + sfu_timeout);
-        self.out.push_back(Output::Sfu(SfuCommand::Offer { participant: key, sdp: m.sdp }));
+        self.timers
+            .set(Timer::Leg(key, LegTimer::SfuAnswer), now + sfu_timeout);
+        self.out.push_back(Output::Sfu(SfuCommand::Offer {
+            participant: key,
+            sdp: m.sdp,
+        }));
         Ok(m.call_id)
     }
 
@@ -153,7 +223,10 @@ impl Controller {
             self.stats.stale_sfu_notices += 1;
             return;
         };
-        let attached = matches!(self.sessions.get(&key.session).map(|s| s.link), Some(Link::Attached(_)));
+        let attached = matches!(
+            self.sessions.get(&key.session).map(|s| s.link),
+            Some(Link::Attached(_))
+        );
         let config = self.config.clone();
         let Some(leg) = self.leg_mut(key) else {
             self.stats.stale_sfu_notices += 1;
@@ -168,7 +241,10 @@ impl Controller {
                 leg.phase = LegPhase::Connecting;
                 let revision = leg.join_revision;
                 self.timers.cancel(Timer::Leg(key, LegTimer::SfuJoin));
-                self.timers.set(Timer::Leg(key, LegTimer::Connect), now + config.connect_timeout);
+                self.timers.set(
+                    Timer::Leg(key, LegTimer::Connect),
+                    now + config.connect_timeout,
+                );
                 self.push(
                     key.session,
                     server_frame::Kind::SdpAnswer(pb::SdpAnswer {
@@ -182,7 +258,9 @@ impl Controller {
             SfuNotice::JoinFailed { error, .. } => {
                 leg.in_sfu = false;
                 info!(%call, %device, %error, "sfu refused join");
-                let cause = Cause::new(EndReason::MediaFailed).by(&device).detail(format!("media server refused: {error}"));
+                let cause = Cause::new(EndReason::MediaFailed)
+                    .by(&device)
+                    .detail(format!("media server refused: {error}"));
                 self.leave(now, call, &device, cause);
             }
             SfuNotice::Removed { reason, .. } => {
@@ -206,7 +284,10 @@ impl Controller {
                 // While detached, the offer waits in the replay buffer and its
                 // deadline starts at the resume.
                 if attached {
-                    self.timers.set(Timer::Leg(key, LegTimer::Answer), now + config.answer_timeout);
+                    self.timers.set(
+                        Timer::Leg(key, LegTimer::Answer),
+                        now + config.answer_timeout,
+                    );
                 }
                 self.push(
                     key.session,
@@ -241,14 +322,21 @@ impl Controller {
                 leg.phase = LegPhase::Connected;
                 self.timers.cancel(Timer::Leg(key, LegTimer::Connect));
                 debug!(%call, %device, %key, "media connected");
-                self.notify_others(call, &device, ParticipantStatus::Connected, EndReason::Unspecified);
+                self.notify_others(
+                    call,
+                    &device,
+                    ParticipantStatus::Connected,
+                    EndReason::Unspecified,
+                );
                 self.maybe_active(call);
             }
         }
     }
 
     pub(super) fn on_leg_timer(&mut self, now: Instant, key: ParticipantKey, which: LegTimer) {
-        let Some((call, device)) = self.legs.get(&key).cloned() else { return };
+        let Some((call, device)) = self.legs.get(&key).cloned() else {
+            return;
+        };
         let Some(leg) = self.leg_mut(key) else { return };
         let due = match which {
             LegTimer::Offer => leg.phase == LegPhase::AwaitingOffer,

@@ -142,10 +142,14 @@ impl Config {
         if self.degraded_after_missed == 0
             || self.unreachable_after_missed <= self.degraded_after_missed
         {
-            return Err(Error::InvalidConfig("need 0 < degraded_after_missed < unreachable_after_missed"));
+            return Err(Error::InvalidConfig(
+                "need 0 < degraded_after_missed < unreachable_after_missed",
+            ));
         }
         if self.op_cache_size == 0 || self.max_group_members < 2 {
-            return Err(Error::InvalidConfig("op_cache_size >= 1 and max_group_members >= 2"));
+            return Err(Error::InvalidConfig(
+                "op_cache_size >= 1 and max_group_members >= 2",
+            ));
         }
         Ok(())
     }
@@ -492,7 +496,12 @@ struct Cause {
 
 impl Cause {
     fn new(reason: EndReason) -> Self {
-        Cause { reason, by: None, detail: String::new(), fault_at: None }
+        Cause {
+            reason,
+            by: None,
+            detail: String::new(),
+            fault_at: None,
+        }
     }
 
     fn by(mut self, device: &DeviceId) -> Self {
@@ -521,7 +530,11 @@ struct Reject {
 
 impl Reject {
     fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Reject { code, message: message.into(), call_id: 0 }
+        Reject {
+            code,
+            message: message.into(),
+            call_id: 0,
+        }
     }
 
     fn call(mut self, call: u64) -> Self {
@@ -572,16 +585,26 @@ impl Controller {
             return;
         }
         debug!(%conn, %device, "connection up");
-        self.devices.entry(device.clone()).or_insert_with(|| Device {
-            session: None,
-            version: String::new(),
-            last_heartbeat: None,
-            rtt: None,
-            last_error: None,
-            reachability: Reachability::Unreachable,
-        });
-        self.conns.insert(conn, Conn { device, state: ConnState::AwaitingHello, errors: 0 });
-        self.timers.set(Timer::Hello(conn), now + self.config.hello_timeout);
+        self.devices
+            .entry(device.clone())
+            .or_insert_with(|| Device {
+                session: None,
+                version: String::new(),
+                last_heartbeat: None,
+                rtt: None,
+                last_error: None,
+                reachability: Reachability::Unreachable,
+            });
+        self.conns.insert(
+            conn,
+            Conn {
+                device,
+                state: ConnState::AwaitingHello,
+                errors: 0,
+            },
+        );
+        self.timers
+            .set(Timer::Hello(conn), now + self.config.hello_timeout);
     }
 
     /// A transport connection went away (closed by the peer, timed out,
@@ -595,8 +618,10 @@ impl Controller {
         debug!(%conn, device = %c.device, detail, "connection down");
         self.timers.cancel(Timer::Hello(conn));
         if let ConnState::Attached(sid) = c.state {
-            let attached_here =
-                self.sessions.get(&sid).is_some_and(|s| s.link == Link::Attached(conn));
+            let attached_here = self
+                .sessions
+                .get(&sid)
+                .is_some_and(|s| s.link == Link::Attached(conn));
             if attached_here {
                 self.detach(now, sid, format!("connection lost: {detail}"));
             }
@@ -617,16 +642,34 @@ impl Controller {
                 self.on_hello(now, conn, hello);
             }
             (ConnState::AwaitingHello, _) => {
-                self.send_error(conn, op_id, ErrorCode::NotRegistered, "first frame must be hello", 0);
+                self.send_error(
+                    conn,
+                    op_id,
+                    ErrorCode::NotRegistered,
+                    "first frame must be hello",
+                    0,
+                );
                 self.note_device_error(conn, "frame before hello");
                 self.close(conn, CloseReason::ProtocolError);
             }
             (ConnState::Attached(_), None) => {
-                self.send_error(conn, op_id, ErrorCode::UnknownMessage, "unknown message kind", 0);
+                self.send_error(
+                    conn,
+                    op_id,
+                    ErrorCode::UnknownMessage,
+                    "unknown message kind",
+                    0,
+                );
                 self.count_bad_frame(conn);
             }
             (ConnState::Attached(_), Some(client_frame::Kind::Hello(_))) => {
-                self.send_error(conn, op_id, ErrorCode::UnexpectedHello, "already registered", 0);
+                self.send_error(
+                    conn,
+                    op_id,
+                    ErrorCode::UnexpectedHello,
+                    "already registered",
+                    0,
+                );
             }
             (ConnState::Attached(sid), Some(client_frame::Kind::Heartbeat(hb))) => {
                 self.on_device_heartbeat(now, conn, sid, hb);
@@ -643,7 +686,9 @@ impl Controller {
     /// a malformed frame is answered with an error and counted.
     pub fn handle_wire_error(&mut self, now: Instant, conn: ConnId, error: &Error) {
         let now = self.advance(now);
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         let state = c.state;
         debug!(%conn, %error, "wire error");
         self.send_error(conn, 0, error.error_code(), &error.to_string(), 0);
@@ -670,8 +715,12 @@ impl Controller {
     /// connection is closed, every session is dropped (no resume).
     pub fn handle_shutdown(&mut self, now: Instant) {
         let now = self.advance(now);
-        let live: Vec<CallId> =
-            self.calls.iter().filter(|(_, c)| c.is_live()).map(|(id, _)| *id).collect();
+        let live: Vec<CallId> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.is_live())
+            .map(|(id, _)| *id)
+            .collect();
         for id in live {
             self.end_call(now, id, Cause::new(EndReason::ServerShutdown));
         }
@@ -716,9 +765,11 @@ impl Controller {
         }
         g.connections = self.conns.len() as u64;
         g.sessions = self.sessions.len() as u64;
-        g.sessions_detached =
-            self.sessions.values().filter(|s| matches!(s.link, Link::Detached { .. })).count()
-                as u64;
+        g.sessions_detached = self
+            .sessions
+            .values()
+            .filter(|s| matches!(s.link, Link::Detached { .. }))
+            .count() as u64;
         g.sfu_participants = self.legs.len() as u64;
         g.timers = self.timers.len() as u64;
         g
@@ -727,7 +778,9 @@ impl Controller {
     /// One device's row of the state table.
     pub fn device(&self, id: &DeviceId) -> Option<DeviceSnapshot> {
         let d = self.devices.get(id)?;
-        let session = d.session.and_then(|sid| self.sessions.get(&sid).map(|s| (sid, s)));
+        let session = d
+            .session
+            .and_then(|sid| self.sessions.get(&sid).map(|s| (sid, s)));
         let call = session.and_then(|(_, s)| s.call);
         let participants = self
             .legs
@@ -741,7 +794,9 @@ impl Controller {
             last_heartbeat: d.last_heartbeat,
             heartbeat_rtt: d.rtt,
             call,
-            call_phase: call.and_then(|c| self.calls.get(&c)).map(|c| c.phase.wire()),
+            call_phase: call
+                .and_then(|c| self.calls.get(&c))
+                .map(|c| c.phase.wire()),
             sessions: session.map(|(sid, _)| sid).into_iter().collect(),
             participants,
             version: d.version.clone(),
@@ -751,7 +806,10 @@ impl Controller {
 
     /// The whole device state table, ordered by id.
     pub fn devices(&self) -> Vec<DeviceSnapshot> {
-        self.devices.keys().filter_map(|id| self.device(id)).collect()
+        self.devices
+            .keys()
+            .filter_map(|id| self.device(id))
+            .collect()
     }
 
     /// One call (live, or ended and still remembered).
@@ -797,7 +855,8 @@ impl Controller {
                     bad.push(format!("{id} ended but has members"));
                 }
                 Phase::Live(LivePhase::Inviting | LivePhase::Ringing)
-                    if now.saturating_duration_since(call.created_at) >= self.config.ring_timeout =>
+                    if now.saturating_duration_since(call.created_at)
+                        >= self.config.ring_timeout =>
                 {
                     bad.push(format!("{id} still ringing after the ring timeout"));
                 }
@@ -807,7 +866,10 @@ impl Controller {
                 match self.sessions.get(&m.session) {
                     None => bad.push(format!("{id}: member {dev} has no session")),
                     Some(s) if s.device != *dev || s.call != Some(*id) => {
-                        bad.push(format!("{id}: member {dev} session disagrees ({:?})", s.call));
+                        bad.push(format!(
+                            "{id}: member {dev} session disagrees ({:?})",
+                            s.call
+                        ));
                     }
                     Some(_) => {}
                 }
@@ -856,7 +918,10 @@ impl Controller {
         for (key, (call, dev)) in &self.legs {
             let ok = self.calls.get(call).is_some_and(|c| {
                 c.is_live()
-                    && c.members.get(dev).and_then(|m| m.leg()).is_some_and(|l| l.key == *key)
+                    && c.members
+                        .get(dev)
+                        .and_then(|m| m.leg())
+                        .is_some_and(|l| l.key == *key)
             });
             if !ok {
                 bad.push(format!("participant {key} has no live call member"));
@@ -893,7 +958,8 @@ impl Controller {
             }
         }
         for (conn, c) in &self.conns {
-            if c.state == ConnState::AwaitingHello && self.timers.get(Timer::Hello(*conn)).is_none() {
+            if c.state == ConnState::AwaitingHello && self.timers.get(Timer::Hello(*conn)).is_none()
+            {
                 bad.push(format!("{conn} awaits hello without a deadline"));
             }
         }
@@ -916,7 +982,11 @@ impl Controller {
         trace!(?timer, "timer");
         match timer {
             Timer::Hello(conn) => {
-                if self.conns.get(&conn).is_some_and(|c| c.state == ConnState::AwaitingHello) {
+                if self
+                    .conns
+                    .get(&conn)
+                    .is_some_and(|c| c.state == ConnState::AwaitingHello)
+                {
                     self.note_device_error(conn, "no hello in time");
                     self.close(conn, CloseReason::HelloTimeout);
                 }
@@ -943,14 +1013,22 @@ impl Controller {
     ) {
         use client_frame::Kind as K;
         if op_id == 0 {
-            self.send_error(conn, 0, ErrorCode::MissingOpId, "requests need a non-zero op_id", 0);
+            self.send_error(
+                conn,
+                0,
+                ErrorCode::MissingOpId,
+                "requests need a non-zero op_id",
+                0,
+            );
             self.count_bad_frame(conn);
             return;
         }
-        let cached = self
-            .sessions
-            .get(&sid)
-            .and_then(|s| s.ops.iter().find(|(op, _)| *op == op_id).map(|(_, f)| f.clone()));
+        let cached = self.sessions.get(&sid).and_then(|s| {
+            s.ops
+                .iter()
+                .find(|(op, _)| *op == op_id)
+                .map(|(_, f)| f.clone())
+        });
         if let Some(frame) = cached {
             self.stats.duplicate_requests += 1;
             debug!(%sid, op_id, "duplicate request answered from cache");
@@ -1018,7 +1096,14 @@ impl Controller {
 
     /// Sends a frame on a connection (no caching, no session involved).
     fn send(&mut self, conn: ConnId, reply_to: u64, kind: server_frame::Kind) {
-        self.out.push_back(Output::Send { conn, frame: ServerFrame { reply_to, seq: 0, kind: Some(kind) } });
+        self.out.push_back(Output::Send {
+            conn,
+            frame: ServerFrame {
+                reply_to,
+                seq: 0,
+                kind: Some(kind),
+            },
+        });
     }
 
     fn send_error(&mut self, conn: ConnId, reply_to: u64, code: ErrorCode, msg: &str, call: u64) {
@@ -1026,13 +1111,25 @@ impl Controller {
         self.send(
             conn,
             reply_to,
-            server_frame::Kind::Error(pb::Error { code: code as i32, message: msg.into(), call_id: call }),
+            server_frame::Kind::Error(pb::Error {
+                code: code as i32,
+                message: msg.into(),
+                call_id: call,
+            }),
         );
     }
 
     /// Pushes an event to a session.
     fn push(&mut self, sid: SessionId, kind: server_frame::Kind) {
-        self.deliver(sid, ServerFrame { reply_to: 0, seq: 0, kind: Some(kind) }, None);
+        self.deliver(
+            sid,
+            ServerFrame {
+                reply_to: 0,
+                seq: 0,
+                kind: Some(kind),
+            },
+            None,
+        );
     }
 
     /// Delivers a session frame: numbers it (or uses the reserved `seq`),
@@ -1040,7 +1137,9 @@ impl Controller {
     /// is attached. With `at`, the send is placed at that position of the
     /// output queue (a reply goes before the events its request caused).
     fn deliver(&mut self, sid: SessionId, mut frame: ServerFrame, at: Option<(usize, u64)>) {
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         frame.seq = match at {
             Some((_, seq)) => seq,
             None => {
@@ -1087,14 +1186,19 @@ impl Controller {
         let state = self.conns.get(&conn).map(|c| c.state);
         self.close(conn, reason);
         if let Some(ConnState::Attached(sid)) = state
-            && self.sessions.get(&sid).is_some_and(|s| s.link == Link::Attached(conn))
+            && self
+                .sessions
+                .get(&sid)
+                .is_some_and(|s| s.link == Link::Attached(conn))
         {
             self.detach(now, sid, detail.to_string());
         }
     }
 
     fn count_bad_frame(&mut self, conn: ConnId) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
         c.errors += 1;
         if c.errors > self.config.max_errors_per_connection {
             self.send_error(conn, 0, ErrorCode::TooManyErrors, "too many bad frames", 0);
@@ -1137,10 +1241,16 @@ impl Controller {
     /// Records a reachability change of `device`, if there was one.
     fn update_reachability(&mut self, device: &DeviceId) {
         let now_r = self.reachability_of(device);
-        let Some(d) = self.devices.get_mut(device) else { return };
+        let Some(d) = self.devices.get_mut(device) else {
+            return;
+        };
         if d.reachability != now_r {
             debug!(%device, from = ?d.reachability, to = ?now_r, "reachability");
-            *self.stats.reachability_changes.entry((d.reachability, now_r)).or_default() += 1;
+            *self
+                .stats
+                .reachability_changes
+                .entry((d.reachability, now_r))
+                .or_default() += 1;
             d.reachability = now_r;
         }
     }
@@ -1163,7 +1273,10 @@ mod tests {
         let c = Config::default();
         c.validate().unwrap();
         assert_eq!(c.detection_bound(), Duration::from_secs(8));
-        let bad = Config { unreachable_after_missed: 2, ..Config::default() };
+        let bad = Config {
+            unreachable_after_missed: 2,
+            ..Config::default()
+        };
         assert!(bad.validate().is_err());
     }
 

@@ -30,7 +30,11 @@ impl Controller {
                 hello.min_version, hello.max_version
             );
             info!(%conn, %reason, "hello rejected");
-            *self.stats.errors_sent.entry(ErrorCode::UnsupportedVersion).or_default() += 1;
+            *self
+                .stats
+                .errors_sent
+                .entry(ErrorCode::UnsupportedVersion)
+                .or_default() += 1;
             self.send(
                 conn,
                 0,
@@ -46,7 +50,9 @@ impl Controller {
             return;
         };
         self.timers.cancel(Timer::Hello(conn));
-        let Some(device) = self.conns.get(&conn).map(|c| c.device.clone()) else { return };
+        let Some(device) = self.conns.get(&conn).map(|c| c.device.clone()) else {
+            return;
+        };
         if let Some(d) = self.devices.get_mut(&device) {
             d.version = truncate(&hello.software_version, MAX_SOFTWARE_VERSION);
         }
@@ -117,7 +123,9 @@ impl Controller {
     }
 
     fn resume(&mut self, now: Instant, conn: ConnId, sid: SessionId, version: u32, last_seq: u64) {
-        let Some(s) = self.sessions.get(&sid) else { return };
+        let Some(s) = self.sessions.get(&sid) else {
+            return;
+        };
         let (old_link, old_epoch, device) = (s.link, s.epoch, s.device.clone());
         if let Link::Attached(old_conn) = old_link
             && old_conn != conn
@@ -132,7 +140,9 @@ impl Controller {
 
         // Send again everything the device has not processed, then the
         // current state of its call.
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         s.ack_replay(last_seq);
         let call = s.call;
         let again: Vec<_> = s.replay.iter().cloned().collect();
@@ -140,8 +150,12 @@ impl Controller {
             self.out.push_back(super::Output::Send { conn, frame });
         }
         let Some(call_id) = call else { return };
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
-        let Some(member) = call.members.get_mut(&device) else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
+        let Some(member) = call.members.get_mut(&device) else {
+            return;
+        };
         let was_reconnecting = std::mem::replace(&mut member.reconnecting, false);
         let status = member.status();
         // A renegotiation offer still unanswered was replayed above; its
@@ -169,10 +183,16 @@ impl Controller {
     fn attach(&mut self, now: Instant, conn: ConnId, sid: SessionId, version: u32, resumed: bool) {
         let epoch = self.alloc_epoch();
         let interval = self.config.heartbeat_interval;
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         s.epoch = epoch;
         s.link = Link::Attached(conn);
-        s.hb = Heartbeats { next_seq: 1, last_acked: 0, missed: 0 };
+        s.hb = Heartbeats {
+            next_seq: 1,
+            last_acked: 0,
+            missed: 0,
+        };
         s.last_proof = now;
         let welcome = pb::Welcome {
             version,
@@ -193,23 +213,36 @@ impl Controller {
         self.send(conn, 0, server_frame::Kind::Welcome(welcome));
         self.update_reachability(&device);
         self.send_heartbeat(now, sid);
-        self.timers.set(Timer::Heartbeat(sid, epoch), now + interval);
+        self.timers
+            .set(Timer::Heartbeat(sid, epoch), now + interval);
     }
 
     fn send_heartbeat(&mut self, now: Instant, sid: SessionId) {
         let sent_at_ms = self.millis_since_origin(now);
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         let Link::Attached(conn) = s.link else { return };
         let seq = s.hb.next_seq;
         s.hb.next_seq += 1;
         self.stats.heartbeats_sent += 1;
-        self.send(conn, 0, server_frame::Kind::Heartbeat(pb::Heartbeat { seq, sent_at_ms, ack_seq: 0 }));
+        self.send(
+            conn,
+            0,
+            server_frame::Kind::Heartbeat(pb::Heartbeat {
+                seq,
+                sent_at_ms,
+                ack_seq: 0,
+            }),
+        );
     }
 
     /// Every interval: count the previous heartbeat if it was not acked, act
     /// on the count, send the next one.
     pub(super) fn on_heartbeat_timer(&mut self, now: Instant, sid: SessionId, epoch: Epoch) {
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         if s.epoch != epoch || !matches!(s.link, Link::Attached(_)) {
             return;
         }
@@ -229,12 +262,17 @@ impl Controller {
             return;
         }
         self.send_heartbeat(now, sid);
-        self.timers.set(Timer::Heartbeat(sid, epoch), now + self.config.heartbeat_interval);
+        self.timers.set(
+            Timer::Heartbeat(sid, epoch),
+            now + self.config.heartbeat_interval,
+        );
     }
 
     pub(super) fn on_heartbeat_ack(&mut self, now: Instant, sid: SessionId, ack: pb::HeartbeatAck) {
         let origin = self.origin;
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         if ack.seq == 0 || ack.seq >= s.hb.next_seq {
             // Acks a heartbeat never sent: ignore.
             return;
@@ -287,7 +325,9 @@ impl Controller {
     /// The session lost its connection: it waits for a resume until the grace
     /// ends. Calls still being set up converge now; connected media goes on.
     pub(super) fn detach(&mut self, now: Instant, sid: SessionId, detail: String) {
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         if matches!(s.link, Link::Detached { .. }) {
             return;
         }
@@ -295,7 +335,10 @@ impl Controller {
         let (epoch, device, call, last_proof) = (s.epoch, s.device.clone(), s.call, s.last_proof);
         debug!(%sid, %device, %detail, "session detached");
         self.timers.cancel(Timer::Heartbeat(sid, epoch));
-        self.timers.set(Timer::ResumeGrace(sid, epoch), now + self.config.resume_grace);
+        self.timers.set(
+            Timer::ResumeGrace(sid, epoch),
+            now + self.config.resume_grace,
+        );
         if let Some(d) = self.devices.get_mut(&device) {
             d.last_error = Some(detail.clone());
         }
@@ -306,7 +349,9 @@ impl Controller {
     }
 
     pub(super) fn on_grace_timer(&mut self, now: Instant, sid: SessionId, epoch: Epoch) {
-        let Some(s) = self.sessions.get(&sid) else { return };
+        let Some(s) = self.sessions.get(&sid) else {
+            return;
+        };
         if s.epoch != epoch || !matches!(s.link, Link::Detached { .. }) {
             return;
         }
@@ -323,7 +368,9 @@ impl Controller {
     /// Removes a session; its call membership ends with `cause`. Does not
     /// close its connection (callers do when there is one).
     pub(super) fn terminate_session(&mut self, now: Instant, sid: SessionId, cause: Cause) {
-        let Some(s) = self.sessions.get(&sid) else { return };
+        let Some(s) = self.sessions.get(&sid) else {
+            return;
+        };
         let (device, epoch, call) = (s.device.clone(), s.epoch, s.call);
         if let Some(call) = call {
             self.leave(now, call, &device, cause);
@@ -351,7 +398,9 @@ impl Controller {
         status: ParticipantStatus,
         reason: EndReason,
     ) {
-        let Some(c) = self.calls.get(&call) else { return };
+        let Some(c) = self.calls.get(&call) else {
+            return;
+        };
         let targets: Vec<SessionId> = c
             .members
             .iter()

@@ -84,19 +84,31 @@ pub struct DurationHistogram {
 
 impl Default for DurationHistogram {
     fn default() -> Self {
-        let bounds: Vec<Duration> = [100, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 30_000, 60_000]
-            .into_iter()
-            .map(Duration::from_millis)
-            .collect();
+        let bounds: Vec<Duration> = [
+            100, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 30_000, 60_000,
+        ]
+        .into_iter()
+        .map(Duration::from_millis)
+        .collect();
         let counts = vec![0; bounds.len() + 1];
-        DurationHistogram { bounds, counts, count: 0, sum: Duration::ZERO, max: Duration::ZERO }
+        DurationHistogram {
+            bounds,
+            counts,
+            count: 0,
+            sum: Duration::ZERO,
+            max: Duration::ZERO,
+        }
     }
 }
 
 impl DurationHistogram {
     /// Records one observation.
     pub fn observe(&mut self, d: Duration) {
-        let i = self.bounds.iter().position(|b| d <= *b).unwrap_or(self.bounds.len());
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| d <= *b)
+            .unwrap_or(self.bounds.len());
         self.counts[i] += 1;
         self.count += 1;
         self.sum += d;

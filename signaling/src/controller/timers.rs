@@ -45,8 +45,13 @@ pub enum LegTimer {
 
 impl LegTimer {
     /// All leg timers, for cancelling a participant's deadlines.
-    pub const ALL: [LegTimer; 5] =
-        [LegTimer::Offer, LegTimer::SfuJoin, LegTimer::Connect, LegTimer::Answer, LegTimer::SfuAnswer];
+    pub const ALL: [LegTimer; 5] = [
+        LegTimer::Offer,
+        LegTimer::SfuJoin,
+        LegTimer::Connect,
+        LegTimer::Answer,
+        LegTimer::SfuAnswer,
+    ];
 
     /// Human-readable phase name used in `CallEnded.detail`.
     pub fn describe(self) -> &'static str {
@@ -108,7 +113,6 @@ impl TimerTable {
     pub fn len(&self) -> usize {
         self.by_name.len()
     }
-
 }
 
 #[cfg(test)]
@@ -127,8 +131,14 @@ mod tests {
         assert_eq!(t.len(), 2);
         assert_eq!(t.next(), Some(t0 + Duration::from_secs(1)));
         assert_eq!(t.pop_due(t0), None);
-        assert_eq!(t.pop_due(t0 + Duration::from_secs(10)), Some(Timer::Hello(ConnId(1))));
-        assert_eq!(t.pop_due(t0 + Duration::from_secs(10)), Some(Timer::ForgetCall(CallId(1))));
+        assert_eq!(
+            t.pop_due(t0 + Duration::from_secs(10)),
+            Some(Timer::Hello(ConnId(1)))
+        );
+        assert_eq!(
+            t.pop_due(t0 + Duration::from_secs(10)),
+            Some(Timer::ForgetCall(CallId(1)))
+        );
         assert_eq!(t.pop_due(t0 + Duration::from_secs(10)), None);
         t.set(Timer::Hello(ConnId(2)), t0);
         t.cancel(Timer::Hello(ConnId(2)));

@@ -23,7 +23,8 @@ use bytes::BytesMut;
 use fleetcall_signaling::controller::{Config, Controller, Output, SfuCommand, SfuNotice};
 use fleetcall_signaling::ids::{CallId, ConnId, DeviceId, ParticipantKey};
 use fleetcall_signaling::pb::{
-    self, CallEnded, ClientFrame, CloseReason, ServerFrame, client_frame::Kind as C, server_frame::Kind as S,
+    self, CallEnded, ClientFrame, CloseReason, ServerFrame, client_frame::Kind as C,
+    server_frame::Kind as S,
 };
 use fleetcall_signaling::wire::{self, FrameDecoder};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
@@ -54,7 +55,13 @@ pub struct Auto {
 
 impl Default for Auto {
     fn default() -> Self {
-        Auto { heartbeat: true, ringing: true, accept: false, media: true, answer_offers: true }
+        Auto {
+            heartbeat: true,
+            ringing: true,
+            accept: false,
+            media: true,
+            answer_offers: true,
+        }
     }
 }
 
@@ -233,11 +240,15 @@ impl Sim {
     }
 
     pub fn dev(&self, name: &str) -> &Dev {
-        self.devs.get(name).unwrap_or_else(|| panic!("no device {name}"))
+        self.devs
+            .get(name)
+            .unwrap_or_else(|| panic!("no device {name}"))
     }
 
     pub fn dev_mut(&mut self, name: &str) -> &mut Dev {
-        self.devs.get_mut(name).unwrap_or_else(|| panic!("no device {name}"))
+        self.devs
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no device {name}"))
     }
 
     /// Opens a new connection for `name` and sends Hello (resuming its last
@@ -257,12 +268,30 @@ impl Sim {
         self.drain();
         let resume = if resume {
             let last_seq = self.dev(name).last_seq;
-            self.dev(name).session.clone().map(|(session_id, resume_token)| pb::Resume { session_id, resume_token, last_seq })
+            self.dev(name)
+                .session
+                .clone()
+                .map(|(session_id, resume_token)| pb::Resume {
+                    session_id,
+                    resume_token,
+                    last_seq,
+                })
         } else {
             None
         };
-        let hello = C::Hello(pb::Hello { min_version: 1, max_version: 1, software_version: "sim 1.0".into(), resume });
-        self.send_frame(name, ClientFrame { op_id: 0, kind: Some(hello) });
+        let hello = C::Hello(pb::Hello {
+            min_version: 1,
+            max_version: 1,
+            software_version: "sim 1.0".into(),
+            resume,
+        });
+        self.send_frame(
+            name,
+            ClientFrame {
+                op_id: 0,
+                kind: Some(hello),
+            },
+        );
         conn
     }
 
@@ -300,14 +329,26 @@ impl Sim {
         let op = dev.next_op;
         dev.next_op += 1;
         dev.ops.insert(op, kind_name(&kind));
-        self.send_frame(name, ClientFrame { op_id: op, kind: Some(kind) });
+        self.send_frame(
+            name,
+            ClientFrame {
+                op_id: op,
+                kind: Some(kind),
+            },
+        );
         op
     }
 
     /// Sends a request with a chosen op id (to replay one).
     pub fn request_with_op(&mut self, name: &str, op: u64, kind: C) {
         self.dev_mut(name).ops.insert(op, kind_name(&kind));
-        self.send_frame(name, ClientFrame { op_id: op, kind: Some(kind) });
+        self.send_frame(
+            name,
+            ClientFrame {
+                op_id: op,
+                kind: Some(kind),
+            },
+        );
     }
 
     /// Queues any frame from the device.
@@ -329,7 +370,11 @@ impl Sim {
 
     /// The reply to `op`, if it arrived.
     pub fn reply(&self, name: &str, op: u64) -> Option<&ServerFrame> {
-        self.dev(name).inbox.iter().map(|(_, f)| f).find(|f| f.reply_to == op)
+        self.dev(name)
+            .inbox
+            .iter()
+            .map(|(_, f)| f)
+            .find(|f| f.reply_to == op)
     }
 
     /// The call id from the Ack of `op`; panics with the reply otherwise.
@@ -350,7 +395,12 @@ impl Sim {
 
     /// Invites `callee` from `caller`, runs briefly, returns the call id.
     pub fn invite(&mut self, caller: &str, callee: &str) -> u64 {
-        let op = self.request(caller, C::Invite(pb::Invite { callee: callee.into() }));
+        let op = self.request(
+            caller,
+            C::Invite(pb::Invite {
+                callee: callee.into(),
+            }),
+        );
         self.run_for(ms(100));
         self.acked_call(caller, op)
     }
@@ -361,7 +411,11 @@ impl Sim {
         let op = self.request(callee, C::Accept(pb::Accept { call_id: call }));
         self.run_for(ms(600));
         self.acked_call(callee, op);
-        assert_eq!(self.phase(call), pb::CallPhase::Active, "call {call} not active");
+        assert_eq!(
+            self.phase(call),
+            pb::CallPhase::Active,
+            "call {call} not active"
+        );
         call
     }
 
@@ -386,16 +440,28 @@ impl Sim {
 
     /// Frames of one kind received by a device.
     pub fn received<'a, T>(&'a self, name: &str, pick: impl Fn(&'a S) -> Option<T>) -> Vec<T> {
-        self.dev(name).inbox.iter().filter_map(|(_, f)| f.kind.as_ref().and_then(&pick)).collect()
+        self.dev(name)
+            .inbox
+            .iter()
+            .filter_map(|(_, f)| f.kind.as_ref().and_then(&pick))
+            .collect()
     }
 
     /// Terminal events a device received for `call`.
     pub fn ended_for(&self, name: &str, call: u64) -> Vec<CallEnded> {
-        self.dev(name).ended.iter().filter(|(_, e)| e.call_id == call).map(|(_, e)| e.clone()).collect()
+        self.dev(name)
+            .ended
+            .iter()
+            .filter(|(_, e)| e.call_id == call)
+            .map(|(_, e)| e.clone())
+            .collect()
     }
 
     pub fn phase(&self, call: u64) -> pb::CallPhase {
-        self.ctl.call(CallId(call)).map(|c| c.phase).unwrap_or(pb::CallPhase::Unspecified)
+        self.ctl
+            .call(CallId(call))
+            .map(|c| c.phase)
+            .unwrap_or(pb::CallPhase::Unspecified)
     }
 
     pub fn end_reason(&self, call: u64) -> Option<pb::EndReason> {
@@ -424,7 +490,11 @@ impl Sim {
     }
 
     /// Runs until `cond` holds, at most `limit`; returns the time it took.
-    pub fn run_until_cond(&mut self, limit: Duration, mut cond: impl FnMut(&Sim) -> bool) -> Option<Duration> {
+    pub fn run_until_cond(
+        &mut self,
+        limit: Duration,
+        mut cond: impl FnMut(&Sim) -> bool,
+    ) -> Option<Duration> {
         let begin = self.now;
         let until = begin + limit;
         loop {
@@ -521,8 +591,18 @@ impl Sim {
                 dev.next_hb = Some(now + secs(2));
                 let at_ms = (now - self.start).as_millis() as u64;
                 let ack_seq = dev.last_seq;
-                let hb = pb::Heartbeat { seq, sent_at_ms: at_ms, ack_seq };
-                self.send_frame(name, ClientFrame { op_id: 0, kind: Some(C::Heartbeat(hb)) });
+                let hb = pb::Heartbeat {
+                    seq,
+                    sent_at_ms: at_ms,
+                    ack_seq,
+                };
+                self.send_frame(
+                    name,
+                    ClientFrame {
+                        op_id: 0,
+                        kind: Some(C::Heartbeat(hb)),
+                    },
+                );
             }
         }
         while self.sfu.pending.front().is_some_and(|(t, _)| *t <= now) {
@@ -540,19 +620,27 @@ impl Sim {
         while let Some(out) = self.ctl.poll_output() {
             match out {
                 Output::Send { conn, frame } => {
-                    let Some(name) = self.conns.get(&conn).cloned() else { continue };
+                    let Some(name) = self.conns.get(&conn).cloned() else {
+                        continue;
+                    };
                     let at = self.now + self.link_delay(&name);
                     let dev = self.dev_mut(&name);
                     let at = dev.to_device.back().map_or(at, |(t, _)| at.max(*t));
                     dev.to_device.push_back((at, frame));
                 }
                 Output::Close { conn, reason } => {
-                    let Some(name) = self.conns.remove(&conn) else { continue };
+                    let Some(name) = self.conns.remove(&conn) else {
+                        continue;
+                    };
                     let dev = self.dev_mut(&name);
                     if dev.conn == Some(conn) {
                         // Frames already queued before the close still arrive
                         // on a real stream (close after flush); deliver them.
-                        let queued: Vec<_> = if dev.frozen { Vec::new() } else { dev.to_device.drain(..).collect() };
+                        let queued: Vec<_> = if dev.frozen {
+                            Vec::new()
+                        } else {
+                            dev.to_device.drain(..).collect()
+                        };
                         dev.conn = None;
                         dev.to_server.clear();
                         dev.to_device.clear();
@@ -564,7 +652,8 @@ impl Sim {
                     }
                     // The driver reports the closed connection; ignored.
                     let now = self.now;
-                    self.ctl.handle_connection_down(now, conn, "closed by server");
+                    self.ctl
+                        .handle_connection_down(now, conn, "closed by server");
                 }
                 Output::Sfu(cmd) => self.sfu_command(cmd),
                 other => panic!("unexpected output {other:?}"),
@@ -610,15 +699,28 @@ impl Sim {
             S::SessionUnknown(_) => dev.in_call.clear(),
             S::Heartbeat(hb) => {
                 if dev.auto.heartbeat {
-                    let ack = C::HeartbeatAck(pb::HeartbeatAck { seq: hb.seq, echo_sent_at_ms: hb.sent_at_ms });
-                    self.send_frame(name, ClientFrame { op_id: 0, kind: Some(ack) });
+                    let ack = C::HeartbeatAck(pb::HeartbeatAck {
+                        seq: hb.seq,
+                        echo_sent_at_ms: hb.sent_at_ms,
+                    });
+                    self.send_frame(
+                        name,
+                        ClientFrame {
+                            op_id: 0,
+                            kind: Some(ack),
+                        },
+                    );
                 }
             }
             // A client acts on the first reply to an op only (a replayed op
             // gets the cached reply again).
             S::Ack(_) if !dev.answered.insert(frame.reply_to) => {}
             S::Ack(a) => {
-                if matches!(op_kind, Some("invite" | "group_create" | "group_join" | "accept")) && a.call_id != 0 {
+                if matches!(
+                    op_kind,
+                    Some("invite" | "group_create" | "group_join" | "accept")
+                ) && a.call_id != 0
+                {
                     // Not yet in the view if the call already ended (busy...).
                     let ended = dev.ended.iter().any(|(_, e)| e.call_id == a.call_id);
                     if !ended || op_kind == Some("group_join") {
@@ -630,20 +732,32 @@ impl Sim {
                 dev.in_call.insert(inc.call_id);
                 let (ringing, accept) = (dev.auto.ringing, dev.auto.accept);
                 if ringing {
-                    self.request(name, C::Ringing(pb::Ringing { call_id: inc.call_id }));
+                    self.request(
+                        name,
+                        C::Ringing(pb::Ringing {
+                            call_id: inc.call_id,
+                        }),
+                    );
                 }
                 if accept {
                     let kind = if inc.kind() == pb::CallKind::Group {
-                        C::GroupJoin(pb::GroupJoin { call_id: inc.call_id })
+                        C::GroupJoin(pb::GroupJoin {
+                            call_id: inc.call_id,
+                        })
                     } else {
-                        C::Accept(pb::Accept { call_id: inc.call_id })
+                        C::Accept(pb::Accept {
+                            call_id: inc.call_id,
+                        })
                     };
                     self.request(name, kind);
                 }
             }
             S::CallState(st) => {
                 let me = dev.id.to_string();
-                let joining = st.participants.iter().any(|p| p.device_id == me && p.status() == pb::ParticipantStatus::Joining);
+                let joining = st
+                    .participants
+                    .iter()
+                    .any(|p| p.device_id == me && p.status() == pb::ParticipantStatus::Joining);
                 let session = dev.session.as_ref().map_or(0, |s| s.0);
                 if dev.auto.media && joining && dev.offered.insert((st.call_id, session)) {
                     self.request(
@@ -695,23 +809,55 @@ impl Sim {
         }
         let now = self.now;
         match cmd {
-            SfuCommand::Join { room, participant, display_name, .. } => {
-                if self.sfu.refuse.contains(&display_name) || self.sfu.refuse_once.remove(&display_name) {
-                    self.sfu.pending.push_back((now + self.sfu.join_delay, SfuNotice::JoinFailed { participant, error: "refused".into() }));
+            SfuCommand::Join {
+                room,
+                participant,
+                display_name,
+                ..
+            } => {
+                if self.sfu.refuse.contains(&display_name)
+                    || self.sfu.refuse_once.remove(&display_name)
+                {
+                    self.sfu.pending.push_back((
+                        now + self.sfu.join_delay,
+                        SfuNotice::JoinFailed {
+                            participant,
+                            error: "refused".into(),
+                        },
+                    ));
                     return;
                 }
                 let media = !self.sfu.no_media.contains(&display_name);
-                self.sfu.participants.insert(participant, FakeParticipant { room, device: display_name, connected: false });
+                self.sfu.participants.insert(
+                    participant,
+                    FakeParticipant {
+                        room,
+                        device: display_name,
+                        connected: false,
+                    },
+                );
                 self.sfu.pending.push_back((
                     now + self.sfu.join_delay,
-                    SfuNotice::Joined { participant, answer_sdp: "v=0 sfu answer".into() },
+                    SfuNotice::Joined {
+                        participant,
+                        answer_sdp: "v=0 sfu answer".into(),
+                    },
                 ));
                 if media {
-                    self.sfu.pending.push_back((now + self.sfu.join_delay + self.sfu.connect_delay, SfuNotice::Connected { participant }));
+                    self.sfu.pending.push_back((
+                        now + self.sfu.join_delay + self.sfu.connect_delay,
+                        SfuNotice::Connected { participant },
+                    ));
                 }
             }
             SfuCommand::Offer { participant, .. } => {
-                self.sfu.pending.push_back((now + self.sfu.join_delay, SfuNotice::Answer { participant, sdp: "v=0 sfu restart answer".into() }));
+                self.sfu.pending.push_back((
+                    now + self.sfu.join_delay,
+                    SfuNotice::Answer {
+                        participant,
+                        sdp: "v=0 sfu restart answer".into(),
+                    },
+                ));
             }
             SfuCommand::Answer { .. } => {}
             SfuCommand::Leave { participant, .. } => {
@@ -724,7 +870,9 @@ impl Sim {
     }
 
     fn sfu_connected(&mut self, key: ParticipantKey) {
-        let Some(p) = self.sfu.participants.get_mut(&key) else { return };
+        let Some(p) = self.sfu.participants.get_mut(&key) else {
+            return;
+        };
         p.connected = true;
         if !self.sfu.renegotiate {
             return;
@@ -741,7 +889,13 @@ impl Sim {
         for other in others {
             self.sfu.offers += 1;
             let sdp = format!("v=0 sfu reoffer {}", self.sfu.offers);
-            self.sfu.pending.push_back((now + ms(1), SfuNotice::Offer { participant: other, sdp }));
+            self.sfu.pending.push_back((
+                now + ms(1),
+                SfuNotice::Offer {
+                    participant: other,
+                    sdp,
+                },
+            ));
         }
         self.sfu.pending.make_contiguous().sort_by_key(|(t, _)| *t);
     }
@@ -750,7 +904,13 @@ impl Sim {
     pub fn sfu_remove(&mut self, key: ParticipantKey, reason: &str) {
         self.sfu.participants.remove(&key);
         let now = self.now;
-        self.ctl.handle_sfu(now, SfuNotice::Removed { participant: key, reason: reason.into() });
+        self.ctl.handle_sfu(
+            now,
+            SfuNotice::Removed {
+                participant: key,
+                reason: reason.into(),
+            },
+        );
         self.drain();
     }
 
@@ -771,9 +931,14 @@ impl Sim {
         let now = self.now;
         let seed = self.seed;
         let bad = self.ctl.audit(now);
-        assert!(bad.is_empty(), "seed {seed} t={}ms: controller audit failed: {bad:#?}", self.t());
+        assert!(
+            bad.is_empty(),
+            "seed {seed} t={}ms: controller audit failed: {bad:#?}",
+            self.t()
+        );
         // No SFU participant without a live call session.
-        let known: BTreeMap<ParticipantKey, CallId> = self.ctl.sfu_participants().into_iter().collect();
+        let known: BTreeMap<ParticipantKey, CallId> =
+            self.ctl.sfu_participants().into_iter().collect();
         for (key, p) in &self.sfu.participants {
             let call = known.get(key);
             assert!(
@@ -783,13 +948,20 @@ impl Sim {
                 p.device,
                 p.room
             );
-            let live = self.ctl.call(p.room).is_some_and(|c| c.phase != pb::CallPhase::Ended);
+            let live = self
+                .ctl
+                .call(p.room)
+                .is_some_and(|c| c.phase != pb::CallPhase::Ended);
             assert!(live, "seed {seed}: SFU participant {key} in an ended call");
         }
         // Exactly one terminal event per device participation, and session
         // frames exactly once, in order.
         for (name, dev) in &self.devs {
-            assert!(dev.seq_errors.is_empty(), "seed {seed}: {name} saw session frames out of order (expected, got): {:?}", dev.seq_errors);
+            assert!(
+                dev.seq_errors.is_empty(),
+                "seed {seed}: {name} saw session frames out of order (expected, got): {:?}",
+                dev.seq_errors
+            );
             assert!(
                 dev.duplicate_terminal.is_empty(),
                 "seed {seed}: {name} got a terminal event for a call it was not in: {:?}",
@@ -832,5 +1004,8 @@ fn through_codec_server(transport: Transport, frame: &ServerFrame) -> ServerFram
 
 /// A seed from `FLEETCALL_SEED` or a fixed default, printed by `Sim::new`.
 pub fn seed_from_env(default: u64) -> u64 {
-    std::env::var("FLEETCALL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::var("FLEETCALL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
