@@ -697,35 +697,32 @@ impl Sim {
                 }
             }
             S::SessionUnknown(_) => dev.in_call.clear(),
-            S::Heartbeat(hb) => {
-                if dev.auto.heartbeat {
-                    let ack = C::HeartbeatAck(pb::HeartbeatAck {
-                        seq: hb.seq,
-                        echo_sent_at_ms: hb.sent_at_ms,
-                    });
-                    self.send_frame(
-                        name,
-                        ClientFrame {
-                            op_id: 0,
-                            kind: Some(ack),
-                        },
-                    );
-                }
+            S::Heartbeat(hb) if dev.auto.heartbeat => {
+                let ack = C::HeartbeatAck(pb::HeartbeatAck {
+                    seq: hb.seq,
+                    echo_sent_at_ms: hb.sent_at_ms,
+                });
+                self.send_frame(
+                    name,
+                    ClientFrame {
+                        op_id: 0,
+                        kind: Some(ack),
+                    },
+                );
             }
             // A client acts on the first reply to an op only (a replayed op
             // gets the cached reply again).
             S::Ack(_) if !dev.answered.insert(frame.reply_to) => {}
-            S::Ack(a) => {
+            S::Ack(a)
                 if matches!(
                     op_kind,
                     Some("invite" | "group_create" | "group_join" | "accept")
-                ) && a.call_id != 0
-                {
-                    // Not yet in the view if the call already ended (busy...).
-                    let ended = dev.ended.iter().any(|(_, e)| e.call_id == a.call_id);
-                    if !ended || op_kind == Some("group_join") {
-                        dev.in_call.insert(a.call_id);
-                    }
+                ) && a.call_id != 0 =>
+            {
+                // Not yet in the view if the call already ended (busy...).
+                let ended = dev.ended.iter().any(|(_, e)| e.call_id == a.call_id);
+                if !ended || op_kind == Some("group_join") {
+                    dev.in_call.insert(a.call_id);
                 }
             }
             S::IncomingCall(inc) => {
@@ -771,18 +768,16 @@ impl Sim {
                     );
                 }
             }
-            S::SdpOffer(offer) => {
-                if dev.auto.answer_offers {
-                    self.request(
-                        name,
-                        C::SdpAnswer(pb::SdpAnswer {
-                            call_id: offer.call_id,
-                            session_id: offer.session_id,
-                            revision: offer.revision,
-                            sdp: "v=0 answer".into(),
-                        }),
-                    );
-                }
+            S::SdpOffer(offer) if dev.auto.answer_offers => {
+                self.request(
+                    name,
+                    C::SdpAnswer(pb::SdpAnswer {
+                        call_id: offer.call_id,
+                        session_id: offer.session_id,
+                        revision: offer.revision,
+                        sdp: "v=0 answer".into(),
+                    }),
+                );
             }
             S::CallEnded(e) => {
                 if !dev.in_call.remove(&e.call_id) {
