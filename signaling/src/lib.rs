@@ -1,9 +1,23 @@
 //! fleetcall-signaling: the control plane.
 //!
-//! - [`protocol`]: the browser room protocol (JSON over WebSocket).
-//! - [`pki`]: the installation CA and device enrollment (mTLS identities).
-//! - [`ws`]: the WebSocket transport driving the SFU for browsers.
+//! * [`pb`]: the wire protocol `fleetcall.v1`, generated from
+//!   `proto/fleetcall.proto` (the contract; see `PROTOCOL.md`).
+//! * [`wire`]: framing for the QUIC stream and the JSON form for WebSocket.
+//! * [`controller`]: the sans-IO owner of every device, session and call.
+//! * [`backoff`]: the client's reconnect backoff (full jitter, capped).
+//! * [`pki`]: the installation CA and device enrollment (mTLS identities).
+//! * [`protocol`]: the earlier browser room protocol, kept until the
+//!   WebSocket moves to `fleetcall.v1` (see `PROTOCOL.md`).
+//! * [`ws`]: the WebSocket transport driving the SFU for browsers.
 
+pub mod backoff;
+pub mod controller;
+mod error;
+pub mod ids;
+pub mod pb;
 pub mod pki;
 pub mod protocol;
+pub mod wire;
 pub mod ws;
+
+pub use error::Error;

@@ -1,0 +1,1288 @@
+//! The sans-IO control-plane controller: the one owner of every device,
+//! session and call.
+//!
+//! # Driving it
+//!
+//! ```text
+//! loop {
+//!     // one input, with the current time
+//!     ctl.handle_frame(now, conn, frame);        // or handle_connection_up/down,
+//!                                                //    handle_wire_error, handle_sfu,
+//!                                                //    handle_timeout
+//!     while let Some(out) = ctl.poll_output() {  // drain after every input
+//!         match out { Output::Send{..} => .., Output::Close{..} => .., Output::Sfu(cmd) => .. }
+//!     }
+//!     sleep_until(ctl.poll_timeout());           // then call handle_timeout(now)
+//! }
+//! ```
+//!
+//! Every `handle_*` first fires the timers due at or before `now`, so timers
+//! win ties against input in the same instant, and a driver that is late to
+//! call `handle_timeout` still sees a consistent state. Time never runs
+//! backwards inside: an earlier `now` is clamped to the latest seen.
+//!
+//! # Model
+//!
+//! * A **connection** ([`ConnId`]) carries one device identity, given by the
+//!   transport. Its first frame must be `Hello`.
+//! * A **session** ([`SessionId`]) is created by `Hello` and outlives its
+//!   connection for the resume grace. Each attachment to a connection gets a
+//!   fresh [`Epoch`]. One session per device: a fresh `Hello` ends the old one.
+//! * A **call** ([`CallId`]) has members: *invited* (alerted, not answered) or
+//!   *joined* (with a media participation, one SFU participant named by a
+//!   [`ParticipantKey`]). Its phase is live (inviting, ringing, connecting,
+//!   active) until it ends, once, with a reason; the ended state is absorbing
+//!   and kept as a tombstone for a while so late requests get consistent
+//!   answers.
+//!
+//! See `signaling/PROTOCOL.md` for the flows and the liveness rules.
+
+mod calls;
+mod media;
+mod sessions;
+pub mod sfu;
+mod stats;
+mod timers;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use rand::{SeedableRng, rngs::StdRng};
+use tracing::{debug, trace};
+
+pub use self::sfu::{SfuCommand, SfuNotice};
+pub use self::stats::{DurationHistogram, Stats, Transition};
+use self::timers::{LegTimer, Timer, TimerTable};
+use crate::Error;
+use crate::ids::{CallId, ConnId, DeviceId, Epoch, ParticipantKey, SessionId};
+use crate::pb::{
+    self, CallKind, CallPhase, CloseReason, EndReason, ErrorCode, ParticipantStatus, ServerFrame,
+    client_frame, server_frame,
+};
+
+/// Lowest protocol version this server speaks.
+pub const PROTOCOL_VERSION_MIN: u32 = 1;
+/// Highest protocol version this server speaks.
+pub const PROTOCOL_VERSION_MAX: u32 = 1;
+
+/// Longest software version string kept, in bytes.
+const MAX_SOFTWARE_VERSION: usize = 64;
+/// Longest group name, in bytes.
+const MAX_GROUP_NAME: usize = 64;
+
+/// Controller settings. Defaults follow the issue: heartbeat every 2 s,
+/// degraded after 2 missed, unreachable after 3, ring timeout 30 s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// Both sides send a heartbeat this often.
+    pub heartbeat_interval: Duration,
+    /// Missed heartbeats after which a device is `Degraded`.
+    pub degraded_after_missed: u32,
+    /// Missed heartbeats after which a device is `Unreachable`: its connection
+    /// is closed and its session detached.
+    pub unreachable_after_missed: u32,
+    /// How long a detached session waits for a resume.
+    pub resume_grace: Duration,
+    /// A new connection must send `Hello` within this time.
+    pub hello_timeout: Duration,
+    /// An invitation that is not answered within this time ends.
+    pub ring_timeout: Duration,
+    /// A joined device must send its media offer within this time.
+    pub offer_timeout: Duration,
+    /// The SFU must answer a join or a device offer within this time.
+    pub sfu_timeout: Duration,
+    /// Media must connect within this time after the join answer.
+    pub connect_timeout: Duration,
+    /// A device must answer a server offer within this time.
+    pub answer_timeout: Duration,
+    /// How long an ended call is remembered (idempotent late requests).
+    pub ended_call_retention: Duration,
+    /// Malformed/unknown frames tolerated per connection before closing it.
+    pub max_errors_per_connection: u32,
+    /// Replies remembered per session for duplicate `op_id`s.
+    pub op_cache_size: usize,
+    /// Bytes of session frames kept until the device acknowledges them
+    /// (`Heartbeat.ack_seq`), for replay after a resume. A session whose
+    /// buffer overflows cannot be resumed (the device is told
+    /// `SessionUnknown` and rejoins).
+    pub replay_limit_bytes: usize,
+    /// Members (joined + invited) per group call.
+    pub max_group_members: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            heartbeat_interval: Duration::from_secs(2),
+            degraded_after_missed: 2,
+            unreachable_after_missed: 3,
+            resume_grace: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(10),
+            ring_timeout: Duration::from_secs(30),
+            offer_timeout: Duration::from_secs(10),
+            sfu_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(15),
+            answer_timeout: Duration::from_secs(10),
+            ended_call_retention: Duration::from_secs(120),
+            max_errors_per_connection: 16,
+            op_cache_size: 64,
+            replay_limit_bytes: 256 * 1024,
+            max_group_members: 32,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the values for consistency.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.heartbeat_interval.is_zero() {
+            return Err(Error::InvalidConfig("heartbeat_interval must be > 0"));
+        }
+        if self.degraded_after_missed == 0
+            || self.unreachable_after_missed <= self.degraded_after_missed
+        {
+            return Err(Error::InvalidConfig(
+                "need 0 < degraded_after_missed < unreachable_after_missed",
+            ));
+        }
+        if self.op_cache_size == 0 || self.max_group_members < 2 {
+            return Err(Error::InvalidConfig(
+                "op_cache_size >= 1 and max_group_members >= 2",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Worst-case time from the moment a control stream stops moving until
+    /// the device is declared unreachable: `(unreachable_after_missed + 1)`
+    /// heartbeat intervals (the fault may strike just after an ack).
+    pub fn detection_bound(&self) -> Duration {
+        self.heartbeat_interval * (self.unreachable_after_missed + 1)
+    }
+}
+
+/// What the controller asks its driver to do.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Output {
+    /// Send a frame on a connection (binary on QUIC, JSON on WebSocket).
+    Send {
+        /// Target connection.
+        conn: ConnId,
+        /// The frame.
+        frame: ServerFrame,
+    },
+    /// Close a connection (after sending the frames queued before this).
+    /// The controller has already forgotten it; a later
+    /// `handle_connection_down` for it is ignored.
+    Close {
+        /// The connection.
+        conn: ConnId,
+        /// QUIC application close code / WebSocket close code 4000 + value.
+        reason: CloseReason,
+    },
+    /// A command for the SFU.
+    Sfu(SfuCommand),
+}
+
+/// Whether frames are known to move to and from a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reachability {
+    /// Heartbeats are acked.
+    Online,
+    /// Some heartbeats went unacked; the stream may be stuck.
+    Degraded,
+    /// No live connection (closed, or stuck and closed by us).
+    Unreachable,
+}
+
+/// One row of the device state table (admin API, CLI, metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeviceSnapshot {
+    /// The device.
+    pub id: DeviceId,
+    /// Current reachability.
+    pub reachability: Reachability,
+    /// When a heartbeat or heartbeat ack last arrived from it.
+    pub last_heartbeat: Option<Instant>,
+    /// Round-trip time of the last acked server heartbeat.
+    pub heartbeat_rtt: Option<Duration>,
+    /// The call it is in (invited or joined), if any.
+    pub call: Option<CallId>,
+    /// That call's phase.
+    pub call_phase: Option<CallPhase>,
+    /// Its control session(s); at most one in this version.
+    pub sessions: Vec<SessionId>,
+    /// Its SFU participants (media sessions).
+    pub participants: Vec<ParticipantKey>,
+    /// Software version from its last `Hello`.
+    pub version: String,
+    /// Last error seen on its connection or session.
+    pub last_error: Option<String>,
+}
+
+/// One call, for the admin API and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CallSnapshot {
+    /// The call.
+    pub id: CallId,
+    /// 1:1 or group.
+    pub kind: CallKind,
+    /// Current phase (`Ended` is terminal).
+    pub phase: CallPhase,
+    /// Why it ended.
+    pub end_reason: Option<EndReason>,
+    /// Caller (1:1) or owner (group).
+    pub initiator: DeviceId,
+    /// When it was created.
+    pub created_at: Instant,
+    /// When it ended.
+    pub ended_at: Option<Instant>,
+    /// Current members and their status.
+    pub members: Vec<(DeviceId, ParticipantStatus, Option<ParticipantKey>)>,
+}
+
+/// Gauges computed on demand.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Gauges {
+    /// Calls (live and remembered ended ones) by phase.
+    pub calls_by_phase: BTreeMap<CallPhase, u64>,
+    /// Known devices by reachability.
+    pub devices_by_reachability: BTreeMap<Reachability, u64>,
+    /// Open connections.
+    pub connections: u64,
+    /// Sessions, attached or detached.
+    pub sessions: u64,
+    /// Detached sessions waiting for a resume.
+    pub sessions_detached: u64,
+    /// SFU participants the controller believes exist.
+    pub sfu_participants: u64,
+    /// Armed timers.
+    pub timers: u64,
+}
+
+/// The controller. See the module docs.
+#[derive(Debug)]
+pub struct Controller {
+    config: Config,
+    rng: StdRng,
+    /// Origin of the millisecond timestamps in heartbeats.
+    origin: Instant,
+    /// Latest `now` seen; time is clamped to never run backwards.
+    last_now: Instant,
+    conns: BTreeMap<ConnId, Conn>,
+    devices: BTreeMap<DeviceId, Device>,
+    sessions: BTreeMap<SessionId, Session>,
+    calls: BTreeMap<CallId, Call>,
+    /// Every participant the controller has or may have in the SFU.
+    legs: BTreeMap<ParticipantKey, (CallId, DeviceId)>,
+    timers: TimerTable,
+    out: VecDeque<Output>,
+    next_session: u64,
+    next_call: u64,
+    next_epoch: u64,
+    stats: Stats,
+}
+
+#[derive(Debug)]
+struct Conn {
+    device: DeviceId,
+    state: ConnState,
+    errors: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    AwaitingHello,
+    Attached(SessionId),
+}
+
+#[derive(Debug)]
+struct Device {
+    session: Option<SessionId>,
+    version: String,
+    last_heartbeat: Option<Instant>,
+    rtt: Option<Duration>,
+    last_error: Option<String>,
+    reachability: Reachability,
+}
+
+#[derive(Debug)]
+struct Session {
+    device: DeviceId,
+    epoch: Epoch,
+    token: [u8; 16],
+    link: Link,
+    hb: Heartbeats,
+    /// Last moment both directions were proven (Hello or latest ack).
+    last_proof: Instant,
+    call: Option<CallId>,
+    /// Replies by op id, without their `seq`.
+    ops: VecDeque<(u64, ServerFrame)>,
+    /// Session frames not yet acknowledged by the device, in `seq` order.
+    replay: VecDeque<ServerFrame>,
+    replay_bytes: usize,
+    /// Frames were dropped from `replay`: the session cannot be resumed.
+    replay_overflow: bool,
+    /// `seq` of the next session frame.
+    next_seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Attached(ConnId),
+    Detached { since: Instant },
+}
+
+#[derive(Debug, Default)]
+struct Heartbeats {
+    /// Sequence number of the next heartbeat to send (the first is 1).
+    next_seq: u64,
+    /// Highest acked sequence number.
+    last_acked: u64,
+    /// Consecutive intervals whose heartbeat was not acked in time.
+    missed: u32,
+}
+
+#[derive(Debug)]
+struct Call {
+    kind: CallKindState,
+    phase: Phase,
+    created_at: Instant,
+    members: BTreeMap<DeviceId, Member>,
+    /// Everyone who was ever a member: may rejoin a live group, and gets
+    /// idempotent answers about an ended call.
+    former: BTreeSet<DeviceId>,
+}
+
+#[derive(Debug, Clone)]
+enum CallKindState {
+    Direct { caller: DeviceId, callee: DeviceId },
+    Group { owner: DeviceId, name: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Live(LivePhase),
+    Ended { reason: EndReason, at: Instant },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LivePhase {
+    Inviting,
+    Ringing,
+    Connecting,
+    Active,
+}
+
+impl LivePhase {
+    fn wire(self) -> CallPhase {
+        match self {
+            LivePhase::Inviting => CallPhase::Inviting,
+            LivePhase::Ringing => CallPhase::Ringing,
+            LivePhase::Connecting => CallPhase::Connecting,
+            LivePhase::Active => CallPhase::Active,
+        }
+    }
+}
+
+impl Phase {
+    fn wire(self) -> CallPhase {
+        match self {
+            Phase::Live(p) => p.wire(),
+            Phase::Ended { .. } => CallPhase::Ended,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Member {
+    session: SessionId,
+    state: MemberState,
+    /// Its session is detached; media goes on until the grace ends.
+    reconnecting: bool,
+}
+
+#[derive(Debug)]
+enum MemberState {
+    Invited,
+    Joined(Leg),
+}
+
+/// One device's media participation: one SFU participant.
+#[derive(Debug)]
+struct Leg {
+    key: ParticipantKey,
+    phase: LegPhase,
+    /// A `Join` was sent and no `JoinFailed`/`Removed` came back.
+    in_sfu: bool,
+    /// Revision of the device's joining offer, echoed in the answer.
+    join_revision: u64,
+    /// A server offer awaiting the device's answer: (revision, sdp).
+    server_offer: Option<(u64, String)>,
+    /// A device offer (ICE restart) awaiting the SFU's answer: its revision.
+    device_offer: Option<u64>,
+    next_revision: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LegPhase {
+    AwaitingOffer,
+    Joining,
+    Connecting,
+    Connected,
+}
+
+impl Member {
+    fn status(&self) -> ParticipantStatus {
+        match &self.state {
+            _ if self.reconnecting => ParticipantStatus::Reconnecting,
+            MemberState::Invited => ParticipantStatus::Invited,
+            MemberState::Joined(leg) if leg.phase == LegPhase::Connected => {
+                ParticipantStatus::Connected
+            }
+            MemberState::Joined(_) => ParticipantStatus::Joining,
+        }
+    }
+
+    fn leg(&self) -> Option<&Leg> {
+        match &self.state {
+            MemberState::Joined(leg) => Some(leg),
+            MemberState::Invited => None,
+        }
+    }
+
+    fn leg_mut(&mut self) -> Option<&mut Leg> {
+        match &mut self.state {
+            MemberState::Joined(leg) => Some(leg),
+            MemberState::Invited => None,
+        }
+    }
+}
+
+impl Call {
+    fn is_live(&self) -> bool {
+        matches!(self.phase, Phase::Live(_))
+    }
+
+    fn initiator(&self) -> &DeviceId {
+        match &self.kind {
+            CallKindState::Direct { caller, .. } => caller,
+            CallKindState::Group { owner, .. } => owner,
+        }
+    }
+
+    fn wire_kind(&self) -> CallKind {
+        match self.kind {
+            CallKindState::Direct { .. } => CallKind::Direct,
+            CallKindState::Group { .. } => CallKind::Group,
+        }
+    }
+}
+
+/// Why a call or a participation ends, and who caused it.
+#[derive(Debug, Clone)]
+struct Cause {
+    reason: EndReason,
+    by: Option<DeviceId>,
+    detail: String,
+    /// When the fault began, for the convergence histogram.
+    fault_at: Option<Instant>,
+}
+
+impl Cause {
+    fn new(reason: EndReason) -> Self {
+        Cause {
+            reason,
+            by: None,
+            detail: String::new(),
+            fault_at: None,
+        }
+    }
+
+    fn by(mut self, device: &DeviceId) -> Self {
+        self.by = Some(device.clone());
+        self
+    }
+
+    fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+
+    fn fault_at(mut self, at: Instant) -> Self {
+        self.fault_at = Some(at);
+        self
+    }
+}
+
+/// A refused request: becomes an `Error` reply.
+#[derive(Debug, Clone)]
+struct Reject {
+    code: ErrorCode,
+    message: String,
+    call_id: u64,
+}
+
+impl Reject {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Reject {
+            code,
+            message: message.into(),
+            call_id: 0,
+        }
+    }
+
+    fn call(mut self, call: u64) -> Self {
+        self.call_id = call;
+        self
+    }
+}
+
+type Handled = Result<u64, Reject>;
+
+impl Controller {
+    /// A controller starting at `now`. `seed` feeds the CSPRNG for resume
+    /// tokens: the driver passes OS entropy, tests a fixed seed.
+    pub fn new(config: Config, now: Instant, seed: [u8; 32]) -> Result<Self, Error> {
+        config.validate()?;
+        Ok(Controller {
+            config,
+            rng: StdRng::from_seed(seed),
+            origin: now,
+            last_now: now,
+            conns: BTreeMap::new(),
+            devices: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            calls: BTreeMap::new(),
+            legs: BTreeMap::new(),
+            timers: TimerTable::default(),
+            out: VecDeque::new(),
+            next_session: 1,
+            next_call: 1,
+            next_epoch: 1,
+            stats: Stats::default(),
+        })
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    // ---- inputs -----------------------------------------------------------
+
+    /// A transport connection came up, authenticated as `device`.
+    pub fn handle_connection_up(&mut self, now: Instant, conn: ConnId, device: DeviceId) {
+        let now = self.advance(now);
+        if self.conns.contains_key(&conn) {
+            // A driver bug; keep the first one.
+            debug!(%conn, "duplicate connection id ignored");
+            return;
+        }
+        debug!(%conn, %device, "connection up");
+        self.devices
+            .entry(device.clone())
+            .or_insert_with(|| Device {
+                session: None,
+                version: String::new(),
+                last_heartbeat: None,
+                rtt: None,
+                last_error: None,
+                reachability: Reachability::Unreachable,
+            });
+        self.conns.insert(
+            conn,
+            Conn {
+                device,
+                state: ConnState::AwaitingHello,
+                errors: 0,
+            },
+        );
+        self.timers
+            .set(Timer::Hello(conn), now + self.config.hello_timeout);
+    }
+
+    /// A transport connection went away (closed by the peer, timed out,
+    /// reset). `detail` is recorded as the device's last error.
+    pub fn handle_connection_down(&mut self, now: Instant, conn: ConnId, detail: &str) {
+        let now = self.advance(now);
+        let Some(c) = self.conns.remove(&conn) else {
+            trace!(%conn, "down for unknown connection");
+            return;
+        };
+        debug!(%conn, device = %c.device, detail, "connection down");
+        self.timers.cancel(Timer::Hello(conn));
+        if let ConnState::Attached(sid) = c.state {
+            let attached_here = self
+                .sessions
+                .get(&sid)
+                .is_some_and(|s| s.link == Link::Attached(conn));
+            if attached_here {
+                self.detach(now, sid, format!("connection lost: {detail}"));
+            }
+        }
+    }
+
+    /// A decoded frame arrived on `conn`.
+    pub fn handle_frame(&mut self, now: Instant, conn: ConnId, frame: pb::ClientFrame) {
+        let now = self.advance(now);
+        let Some(c) = self.conns.get(&conn) else {
+            trace!(%conn, "frame for unknown connection dropped");
+            return;
+        };
+        let state = c.state;
+        let op_id = frame.op_id;
+        match (state, frame.kind) {
+            (ConnState::AwaitingHello, Some(client_frame::Kind::Hello(hello))) => {
+                self.on_hello(now, conn, hello);
+            }
+            (ConnState::AwaitingHello, _) => {
+                self.send_error(
+                    conn,
+                    op_id,
+                    ErrorCode::NotRegistered,
+                    "first frame must be hello",
+                    0,
+                );
+                self.note_device_error(conn, "frame before hello");
+                self.close(conn, CloseReason::ProtocolError);
+            }
+            (ConnState::Attached(_), None) => {
+                self.send_error(
+                    conn,
+                    op_id,
+                    ErrorCode::UnknownMessage,
+                    "unknown message kind",
+                    0,
+                );
+                self.count_bad_frame(conn);
+            }
+            (ConnState::Attached(_), Some(client_frame::Kind::Hello(_))) => {
+                self.send_error(
+                    conn,
+                    op_id,
+                    ErrorCode::UnexpectedHello,
+                    "already registered",
+                    0,
+                );
+            }
+            (ConnState::Attached(sid), Some(client_frame::Kind::Heartbeat(hb))) => {
+                self.on_device_heartbeat(now, conn, sid, hb);
+            }
+            (ConnState::Attached(sid), Some(client_frame::Kind::HeartbeatAck(ack))) => {
+                self.on_heartbeat_ack(now, sid, ack);
+            }
+            (ConnState::Attached(sid), Some(kind)) => self.on_request(now, conn, sid, op_id, kind),
+        }
+    }
+
+    /// The connection's decoder failed (see [`crate::wire`]). Fatal errors
+    /// close the connection (the session detaches and may be resumed);
+    /// a malformed frame is answered with an error and counted.
+    pub fn handle_wire_error(&mut self, now: Instant, conn: ConnId, error: &Error) {
+        let now = self.advance(now);
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let state = c.state;
+        debug!(%conn, %error, "wire error");
+        self.send_error(conn, 0, error.error_code(), &error.to_string(), 0);
+        self.note_device_error(conn, &error.to_string());
+        if error.is_fatal() || state == ConnState::AwaitingHello {
+            self.close_and_detach(now, conn, error.close_reason(), &error.to_string());
+        } else {
+            self.count_bad_frame(conn);
+        }
+    }
+
+    /// A notice from the SFU.
+    pub fn handle_sfu(&mut self, now: Instant, notice: SfuNotice) {
+        let now = self.advance(now);
+        self.on_sfu_notice(now, notice);
+    }
+
+    /// Fires every timer due at or before `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.advance(now);
+    }
+
+    /// Server shutdown: every live call ends with `SERVER_SHUTDOWN`, every
+    /// connection is closed, every session is dropped (no resume).
+    pub fn handle_shutdown(&mut self, now: Instant) {
+        let now = self.advance(now);
+        let live: Vec<CallId> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.is_live())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in live {
+            self.end_call(now, id, Cause::new(EndReason::ServerShutdown));
+        }
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            self.close(conn, CloseReason::Shutdown);
+        }
+        let sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for sid in sessions {
+            self.terminate_session(now, sid, Cause::new(EndReason::ServerShutdown));
+        }
+    }
+
+    // ---- outputs ----------------------------------------------------------
+
+    /// The next thing to do; drain after every input.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When to call [`handle_timeout`](Self::handle_timeout) next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    // ---- observation ------------------------------------------------------
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Gauges, computed now.
+    pub fn gauges(&self) -> Gauges {
+        let mut g = Gauges::default();
+        for call in self.calls.values() {
+            *g.calls_by_phase.entry(call.phase.wire()).or_default() += 1;
+        }
+        for id in self.devices.keys() {
+            let r = self.reachability_of(id);
+            *g.devices_by_reachability.entry(r).or_default() += 1;
+        }
+        g.connections = self.conns.len() as u64;
+        g.sessions = self.sessions.len() as u64;
+        g.sessions_detached = self
+            .sessions
+            .values()
+            .filter(|s| matches!(s.link, Link::Detached { .. }))
+            .count() as u64;
+        g.sfu_participants = self.legs.len() as u64;
+        g.timers = self.timers.len() as u64;
+        g
+    }
+
+    /// One device's row of the state table.
+    pub fn device(&self, id: &DeviceId) -> Option<DeviceSnapshot> {
+        let d = self.devices.get(id)?;
+        let session = d
+            .session
+            .and_then(|sid| self.sessions.get(&sid).map(|s| (sid, s)));
+        let call = session.and_then(|(_, s)| s.call);
+        let participants = self
+            .legs
+            .iter()
+            .filter(|(_, (_, dev))| dev == id)
+            .map(|(key, _)| *key)
+            .collect();
+        Some(DeviceSnapshot {
+            id: id.clone(),
+            reachability: self.reachability_of(id),
+            last_heartbeat: d.last_heartbeat,
+            heartbeat_rtt: d.rtt,
+            call,
+            call_phase: call
+                .and_then(|c| self.calls.get(&c))
+                .map(|c| c.phase.wire()),
+            sessions: session.map(|(sid, _)| sid).into_iter().collect(),
+            participants,
+            version: d.version.clone(),
+            last_error: d.last_error.clone(),
+        })
+    }
+
+    /// The whole device state table, ordered by id.
+    pub fn devices(&self) -> Vec<DeviceSnapshot> {
+        self.devices
+            .keys()
+            .filter_map(|id| self.device(id))
+            .collect()
+    }
+
+    /// One call (live, or ended and still remembered).
+    pub fn call(&self, id: CallId) -> Option<CallSnapshot> {
+        let c = self.calls.get(&id)?;
+        let (end_reason, ended_at) = match c.phase {
+            Phase::Ended { reason, at } => (Some(reason), Some(at)),
+            Phase::Live(_) => (None, None),
+        };
+        Some(CallSnapshot {
+            id,
+            kind: c.wire_kind(),
+            phase: c.phase.wire(),
+            end_reason,
+            initiator: c.initiator().clone(),
+            created_at: c.created_at,
+            ended_at,
+            members: c
+                .members
+                .iter()
+                .map(|(d, m)| (d.clone(), m.status(), m.leg().map(|l| l.key)))
+                .collect(),
+        })
+    }
+
+    /// All calls the controller holds, ordered by id.
+    pub fn calls(&self) -> Vec<CallSnapshot> {
+        self.calls.keys().filter_map(|id| self.call(*id)).collect()
+    }
+
+    /// The SFU participants the controller believes exist, with their call.
+    pub fn sfu_participants(&self) -> Vec<(ParticipantKey, CallId)> {
+        self.legs.iter().map(|(k, (c, _))| (*k, *c)).collect()
+    }
+
+    /// Checks the controller's internal invariants at `now` and lists every
+    /// violation (empty when healthy). For tests and debug assertions.
+    pub fn audit(&self, now: Instant) -> Vec<String> {
+        let mut bad = Vec::new();
+        for (id, call) in &self.calls {
+            match call.phase {
+                Phase::Ended { .. } if !call.members.is_empty() => {
+                    bad.push(format!("{id} ended but has members"));
+                }
+                Phase::Live(LivePhase::Inviting | LivePhase::Ringing)
+                    if now.saturating_duration_since(call.created_at)
+                        >= self.config.ring_timeout =>
+                {
+                    bad.push(format!("{id} still ringing after the ring timeout"));
+                }
+                _ => {}
+            }
+            for (dev, m) in &call.members {
+                match self.sessions.get(&m.session) {
+                    None => bad.push(format!("{id}: member {dev} has no session")),
+                    Some(s) if s.device != *dev || s.call != Some(*id) => {
+                        bad.push(format!(
+                            "{id}: member {dev} session disagrees ({:?})",
+                            s.call
+                        ));
+                    }
+                    Some(_) => {}
+                }
+                if let Some(leg) = m.leg()
+                    && self.legs.get(&leg.key) != Some(&(*id, dev.clone()))
+                {
+                    bad.push(format!("{id}: leg {} of {dev} not indexed", leg.key));
+                }
+                if let CallKindState::Direct { caller, callee } = &call.kind
+                    && dev != caller
+                    && dev != callee
+                {
+                    bad.push(format!("{id}: stranger {dev} in a 1:1 call"));
+                }
+                // No waiting state without a deadline: nothing can get stuck.
+                let attached = self
+                    .sessions
+                    .get(&m.session)
+                    .is_some_and(|s| matches!(s.link, Link::Attached(_)));
+                let mut need = Vec::new();
+                match &m.state {
+                    MemberState::Invited => need.push(Timer::Ring(*id, m.session)),
+                    MemberState::Joined(leg) => {
+                        let phase_timer = match leg.phase {
+                            LegPhase::AwaitingOffer => Some(LegTimer::Offer),
+                            LegPhase::Joining => Some(LegTimer::SfuJoin),
+                            LegPhase::Connecting => Some(LegTimer::Connect),
+                            LegPhase::Connected => None,
+                        };
+                        need.extend(phase_timer.map(|t| Timer::Leg(leg.key, t)));
+                        if leg.server_offer.is_some() && attached {
+                            need.push(Timer::Leg(leg.key, LegTimer::Answer));
+                        }
+                        if leg.device_offer.is_some() {
+                            need.push(Timer::Leg(leg.key, LegTimer::SfuAnswer));
+                        }
+                    }
+                }
+                for t in need {
+                    if self.timers.get(t).is_none() {
+                        bad.push(format!("{id}: {dev} waits without a deadline ({t:?})"));
+                    }
+                }
+            }
+        }
+        for (key, (call, dev)) in &self.legs {
+            let ok = self.calls.get(call).is_some_and(|c| {
+                c.is_live()
+                    && c.members
+                        .get(dev)
+                        .and_then(|m| m.leg())
+                        .is_some_and(|l| l.key == *key)
+            });
+            if !ok {
+                bad.push(format!("participant {key} has no live call member"));
+            }
+        }
+        for (sid, s) in &self.sessions {
+            if let Some(call) = s.call
+                && !self.calls.get(&call).is_some_and(|c| {
+                    c.is_live() && c.members.get(&s.device).is_some_and(|m| m.session == *sid)
+                })
+            {
+                bad.push(format!("{sid} points at {call} which does not hold it"));
+            }
+            match s.link {
+                Link::Detached { since } => {
+                    if now.saturating_duration_since(since) >= self.config.resume_grace {
+                        bad.push(format!("{sid} detached longer than the grace"));
+                    }
+                    if self.timers.get(Timer::ResumeGrace(*sid, s.epoch)).is_none() {
+                        bad.push(format!("{sid} detached without a grace deadline"));
+                    }
+                }
+                Link::Attached(conn) => {
+                    if self.conns.get(&conn).map(|c| c.state) != Some(ConnState::Attached(*sid)) {
+                        bad.push(format!("{sid} attached to {conn} which does not know it"));
+                    }
+                    if self.timers.get(Timer::Heartbeat(*sid, s.epoch)).is_none() {
+                        bad.push(format!("{sid} attached without a heartbeat deadline"));
+                    }
+                }
+            }
+            if self.devices.get(&s.device).and_then(|d| d.session) != Some(*sid) {
+                bad.push(format!("{sid} is not its device's session"));
+            }
+        }
+        for (conn, c) in &self.conns {
+            if c.state == ConnState::AwaitingHello && self.timers.get(Timer::Hello(*conn)).is_none()
+            {
+                bad.push(format!("{conn} awaits hello without a deadline"));
+            }
+        }
+        bad
+    }
+
+    // ---- shared internals -------------------------------------------------
+
+    /// Clamps time and fires every due timer.
+    fn advance(&mut self, now: Instant) -> Instant {
+        let now = now.max(self.last_now);
+        self.last_now = now;
+        while let Some(timer) = self.timers.pop_due(now) {
+            self.on_timer(now, timer);
+        }
+        now
+    }
+
+    fn on_timer(&mut self, now: Instant, timer: Timer) {
+        trace!(?timer, "timer");
+        match timer {
+            Timer::Hello(conn) => {
+                if self
+                    .conns
+                    .get(&conn)
+                    .is_some_and(|c| c.state == ConnState::AwaitingHello)
+                {
+                    self.note_device_error(conn, "no hello in time");
+                    self.close(conn, CloseReason::HelloTimeout);
+                }
+            }
+            Timer::Heartbeat(sid, epoch) => self.on_heartbeat_timer(now, sid, epoch),
+            Timer::ResumeGrace(sid, epoch) => self.on_grace_timer(now, sid, epoch),
+            Timer::Ring(call, sid) => self.on_ring_timer(now, call, sid),
+            Timer::Leg(key, which) => self.on_leg_timer(now, key, which),
+            Timer::ForgetCall(call) => {
+                if self.calls.get(&call).is_some_and(|c| !c.is_live()) {
+                    self.calls.remove(&call);
+                }
+            }
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        sid: SessionId,
+        op_id: u64,
+        kind: client_frame::Kind,
+    ) {
+        use client_frame::Kind as K;
+        if op_id == 0 {
+            self.send_error(
+                conn,
+                0,
+                ErrorCode::MissingOpId,
+                "requests need a non-zero op_id",
+                0,
+            );
+            self.count_bad_frame(conn);
+            return;
+        }
+        let cached = self.sessions.get(&sid).and_then(|s| {
+            s.ops
+                .iter()
+                .find(|(op, _)| *op == op_id)
+                .map(|(_, f)| f.clone())
+        });
+        if let Some(frame) = cached {
+            self.stats.duplicate_requests += 1;
+            debug!(%sid, op_id, "duplicate request answered from cache");
+            self.deliver(sid, frame, None);
+            return;
+        }
+        // The reply goes before every event the request causes, in the
+        // output queue and in `seq` order.
+        let mark = self.out.len();
+        let Some(reply_seq) = self.sessions.get_mut(&sid).map(|s| {
+            s.next_seq += 1;
+            s.next_seq - 1
+        }) else {
+            return;
+        };
+        let result = match kind {
+            K::Invite(m) => self.on_invite(now, sid, m),
+            K::Ringing(m) => self.on_ringing(now, sid, m.call_id),
+            K::Accept(m) => self.on_accept(now, sid, m.call_id),
+            K::Decline(m) => self.on_decline(now, sid, m.call_id),
+            K::Cancel(m) => self.on_cancel(now, sid, m.call_id),
+            K::Hangup(m) => self.on_hangup(now, sid, m.call_id),
+            K::GroupCreate(m) => self.on_group_create(now, sid, m),
+            K::GroupInvite(m) => self.on_group_invite(now, sid, m),
+            K::GroupJoin(m) => self.on_group_join(now, sid, m.call_id),
+            K::GroupLeave(m) => self.on_group_leave(now, sid, m.call_id),
+            K::GroupEnd(m) => self.on_group_end(now, sid, m.call_id),
+            K::SdpOffer(m) => self.on_sdp_offer(now, sid, m),
+            K::SdpAnswer(m) => self.on_sdp_answer(now, sid, m),
+            K::IceRestart(m) => self.on_ice_restart(now, sid, m),
+            K::Hello(_) | K::Heartbeat(_) | K::HeartbeatAck(_) => {
+                // Dispatched in handle_frame; cannot reach here.
+                Err(Reject::new(ErrorCode::InvalidState, "not a request"))
+            }
+        };
+        let reply = match result {
+            Ok(call_id) => ServerFrame {
+                reply_to: op_id,
+                seq: 0,
+                kind: Some(server_frame::Kind::Ack(pb::Ack { call_id })),
+            },
+            Err(rej) => {
+                debug!(%sid, op_id, code = ?rej.code, message = %rej.message, "request refused");
+                *self.stats.errors_sent.entry(rej.code).or_default() += 1;
+                ServerFrame {
+                    reply_to: op_id,
+                    seq: 0,
+                    kind: Some(server_frame::Kind::Error(pb::Error {
+                        code: rej.code as i32,
+                        message: rej.message,
+                        call_id: rej.call_id,
+                    })),
+                }
+            }
+        };
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            if s.ops.len() >= self.config.op_cache_size {
+                s.ops.pop_front();
+            }
+            s.ops.push_back((op_id, reply.clone()));
+        }
+        let _ = conn; // the session is attached to `conn`; deliver sends there
+        self.deliver(sid, reply, Some((mark, reply_seq)));
+    }
+
+    /// Sends a frame on a connection (no caching, no session involved).
+    fn send(&mut self, conn: ConnId, reply_to: u64, kind: server_frame::Kind) {
+        self.out.push_back(Output::Send {
+            conn,
+            frame: ServerFrame {
+                reply_to,
+                seq: 0,
+                kind: Some(kind),
+            },
+        });
+    }
+
+    fn send_error(&mut self, conn: ConnId, reply_to: u64, code: ErrorCode, msg: &str, call: u64) {
+        *self.stats.errors_sent.entry(code).or_default() += 1;
+        self.send(
+            conn,
+            reply_to,
+            server_frame::Kind::Error(pb::Error {
+                code: code as i32,
+                message: msg.into(),
+                call_id: call,
+            }),
+        );
+    }
+
+    /// Pushes an event to a session.
+    fn push(&mut self, sid: SessionId, kind: server_frame::Kind) {
+        self.deliver(
+            sid,
+            ServerFrame {
+                reply_to: 0,
+                seq: 0,
+                kind: Some(kind),
+            },
+            None,
+        );
+    }
+
+    /// Delivers a session frame: numbers it (or uses the reserved `seq`),
+    /// keeps it for replay until acknowledged, and sends it if the session
+    /// is attached. With `at`, the send is placed at that position of the
+    /// output queue (a reply goes before the events its request caused).
+    fn deliver(&mut self, sid: SessionId, mut frame: ServerFrame, at: Option<(usize, u64)>) {
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        frame.seq = match at {
+            Some((_, seq)) => seq,
+            None => {
+                let seq = s.next_seq;
+                s.next_seq += 1;
+                seq
+            }
+        };
+        if !s.replay_overflow {
+            let len = prost::Message::encoded_len(&frame);
+            if s.replay_bytes + len > self.config.replay_limit_bytes {
+                debug!(%sid, "replay buffer full: session no longer resumable");
+                s.replay_overflow = true;
+                s.replay.clear();
+                s.replay_bytes = 0;
+            } else {
+                let pos = s.replay.partition_point(|f| f.seq < frame.seq);
+                s.replay.insert(pos, frame.clone());
+                s.replay_bytes += len;
+            }
+        }
+        if let Link::Attached(conn) = s.link {
+            let out = Output::Send { conn, frame };
+            match at {
+                Some((mark, _)) => self.out.insert(mark, out),
+                None => self.out.push_back(out),
+            }
+        }
+    }
+
+    /// Forgets a connection and tells the driver to close it.
+    fn close(&mut self, conn: ConnId, reason: CloseReason) {
+        if self.conns.remove(&conn).is_none() {
+            return;
+        }
+        debug!(%conn, ?reason, "closing connection");
+        self.timers.cancel(Timer::Hello(conn));
+        *self.stats.connections_closed.entry(reason).or_default() += 1;
+        self.out.push_back(Output::Close { conn, reason });
+    }
+
+    /// Closes a connection and detaches the session attached to it, if any.
+    fn close_and_detach(&mut self, now: Instant, conn: ConnId, reason: CloseReason, detail: &str) {
+        let state = self.conns.get(&conn).map(|c| c.state);
+        self.close(conn, reason);
+        if let Some(ConnState::Attached(sid)) = state
+            && self
+                .sessions
+                .get(&sid)
+                .is_some_and(|s| s.link == Link::Attached(conn))
+        {
+            self.detach(now, sid, detail.to_string());
+        }
+    }
+
+    fn count_bad_frame(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.errors += 1;
+        if c.errors > self.config.max_errors_per_connection {
+            self.send_error(conn, 0, ErrorCode::TooManyErrors, "too many bad frames", 0);
+            self.note_device_error(conn, "too many bad frames");
+            let now = self.last_now;
+            self.close_and_detach(now, conn, CloseReason::TooManyErrors, "too many bad frames");
+        }
+    }
+
+    fn note_device_error(&mut self, conn: ConnId, detail: &str) {
+        if let Some(c) = self.conns.get(&conn)
+            && let Some(d) = self.devices.get_mut(&c.device)
+        {
+            d.last_error = Some(detail.to_string());
+        }
+    }
+
+    fn alloc_epoch(&mut self) -> Epoch {
+        let e = Epoch(self.next_epoch);
+        self.next_epoch += 1;
+        e
+    }
+
+    fn reachability_of(&self, device: &DeviceId) -> Reachability {
+        let Some(sid) = self.devices.get(device).and_then(|d| d.session) else {
+            return Reachability::Unreachable;
+        };
+        match self.sessions.get(&sid) {
+            Some(s) => match s.link {
+                Link::Detached { .. } => Reachability::Unreachable,
+                Link::Attached(_) if s.hb.missed >= self.config.degraded_after_missed => {
+                    Reachability::Degraded
+                }
+                Link::Attached(_) => Reachability::Online,
+            },
+            None => Reachability::Unreachable,
+        }
+    }
+
+    /// Records a reachability change of `device`, if there was one.
+    fn update_reachability(&mut self, device: &DeviceId) {
+        let now_r = self.reachability_of(device);
+        let Some(d) = self.devices.get_mut(device) else {
+            return;
+        };
+        if d.reachability != now_r {
+            debug!(%device, from = ?d.reachability, to = ?now_r, "reachability");
+            *self
+                .stats
+                .reachability_changes
+                .entry((d.reachability, now_r))
+                .or_default() += 1;
+            d.reachability = now_r;
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid_and_bound_is_four_intervals() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.detection_bound(), Duration::from_secs(8));
+        let bad = Config {
+            unreachable_after_missed: 2,
+            ..Config::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("aé", 2), "a");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}
