@@ -41,10 +41,11 @@ pub mod meters;
 pub mod packet;
 mod pipeline;
 mod protect;
+mod signal;
 
 pub use error::DspError;
 pub use meters::TrackMeters;
-pub use pipeline::{Input, InputError, Pipeline, PipelineConfig, Processed};
+pub use pipeline::{EncoderMode, Input, InputError, Pipeline, PipelineConfig, Processed};
 pub use protect::Protection;
 
 /// The one sample rate of the pipeline (Opus in WebRTC, and RNNoise).

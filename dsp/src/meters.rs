@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use crate::BLOCK_SAMPLES;
+use crate::signal::MinTracker;
 
 /// The level reported for digital silence.
 pub const SILENCE_DBFS: f32 = -120.0;
@@ -30,8 +31,8 @@ pub struct SignalStats {
     pub rms_dbfs: f32,
     /// Highest absolute sample over the last one to two seconds.
     pub peak_dbfs: f32,
-    /// Estimated background noise level (minimum tracking of the smoothed block
-    /// power; rises at most 3 dB per second, falls at once).
+    /// Estimated background noise level: the minimum of the 50 ms block power
+    /// over the last three seconds (falls at once, rises within three seconds).
     pub noise_floor_dbfs: f32,
     /// Level of the blocks judged to be speech, smoothed over a few seconds.
     pub speech_level_dbfs: f32,
@@ -95,6 +96,8 @@ pub struct SuppressionStats {
     /// Gain applied before RNNoise (and removed after) to lift quiet talkers into
     /// the level range the model was trained on.
     pub pre_gain_db: f32,
+    /// The speech-to-noise estimate the limit follows (0 until speech is heard).
+    pub snr_db: f32,
 }
 
 /// Packet and frame counters.
@@ -193,20 +196,35 @@ pub(crate) fn power_dbfs(power: f32) -> f32 {
 
 /// Blocks in one peak-hold window (one second).
 const PEAK_WINDOW_BLOCKS: u32 = 100;
-/// Noise floor rise limit per block: 3 dB per second.
-const FLOOR_RISE_PER_BLOCK: f32 = 1.006_932;
+/// Noise floor tracking sub-window: half a second (six make the window).
+const FLOOR_SUB_WINDOW_BLOCKS: u32 = 50;
 
 /// Keeps the running state behind one [`SignalStats`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct SignalMeter {
     pub(crate) stats: SignalStats,
     power: f32,
     short_power: f32,
-    floor: Option<f32>,
+    floor: MinTracker,
     speech_power: Option<f32>,
     peak_now: f32,
     peak_before: f32,
     window_blocks: u32,
+}
+
+impl Default for SignalMeter {
+    fn default() -> Self {
+        Self {
+            stats: SignalStats::default(),
+            power: 0.0,
+            short_power: 0.0,
+            floor: MinTracker::new(FLOOR_SUB_WINDOW_BLOCKS),
+            speech_power: None,
+            peak_now: 0.0,
+            peak_before: 0.0,
+            window_blocks: 0,
+        }
+    }
 }
 
 impl SignalMeter {
@@ -229,15 +247,16 @@ impl SignalMeter {
     }
 
     fn update_levels(&mut self, block_power: f32, peak: f32, speech: bool) {
+        if self.stats.samples == 0 {
+            // Start the averages at the first block rather than at silence.
+            self.power = block_power;
+            self.short_power = block_power;
+        }
         self.power += ema_alpha(1.0) * (block_power - self.power);
         // The floor follows a 50 ms average so one quiet block among noisy ones
         // does not drag it down.
         self.short_power += ema_alpha(0.05) * (block_power - self.short_power);
-        let floor = match self.floor {
-            None => block_power,
-            Some(floor) => self.short_power.min(floor * FLOOR_RISE_PER_BLOCK),
-        };
-        self.floor = Some(floor);
+        let floor = self.floor.update(self.short_power);
         if speech {
             let speech_power = self.speech_power.unwrap_or(block_power);
             self.speech_power = Some(speech_power + ema_alpha(3.0) * (block_power - speech_power));

@@ -30,11 +30,28 @@ pub enum Mode {
     Celt,
 }
 
+/// Audio bandwidth a packet codes (RFC 6716 section 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Bandwidth {
+    /// 4 kHz.
+    Narrow,
+    /// 6 kHz.
+    Medium,
+    /// 8 kHz.
+    Wide,
+    /// 12 kHz.
+    SuperWide,
+    /// 20 kHz.
+    Full,
+}
+
 /// What the TOC byte and frame count say about a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PacketInfo {
     /// Coding mode of every frame in the packet.
     pub mode: Mode,
+    /// Coded audio bandwidth.
+    pub bandwidth: Bandwidth,
     /// Samples per channel in one frame, at 48 kHz.
     pub frame_samples: usize,
     /// Frames in the packet (1..=48).
@@ -77,6 +94,13 @@ pub fn inspect(payload: &[u8]) -> Result<PacketInfo, PacketError> {
         12..=15 => (Mode::Hybrid, [100, 200][usize::from(config % 2)]),
         _ => (Mode::Celt, [25, 50, 100, 200][usize::from(config % 4)]),
     };
+    let bandwidth = match config {
+        0..=3 | 16..=19 => Bandwidth::Narrow,
+        4..=7 => Bandwidth::Medium,
+        8..=11 | 20..=23 => Bandwidth::Wide,
+        12..=13 | 24..=27 => Bandwidth::SuperWide,
+        _ => Bandwidth::Full,
+    };
     let frame_samples = SAMPLE_RATE as usize * frame_tenths_ms / 10_000;
     let frames = match toc & 0b11 {
         0 => 1,
@@ -97,6 +121,7 @@ pub fn inspect(payload: &[u8]) -> Result<PacketInfo, PacketError> {
     }
     Ok(PacketInfo {
         mode,
+        bandwidth,
         frame_samples,
         frames,
         stereo: toc & 0b100 != 0,
@@ -209,6 +234,7 @@ mod tests {
         assert_eq!((hybrid.mode, hybrid.samples(), hybrid.stereo), (Mode::Hybrid, 480, true));
         let celt = inspect(&[(28 << 3), 1, 2]).unwrap();
         assert_eq!((celt.mode, celt.samples()), (Mode::Celt, 120));
+        assert_eq!((silk.bandwidth, hybrid.bandwidth, celt.bandwidth), (Bandwidth::Wide, Bandwidth::Full, Bandwidth::Full));
     }
 
     #[test]

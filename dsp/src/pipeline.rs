@@ -27,6 +27,17 @@ const WARMUP_BLOCKS: u32 = 3;
 /// Durations (samples per channel) the Opus encoder can code in one call.
 const ENCODER_DURATIONS: [usize; 9] = [120, 240, 480, 960, 1920, 2880, 3840, 4800, 5760];
 
+/// Which Opus coder the pipeline's encoder uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncoderMode {
+    /// SILK or hybrid, as a VoIP client would: in-band FEC possible, 6.5 ms
+    /// look-ahead, costlier per frame.
+    Voip,
+    /// CELT only (libopus' restricted low-delay mode): 2.5 ms look-ahead and
+    /// about a third of the encoder CPU, but no in-band FEC.
+    LowDelay,
+}
+
 /// How a pipeline encodes and suppresses. The sample rate is always 48 kHz,
 /// the rate WebRTC negotiates for Opus and the rate RNNoise runs at.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,6 +54,8 @@ pub struct PipelineConfig {
     pub dtx: bool,
     /// Opus encoder complexity, 0-10: CPU against quality.
     pub complexity: u8,
+    /// The coder used for the output.
+    pub encoder_mode: EncoderMode,
     /// Output bit rate in bits per second (6000-510000).
     pub bitrate: u32,
     /// Whether noise suppression starts on (see [`Pipeline::set_suppression`]).
@@ -59,6 +72,7 @@ impl Default for PipelineConfig {
             expected_loss_percent: 10,
             dtx: false,
             complexity: 5,
+            encoder_mode: EncoderMode::Voip,
             bitrate: 32_000,
             suppression: true,
             protection: Protection::default(),
@@ -178,6 +192,8 @@ pub struct Pipeline {
     decoded: Vec<f32>,
     /// Interleaved samples for the encoder in libopus' float scale.
     encode_in: Vec<f32>,
+    /// Scratch: the channels' mean, for the protection of stereo tracks.
+    mono: Vec<f32>,
     /// Pre-gain of the last two blocks, to undo it on RNNoise's delayed output.
     gains: [f32; 2],
     /// Share of input kept, for the previous block (ramped per sample).
@@ -190,6 +206,9 @@ pub struct Pipeline {
     /// Zero samples inserted to serve packets shorter than a block.
     padding: usize,
     lookahead: usize,
+    /// The bandwidth the encoder is capped at: that of the input, since the
+    /// decoded audio has nothing above it and bits spent there are lost.
+    bandwidth: Option<packet::Bandwidth>,
     meters: TrackMeters,
     input_meter: SignalMeter,
     output_meter: SignalMeter,
@@ -214,8 +233,15 @@ impl Pipeline {
         if config.expected_loss_percent > 100 {
             return Err(DspError::InvalidConfig("expected_loss_percent must be 0..=100"));
         }
+        let application = match config.encoder_mode {
+            EncoderMode::Voip => Application::Voip,
+            EncoderMode::LowDelay if config.fec => {
+                return Err(DspError::InvalidConfig("in-band FEC needs EncoderMode::Voip"));
+            }
+            EncoderMode::LowDelay => Application::LowDelay,
+        };
         let decoder = Decoder::new(SampleRate::Hz48000, channels)?;
-        let mut encoder = Encoder::new(SampleRate::Hz48000, channels, Application::Voip)?;
+        let mut encoder = Encoder::new(SampleRate::Hz48000, channels, application)?;
         encoder.set_signal(Signal::Voice)?;
         encoder.set_bitrate(Bitrate::BitsPerSecond(config.bitrate as i32))?;
         encoder.set_encoder_ctl_request(
@@ -243,12 +269,14 @@ impl Pipeline {
             },
             decoded: vec![0.0; MAX_PACKET_SAMPLES * n],
             encode_in: vec![0.0; MAX_PACKET_SAMPLES * n],
+            mono: vec![0.0; BLOCK_SAMPLES],
             gains: [1.0; 2],
             mix: 0.0,
             last_vad: 0.0,
             last_samples: SAMPLE_RATE as usize / 50,
             padding: 0,
             lookahead,
+            bandwidth: None,
             meters,
             input_meter: SignalMeter::default(),
             output_meter: SignalMeter::default(),
@@ -305,6 +333,9 @@ impl Pipeline {
             _ => return self.conceal(info.samples(), InputError::Corrupt, out),
         }
         let input = if info.dtx { Input::Dtx } else { Input::Decoded };
+        if !info.dtx && self.bandwidth != Some(info.bandwidth) {
+            self.follow_bandwidth(info.bandwidth);
+        }
         self.run(info.samples(), input, error, out)
     }
 
@@ -387,6 +418,22 @@ impl Pipeline {
     /// The same delay in samples at 48 kHz.
     pub fn latency_samples(&self) -> usize {
         BLOCK_SAMPLES + self.lookahead + self.padding
+    }
+
+    fn follow_bandwidth(&mut self, bandwidth: packet::Bandwidth) {
+        use audiopus::Bandwidth as Opus;
+        let cap = match bandwidth {
+            packet::Bandwidth::Narrow => Opus::Narrowband,
+            packet::Bandwidth::Medium => Opus::Mediumband,
+            packet::Bandwidth::Wide => Opus::Wideband,
+            packet::Bandwidth::SuperWide => Opus::Superwideband,
+            packet::Bandwidth::Full => Opus::Fullband,
+        };
+        // A failed cap only costs efficiency; keep the old one and try again on
+        // the next packet.
+        if self.encoder.set_max_bandwidth(cap).is_ok() {
+            self.bandwidth = Some(bandwidth);
+        }
     }
 
     fn count_error(&mut self, error: InputError) {
@@ -531,7 +578,16 @@ impl Pipeline {
             crate::meters::power_dbfs(input_power) > floor + 6.0
         };
         let mix_start = self.mix;
-        let mix_end = if run_rnnoise { self.protector.update(vad, input_power) } else { 1.0 };
+        let mix_end = if !run_rnnoise {
+            1.0
+        } else if let [mono] = &self.channels[..] {
+            self.protector.update(vad, &mono.pending_in[..BLOCK_SAMPLES], input_power)
+        } else {
+            for (i, m) in self.mono.iter_mut().enumerate() {
+                *m = self.channels.iter().map(|path| path.pending_in[i]).sum::<f32>() / self.channels.len() as f32;
+            }
+            self.protector.update(vad, &self.mono, input_power)
+        };
         self.mix = mix_end;
         self.gains = [gain_last, gain_now];
 
@@ -566,6 +622,7 @@ impl Pipeline {
         meters.suppression.attenuation_db = attenuation;
         meters.suppression.limit_db = if run_rnnoise { self.protector.limit_db() } else { 0.0 };
         meters.suppression.pre_gain_db = 20.0 * gain_now.log10();
+        meters.suppression.snr_db = self.protector.snr_db().unwrap_or(0.0);
     }
 }
 
