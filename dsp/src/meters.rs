@@ -15,10 +15,13 @@ use crate::signal::MinTracker;
 /// The level reported for digital silence.
 pub const SILENCE_DBFS: f32 = -120.0;
 
-/// A sample at or above this fraction of full scale counts as clipped. Opus
-/// reconstructs a clipped waveform with small ripple around full scale, so the
-/// threshold sits just below it (-0.09 dBFS).
-pub const CLIP_LEVEL: f32 = 0.99;
+/// A sample at or above this fraction of full scale (-0.5 dBFS) counts as
+/// clipped. The meters see decoded audio: Opus rebuilds a clipped waveform's
+/// flat tops with ripple, so the source's exact clipped fraction cannot be
+/// recovered, and a threshold right at full scale would miss most of it. Half a
+/// dB below catches about half of a hard-clipped sine's flat tops, while a clean
+/// sine peaking at -1 dBFS reads well under 1 %.
+pub const CLIP_LEVEL: f32 = 0.944;
 
 /// Full scale in the sample unit used inside the pipeline (16-bit range, which is
 /// what RNNoise expects).
@@ -348,7 +351,7 @@ mod tests {
         let mut block = vec![0.5 * FULL_SCALE; BLOCK_SAMPLES];
         block[..48].fill(FULL_SCALE);
         block[48..60].fill(-FULL_SCALE);
-        block[60] = 0.989 * FULL_SCALE;
+        block[60] = 0.943 * FULL_SCALE;
         meter.update(&block, false);
         assert_eq!(meter.stats.clipped_samples, 60);
         assert!((meter.stats.clipping_ratio() - 0.125).abs() < 1e-9);

@@ -316,10 +316,9 @@ impl Pipeline {
             self.count_error(InputError::ChannelMismatch);
         }
         let error = mismatch.then_some(InputError::ChannelMismatch);
-        self.last_samples = info.samples();
-
         if info.dtx {
             self.meters.packets.dtx += 1;
+            self.last_samples = info.samples();
             if self.config.dtx {
                 // Nothing to hear: pass DTX on without decoding or encoding.
                 packet::write_dtx(payload, self.config.channels == 2, out);
@@ -329,8 +328,10 @@ impl Pipeline {
 
         let n = info.samples() * usize::from(self.config.channels);
         match self.decoder.decode_float(Some(payload), &mut self.decoded[..n], false) {
-            Ok(decoded) if decoded == info.samples() => {}
-            _ => return self.conceal(info.samples(), InputError::Corrupt, out),
+            Ok(decoded) if decoded == info.samples() => self.last_samples = decoded,
+            // The TOC of a packet that does not decode is no more trustworthy
+            // than the rest of it: conceal for the stream's last good duration.
+            _ => return self.conceal(self.last_samples, InputError::Corrupt, out),
         }
         let input = if info.dtx { Input::Dtx } else { Input::Decoded };
         if !info.dtx && self.bandwidth != Some(info.bandwidth) {
