@@ -35,9 +35,15 @@ fn test_signal(samples: usize) -> Vec<f32> {
             let talking = (t * 0.4 * std::f32::consts::TAU).sin() > -0.3;
             let pitch = 120.0 + 30.0 * (t * 1.3 * std::f32::consts::TAU).sin();
             phase = (phase + pitch / 48_000.0).fract();
-            let voiced: f32 = (1..20).map(|h| (phase * h as f32 * std::f32::consts::TAU).sin() / h as f32).sum();
+            let voiced: f32 = (1..20)
+                .map(|h| (phase * h as f32 * std::f32::consts::TAU).sin() / h as f32)
+                .sum();
             pink = 0.98 * pink + 0.02 * noise();
-            let speech = if talking { 0.08 * syllable * voiced } else { 0.0 };
+            let speech = if talking {
+                0.08 * syllable * voiced
+            } else {
+                0.0
+            };
             speech + 0.05 * pink
         })
         .collect()
@@ -47,7 +53,9 @@ fn encoded_packets() -> Vec<Vec<u8>> {
     let mut encoder = Encoder::new(SampleRate::Hz48000, Channels::Mono, Application::Voip).unwrap();
     encoder.set_signal(Signal::Voice).unwrap();
     encoder.set_bitrate(Bitrate::BitsPerSecond(32_000)).unwrap();
-    encoder.set_encoder_ctl_request(audiopus::ffi::OPUS_SET_COMPLEXITY_REQUEST, 10).unwrap();
+    encoder
+        .set_encoder_ctl_request(audiopus::ffi::OPUS_SET_COMPLEXITY_REQUEST, 10)
+        .unwrap();
     encoder.set_inband_fec(true).unwrap();
     encoder.set_packet_loss_perc(10).unwrap();
     let signal = test_signal(FRAME * PACKETS);
@@ -71,7 +79,9 @@ fn bench(c: &mut Criterion) {
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) % PACKETS;
-            decoder.decode_float(Some(&packets[i][..]), &mut pcm[..], false).unwrap();
+            decoder
+                .decode_float(Some(&packets[i][..]), &mut pcm[..], false)
+                .unwrap();
             black_box(&pcm);
         });
     });
@@ -84,7 +94,9 @@ fn bench(c: &mut Criterion) {
         let mut i = 0;
         b.iter(|| {
             i = (i + 1) % PACKETS;
-            decoder.decode_float(Some(&packets[i][..]), &mut pcm[..], false).unwrap();
+            decoder
+                .decode_float(Some(&packets[i][..]), &mut pcm[..], false)
+                .unwrap();
             for x in &mut pcm {
                 *x *= 32768.0;
             }
@@ -95,11 +107,41 @@ fn bench(c: &mut Criterion) {
     });
 
     let configs = [
-        ("transcode_c5", PipelineConfig { suppression: false, ..PipelineConfig::default() }),
-        ("pipeline_c0", PipelineConfig { complexity: 0, ..PipelineConfig::default() }),
-        ("pipeline_c2", PipelineConfig { complexity: 2, ..PipelineConfig::default() }),
-        ("pipeline_c5", PipelineConfig { complexity: 5, ..PipelineConfig::default() }),
-        ("pipeline_c10", PipelineConfig { complexity: 10, ..PipelineConfig::default() }),
+        (
+            "transcode_c5",
+            PipelineConfig {
+                suppression: false,
+                ..PipelineConfig::default()
+            },
+        ),
+        (
+            "pipeline_c0",
+            PipelineConfig {
+                complexity: 0,
+                ..PipelineConfig::default()
+            },
+        ),
+        (
+            "pipeline_c2",
+            PipelineConfig {
+                complexity: 2,
+                ..PipelineConfig::default()
+            },
+        ),
+        (
+            "pipeline_c5",
+            PipelineConfig {
+                complexity: 5,
+                ..PipelineConfig::default()
+            },
+        ),
+        (
+            "pipeline_c10",
+            PipelineConfig {
+                complexity: 10,
+                ..PipelineConfig::default()
+            },
+        ),
     ];
     for (name, config) in configs {
         group.bench_function(name, |b| {

@@ -82,7 +82,9 @@ fn parse_args() -> Result<Args> {
             "--pause-extra" => protection.pause_extra_db = value(&arg)?.parse()?,
             "--fixed-limit" => {
                 let limit = value(&arg)?.parse()?;
-                protection = Protection { ..Protection::fixed_limit(limit) };
+                protection = Protection {
+                    ..Protection::fixed_limit(limit)
+                };
             }
             "--max-pre-gain" => protection.max_pre_gain_db = value(&arg)?.parse()?,
             "--threshold" => protection.speech_threshold = value(&arg)?.parse()?,
@@ -104,27 +106,40 @@ fn parse_args() -> Result<Args> {
             _ => positional.push(arg),
         }
     }
-    let [input, output] = <[String; 2]>::try_from(positional)
-        .map_err(|_| anyhow::anyhow!("usage: quality IN.wav OUT.wav --mode opus|transcode|rnnoise|pipeline"))?;
+    let [input, output] = <[String; 2]>::try_from(positional).map_err(|_| {
+        anyhow::anyhow!("usage: quality IN.wav OUT.wav --mode opus|transcode|rnnoise|pipeline")
+    })?;
     let mode = mode.context("--mode is required")?;
     match mode {
         Mode::Transcode => config.suppression = false,
         Mode::Rnnoise => config.protection = Protection::plain(),
         _ => config.protection = protection,
     }
-    Ok(Args { input, output, mode, config })
+    Ok(Args {
+        input,
+        output,
+        mode,
+        config,
+    })
 }
 
 fn read_wav(path: &str) -> Result<Vec<f32>> {
     let mut reader = hound::WavReader::open(path).with_context(|| format!("open {path}"))?;
     let spec = reader.spec();
     if spec.sample_rate != 48_000 || spec.channels != 1 {
-        bail!("{path}: need 48 kHz mono, got {} Hz {} ch", spec.sample_rate, spec.channels);
+        bail!(
+            "{path}: need 48 kHz mono, got {} Hz {} ch",
+            spec.sample_rate,
+            spec.channels
+        );
     }
     Ok(match spec.sample_format {
         hound::SampleFormat::Int => {
             let scale = 1.0 / (1i64 << (spec.bits_per_sample - 1)) as f32;
-            reader.samples::<i32>().map(|s| s.map(|s| s as f32 * scale)).collect::<Result<_, _>>()?
+            reader
+                .samples::<i32>()
+                .map(|s| s.map(|s| s as f32 * scale))
+                .collect::<Result<_, _>>()?
         }
         hound::SampleFormat::Float => reader.samples::<f32>().collect::<Result<_, _>>()?,
     })
@@ -165,7 +180,8 @@ fn main() -> Result<()> {
         Mode::Opus => None,
         _ => Some(Pipeline::new(args.config)?),
     };
-    let delay = encoder.lookahead()? as usize + pipeline.as_ref().map_or(0, Pipeline::latency_samples);
+    let delay =
+        encoder.lookahead()? as usize + pipeline.as_ref().map_or(0, Pipeline::latency_samples);
 
     // Feed whole frames, plus enough silence to flush the delay out.
     let frames = (input.len() + delay).div_ceil(FRAME);

@@ -280,7 +280,8 @@ impl SignalMeter {
         if let Some(speech_power) = self.speech_power {
             stats.speech_level_dbfs = power_dbfs(speech_power);
             let floor = floor.max(1e-3);
-            stats.snr_db = (10.0 * ((speech_power - floor).max(1e-3) / floor).log10()).clamp(-30.0, 120.0);
+            stats.snr_db =
+                (10.0 * ((speech_power - floor).max(1e-3) / floor).log10()).clamp(-30.0, 120.0);
         }
     }
 }
@@ -340,8 +341,16 @@ mod tests {
             meter.update(block, false);
         }
         // A sine's RMS is 3 dB below its peak.
-        assert!((meter.stats.peak_dbfs + 20.0).abs() < 0.05, "{:?}", meter.stats);
-        assert!((meter.stats.rms_dbfs + 23.01).abs() < 0.1, "{:?}", meter.stats);
+        assert!(
+            (meter.stats.peak_dbfs + 20.0).abs() < 0.05,
+            "{:?}",
+            meter.stats
+        );
+        assert!(
+            (meter.stats.rms_dbfs + 23.01).abs() < 0.1,
+            "{:?}",
+            meter.stats
+        );
         assert_eq!(meter.stats.clipped_samples, 0);
     }
 

@@ -105,7 +105,7 @@ pub fn inspect(payload: &[u8]) -> Result<PacketInfo, PacketError> {
     let frames = match toc & 0b11 {
         0 => 1,
         // Two frames of equal size: the remaining bytes must split evenly.
-        1 if (payload.len() - 1) % 2 == 0 => 2,
+        1 if (payload.len() - 1).is_multiple_of(2) => 2,
         1 => return Err(PacketError::Malformed),
         // Two frames, the first one's length coded in one or two bytes.
         2 if payload.len() >= 2 => 2,
@@ -209,7 +209,7 @@ pub fn write_empty(samples: usize, stereo: bool, out: &mut Vec<u8>) {
     // CELT fullband configurations 28..=31 cover 2.5, 5, 10 and 20 ms frames.
     let (config, frame) = [(31u8, 960), (30, 480), (29, 240), (28, 120)]
         .into_iter()
-        .find(|&(_, frame)| samples % frame == 0)
+        .find(|&(_, frame)| samples.is_multiple_of(frame))
         .unwrap_or((28, 120));
     let frames = (samples / frame).clamp(1, 48) as u8;
     let toc = (config << 3) | (u8::from(stereo) << 2);
@@ -229,12 +229,21 @@ mod tests {
     fn reads_durations_of_each_mode() {
         // SILK WB 20 ms, hybrid FB 10 ms, CELT FB 2.5 ms.
         let silk = inspect(&[(9 << 3), 0xaa, 0xbb]).unwrap();
-        assert_eq!((silk.mode, silk.samples(), silk.stereo), (Mode::Silk, 960, false));
+        assert_eq!(
+            (silk.mode, silk.samples(), silk.stereo),
+            (Mode::Silk, 960, false)
+        );
         let hybrid = inspect(&[(14 << 3) | 0b100, 1, 2]).unwrap();
-        assert_eq!((hybrid.mode, hybrid.samples(), hybrid.stereo), (Mode::Hybrid, 480, true));
+        assert_eq!(
+            (hybrid.mode, hybrid.samples(), hybrid.stereo),
+            (Mode::Hybrid, 480, true)
+        );
         let celt = inspect(&[(28 << 3), 1, 2]).unwrap();
         assert_eq!((celt.mode, celt.samples()), (Mode::Celt, 120));
-        assert_eq!((silk.bandwidth, hybrid.bandwidth, celt.bandwidth), (Bandwidth::Wide, Bandwidth::Full, Bandwidth::Full));
+        assert_eq!(
+            (silk.bandwidth, hybrid.bandwidth, celt.bandwidth),
+            (Bandwidth::Wide, Bandwidth::Full, Bandwidth::Full)
+        );
     }
 
     #[test]
@@ -248,7 +257,10 @@ mod tests {
         // 7 x 20 ms is longer than the 120 ms an Opus packet may last.
         assert_eq!(inspect(&[(9 << 3) | 3, 7]), Err(PacketError::Malformed));
         assert_eq!(inspect(&[]), Err(PacketError::Empty));
-        assert_eq!(inspect(&vec![8; MAX_PACKET_BYTES + 1]), Err(PacketError::Oversize));
+        assert_eq!(
+            inspect(&vec![8; MAX_PACKET_BYTES + 1]),
+            Err(PacketError::Oversize)
+        );
     }
 
     #[test]

@@ -6,9 +6,7 @@ use audiopus::coder::{Decoder, Encoder};
 use audiopus::{Application, Bitrate, Channels, SampleRate, Signal};
 use nnnoiseless::DenoiseState;
 
-use crate::meters::{
-    AttenuationMeter, FULL_SCALE, SignalMeter, SpeechMeter, TrackMeters,
-};
+use crate::meters::{AttenuationMeter, FULL_SCALE, SignalMeter, SpeechMeter, TrackMeters};
 use crate::packet::{self, MAX_PACKET_SAMPLES, PacketError};
 use crate::protect::{Protection, Protector};
 use crate::{BLOCK_SAMPLES, DspError, SAMPLE_RATE};
@@ -228,15 +226,21 @@ impl Pipeline {
             return Err(DspError::InvalidConfig("complexity must be 0..=10"));
         }
         if !(6_000..=510_000).contains(&config.bitrate) {
-            return Err(DspError::InvalidConfig("bitrate must be 6000..=510000 bit/s"));
+            return Err(DspError::InvalidConfig(
+                "bitrate must be 6000..=510000 bit/s",
+            ));
         }
         if config.expected_loss_percent > 100 {
-            return Err(DspError::InvalidConfig("expected_loss_percent must be 0..=100"));
+            return Err(DspError::InvalidConfig(
+                "expected_loss_percent must be 0..=100",
+            ));
         }
         let application = match config.encoder_mode {
             EncoderMode::Voip => Application::Voip,
             EncoderMode::LowDelay if config.fec => {
-                return Err(DspError::InvalidConfig("in-band FEC needs EncoderMode::Voip"));
+                return Err(DspError::InvalidConfig(
+                    "in-band FEC needs EncoderMode::Voip",
+                ));
             }
             EncoderMode::LowDelay => Application::LowDelay,
         };
@@ -250,7 +254,8 @@ impl Pipeline {
         )?;
         encoder.set_inband_fec(config.fec)?;
         encoder.set_packet_loss_perc(config.expected_loss_percent)?;
-        encoder.set_encoder_ctl_request(audiopus::ffi::OPUS_SET_DTX_REQUEST, i32::from(config.dtx))?;
+        encoder
+            .set_encoder_ctl_request(audiopus::ffi::OPUS_SET_DTX_REQUEST, i32::from(config.dtx))?;
         let lookahead = encoder.lookahead()? as usize;
 
         let n = usize::from(config.channels);
@@ -327,7 +332,10 @@ impl Pipeline {
         }
 
         let n = info.samples() * usize::from(self.config.channels);
-        match self.decoder.decode_float(Some(payload), &mut self.decoded[..n], false) {
+        match self
+            .decoder
+            .decode_float(Some(payload), &mut self.decoded[..n], false)
+        {
             Ok(decoded) if decoded == info.samples() => self.last_samples = decoded,
             // The TOC of a packet that does not decode is no more trustworthy
             // than the rest of it: conceal for the stream's last good duration.
@@ -348,7 +356,11 @@ impl Pipeline {
     ///
     /// # Errors
     /// As [`Pipeline::process`].
-    pub fn process_lost(&mut self, next: Option<&[u8]>, out: &mut Vec<u8>) -> Result<Processed, DspError> {
+    pub fn process_lost(
+        &mut self,
+        next: Option<&[u8]>,
+        out: &mut Vec<u8>,
+    ) -> Result<Processed, DspError> {
         self.meters.packets.lost += 1;
         let samples = self.last_samples;
         let n = samples * usize::from(self.config.channels);
@@ -356,11 +368,14 @@ impl Pipeline {
             Ok(info) => packet::has_fec(next, &info),
             Err(_) => false,
         });
-        if let Some(next) = fec {
-            if self.decoder.decode_float(Some(next), &mut self.decoded[..n], true).is_ok() {
-                self.meters.packets.fec_recovered += 1;
-                return self.run(samples, Input::FecRecovered, None, out);
-            }
+        if let Some(next) = fec
+            && self
+                .decoder
+                .decode_float(Some(next), &mut self.decoded[..n], true)
+                .is_ok()
+        {
+            self.meters.packets.fec_recovered += 1;
+            return self.run(samples, Input::FecRecovered, None, out);
         }
         self.meters.packets.concealed += 1;
         self.plc(samples);
@@ -385,9 +400,12 @@ impl Pipeline {
     /// [`DspError::InvalidConfig`] outside 6000..=510000; libopus errors.
     pub fn set_bitrate(&mut self, bitrate: u32) -> Result<(), DspError> {
         if !(6_000..=510_000).contains(&bitrate) {
-            return Err(DspError::InvalidConfig("bitrate must be 6000..=510000 bit/s"));
+            return Err(DspError::InvalidConfig(
+                "bitrate must be 6000..=510000 bit/s",
+            ));
         }
-        self.encoder.set_bitrate(Bitrate::BitsPerSecond(bitrate as i32))?;
+        self.encoder
+            .set_bitrate(Bitrate::BitsPerSecond(bitrate as i32))?;
         self.config.bitrate = bitrate;
         Ok(())
     }
@@ -448,7 +466,12 @@ impl Pipeline {
         }
     }
 
-    fn conceal(&mut self, samples: usize, error: InputError, out: &mut Vec<u8>) -> Result<Processed, DspError> {
+    fn conceal(
+        &mut self,
+        samples: usize,
+        error: InputError,
+        out: &mut Vec<u8>,
+    ) -> Result<Processed, DspError> {
         self.count_error(error);
         self.meters.packets.concealed += 1;
         self.plc(samples);
@@ -458,7 +481,11 @@ impl Pipeline {
     /// Fills `decoded` with libopus' loss concealment for `samples`.
     fn plc(&mut self, samples: usize) {
         let n = samples * usize::from(self.config.channels);
-        if self.decoder.decode_float(None::<&[u8]>, &mut self.decoded[..n], false).is_err() {
+        if self
+            .decoder
+            .decode_float(None::<&[u8]>, &mut self.decoded[..n], false)
+            .is_err()
+        {
             // Only a frame size that is not a multiple of 2.5 ms fails here, and
             // durations come from TOC bytes, which cannot express one.
             self.decoded[..n].fill(0.0);
@@ -475,7 +502,10 @@ impl Pipeline {
     ) -> Result<Processed, DspError> {
         let n_channels = self.channels.len();
         for (c, path) in self.channels.iter_mut().enumerate() {
-            let decoded = self.decoded[..samples * n_channels].iter().skip(c).step_by(n_channels);
+            let decoded = self.decoded[..samples * n_channels]
+                .iter()
+                .skip(c)
+                .step_by(n_channels);
             path.pending_in.extend(decoded.map(|x| x * FULL_SCALE));
         }
         while self.channels[0].pending_in.len() >= BLOCK_SAMPLES {
@@ -490,11 +520,15 @@ impl Pipeline {
         if short > 0 {
             self.padding += short;
             for path in &mut self.channels {
-                path.pending_out.splice(0..0, std::iter::repeat_n(0.0, short));
+                path.pending_out
+                    .splice(0..0, std::iter::repeat_n(0.0, short));
             }
         }
         for (c, path) in self.channels.iter_mut().enumerate() {
-            let frame = self.encode_in[..samples * n_channels].iter_mut().skip(c).step_by(n_channels);
+            let frame = self.encode_in[..samples * n_channels]
+                .iter_mut()
+                .skip(c)
+                .step_by(n_channels);
             for (dst, src) in frame.zip(path.pending_out.drain(..samples)) {
                 *dst = src / FULL_SCALE;
             }
@@ -504,7 +538,8 @@ impl Pipeline {
         out.resize(MAX_OUTPUT_BYTES, 0);
         let stereo = n_channels == 2;
         let encoded = if ENCODER_DURATIONS.contains(&samples) {
-            self.encoder.encode_float(&self.encode_in[..samples * n_channels], out)
+            self.encoder
+                .encode_float(&self.encode_in[..samples * n_channels], out)
         } else {
             Err(audiopus::Error::InvalidChannels(0))
         };
@@ -522,7 +557,13 @@ impl Pipeline {
         Ok(self.sent(samples, input, error, dtx_out))
     }
 
-    fn sent(&mut self, samples: usize, input: Input, error: Option<InputError>, dtx_out: bool) -> Processed {
+    fn sent(
+        &mut self,
+        samples: usize,
+        input: Input,
+        error: Option<InputError>,
+        dtx_out: bool,
+    ) -> Processed {
         self.meters.packets.sent += 1;
         self.meters.packets.dtx_sent += u64::from(dtx_out);
         Processed {
@@ -559,7 +600,9 @@ impl Pipeline {
                 for (i, (dst, &x)) in path.scaled.iter_mut().zip(block).enumerate() {
                     *dst = x * ramp(gain_last, gain_now, i);
                 }
-                let p = path.denoiser.process_frame(&mut path.denoised, &path.scaled);
+                let p = path
+                    .denoiser
+                    .process_frame(&mut path.denoised, &path.scaled);
                 // Undo the pre-gain the delayed output was analysed with.
                 for (i, y) in path.denoised.iter_mut().enumerate() {
                     *y /= ramp(gain_before, gain_last, i);
@@ -582,10 +625,16 @@ impl Pipeline {
         let mix_end = if !run_rnnoise {
             1.0
         } else if let [mono] = &self.channels[..] {
-            self.protector.update(vad, &mono.pending_in[..BLOCK_SAMPLES], input_power)
+            self.protector
+                .update(vad, &mono.pending_in[..BLOCK_SAMPLES], input_power)
         } else {
             for (i, m) in self.mono.iter_mut().enumerate() {
-                *m = self.channels.iter().map(|path| path.pending_in[i]).sum::<f32>() / self.channels.len() as f32;
+                *m = self
+                    .channels
+                    .iter()
+                    .map(|path| path.pending_in[i])
+                    .sum::<f32>()
+                    / self.channels.len() as f32;
             }
             self.protector.update(vad, &self.mono, input_power)
         };
@@ -595,7 +644,8 @@ impl Pipeline {
         let mut dry_power = 0.0f32;
         let mut out_power = 0.0f32;
         for path in &mut self.channels {
-            self.input_meter.update(&path.pending_in[..BLOCK_SAMPLES], speech);
+            self.input_meter
+                .update(&path.pending_in[..BLOCK_SAMPLES], speech);
             let start = path.pending_out.len();
             for i in 0..BLOCK_SAMPLES {
                 let dry = path.dry[i];
@@ -610,7 +660,8 @@ impl Pipeline {
                 out_power += y * y;
                 path.pending_out.push(y);
             }
-            self.output_meter.update(&path.pending_out[start..], self.last_vad >= 0.5);
+            self.output_meter
+                .update(&path.pending_out[start..], self.last_vad >= 0.5);
             path.dry.copy_from_slice(&path.pending_in[..BLOCK_SAMPLES]);
         }
         let attenuation = self.attenuation_meter.update(dry_power, out_power);
@@ -621,7 +672,11 @@ impl Pipeline {
         meters.output = self.output_meter.stats;
         meters.speech = self.speech_meter.stats;
         meters.suppression.attenuation_db = attenuation;
-        meters.suppression.limit_db = if run_rnnoise { self.protector.limit_db() } else { 0.0 };
+        meters.suppression.limit_db = if run_rnnoise {
+            self.protector.limit_db()
+        } else {
+            0.0
+        };
         meters.suppression.pre_gain_db = 20.0 * gain_now.log10();
         meters.suppression.snr_db = self.protector.snr_db().unwrap_or(0.0);
     }

@@ -119,7 +119,11 @@ impl Protection {
 
 /// Amplitude factor of an attenuation limit: the share of the input kept.
 fn limit_to_mix(limit_db: f32) -> f32 {
-    if limit_db.is_finite() { 10f32.powf(-limit_db.max(0.0) / 20.0) } else { 0.0 }
+    if limit_db.is_finite() {
+        10f32.powf(-limit_db.max(0.0) / 20.0)
+    } else {
+        0.0
+    }
 }
 
 const BLOCK_MS: u32 = (BLOCK_SAMPLES as u32 * 1000) / crate::SAMPLE_RATE;
@@ -172,7 +176,11 @@ impl BandDetector {
         let smoothed = self.smoothed.get_or_insert(power);
         *smoothed += FLOOR_SMOOTHING * (power - *smoothed);
         let floor = self.floor.update(*smoothed);
-        self.above = if power > floor * rise { self.above + 1 } else { 0 };
+        self.above = if power > floor * rise {
+            self.above + 1
+        } else {
+            0
+        };
         self.above >= BAND_MIN_BLOCKS
     }
 }
@@ -187,7 +195,11 @@ struct SnrEstimator {
 
 impl SnrEstimator {
     fn new() -> Self {
-        Self { smoothed: None, floor: MinTracker::new(FLOOR_SUB_WINDOW_BLOCKS), speech: None }
+        Self {
+            smoothed: None,
+            floor: MinTracker::new(FLOOR_SUB_WINDOW_BLOCKS),
+            speech: None,
+        }
     }
 
     /// Updates with one block and returns the SNR in dB, or `None` before any
@@ -200,7 +212,8 @@ impl SnrEstimator {
             let level = self.speech.get_or_insert(power);
             *level += SPEECH_LEVEL_SMOOTHING * (power - *level);
         }
-        self.speech.map(|speech| 10.0 * ((speech - floor).max(1e-3) / floor).log10())
+        self.speech
+            .map(|speech| 10.0 * ((speech - floor).max(1e-3) / floor).log10())
     }
 }
 
@@ -247,7 +260,11 @@ impl Protector {
 
     /// The attenuation limit in force, in dB.
     pub(crate) fn limit_db(&self) -> f32 {
-        if self.mix <= 0.0 { f32::INFINITY } else { -20.0 * self.mix.log10() }
+        if self.mix <= 0.0 {
+            f32::INFINITY
+        } else {
+            -20.0 * self.mix.log10()
+        }
     }
 
     /// Takes one block's voice probability, its mono samples and their power
@@ -274,7 +291,11 @@ impl Protector {
         let pause_mix = limit_to_mix(speech_limit + config.pause_extra_db);
         self.mix = if self.hold > 0 {
             // Onsets relax the limit at once; a falling SNR estimate does too.
-            if self.mix > speech_mix { speech_mix.max(self.mix * 0.99) } else { speech_mix }
+            if self.mix > speech_mix {
+                speech_mix.max(self.mix * 0.99)
+            } else {
+                speech_mix
+            }
         } else {
             // Deepen towards the pause limit in equal dB steps over release_ms.
             let steps = (config.release_ms / BLOCK_MS).max(1) as f32;
@@ -318,10 +339,18 @@ mod tests {
             protector.update(if speech { 0.9 } else { 0.0 }, &[], p);
         }
         // 600 blocks end in a noise second: pause limit, 15 + 12 dB.
-        assert!((protector.limit_db() - 27.0).abs() < 0.1, "{}", protector.limit_db());
+        assert!(
+            (protector.limit_db() - 27.0).abs() < 0.1,
+            "{}",
+            protector.limit_db()
+        );
         // An onset relaxes it in one block.
         protector.update(0.9, &[], power(-26.0));
-        assert!((protector.limit_db() - 15.0).abs() < 0.1, "{}", protector.limit_db());
+        assert!(
+            (protector.limit_db() - 15.0).abs() < 0.1,
+            "{}",
+            protector.limit_db()
+        );
     }
 
     #[test]
@@ -331,15 +360,24 @@ mod tests {
             protector.update(0.9, &[], power(-40.0));
         }
         // Speech no louder than its own floor: the estimate is low, limit 5 dB.
-        assert!((protector.limit_db() - 5.0).abs() < 0.1, "{}", protector.limit_db());
+        assert!(
+            (protector.limit_db() - 5.0).abs() < 0.1,
+            "{}",
+            protector.limit_db()
+        );
     }
 
     #[test]
     fn band_rise_counts_as_speech_without_vad() {
-        let config = Protection { band_rise_db: Some(3.0), ..Protection::default() };
+        let config = Protection {
+            band_rise_db: Some(3.0),
+            ..Protection::default()
+        };
         let mut protector = Protector::new(config);
         let tone = |amplitude: f32| -> Vec<f32> {
-            (0..BLOCK_SAMPLES).map(|i| amplitude * (i as f32 * 0.13).sin()).collect()
+            (0..BLOCK_SAMPLES)
+                .map(|i| amplitude * (i as f32 * 0.13).sin())
+                .collect()
         };
         for _ in 0..100 {
             protector.update(0.0, &tone(10.0), power(-70.0));
@@ -351,7 +389,11 @@ mod tests {
         // Quiet: no speech seen, so the shallow limit plus the pause allowance.
         assert!((quiet_limit - 17.0).abs() < 0.1, "{quiet_limit}");
         // The 20 dB rise is speech at 20 dB SNR: the deep speech limit, 15 dB.
-        assert!((protector.limit_db() - 15.0).abs() < 0.1, "{}", protector.limit_db());
+        assert!(
+            (protector.limit_db() - 15.0).abs() < 0.1,
+            "{}",
+            protector.limit_db()
+        );
     }
 
     #[test]

@@ -13,13 +13,21 @@ impl Biquad {
     /// A high-pass section at `cutoff` Hz.
     pub(crate) fn high_pass(cutoff: f32) -> Self {
         let (cos, alpha) = Self::prewarp(cutoff);
-        Self::normalized([(1.0 + cos) / 2.0, -(1.0 + cos), (1.0 + cos) / 2.0], cos, alpha)
+        Self::normalized(
+            [(1.0 + cos) / 2.0, -(1.0 + cos), (1.0 + cos) / 2.0],
+            cos,
+            alpha,
+        )
     }
 
     /// A low-pass section at `cutoff` Hz.
     pub(crate) fn low_pass(cutoff: f32) -> Self {
         let (cos, alpha) = Self::prewarp(cutoff);
-        Self::normalized([(1.0 - cos) / 2.0, 1.0 - cos, (1.0 - cos) / 2.0], cos, alpha)
+        Self::normalized(
+            [(1.0 - cos) / 2.0, 1.0 - cos, (1.0 - cos) / 2.0],
+            cos,
+            alpha,
+        )
     }
 
     fn prewarp(cutoff: f32) -> (f32, f32) {
@@ -62,7 +70,13 @@ pub(crate) struct MinTracker {
 impl MinTracker {
     /// A tracker over `MIN_WINDOWS * sub_len` updates.
     pub(crate) fn new(sub_len: u32) -> Self {
-        Self { sub_len, count: 0, current: f32::INFINITY, mins: [f32::INFINITY; MIN_WINDOWS], next: 0 }
+        Self {
+            sub_len,
+            count: 0,
+            current: f32::INFINITY,
+            mins: [f32::INFINITY; MIN_WINDOWS],
+            next: 0,
+        }
     }
 
     /// Adds one value and returns the minimum over the window.

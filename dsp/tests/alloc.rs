@@ -49,8 +49,19 @@ static GLOBAL: Counting = Counting;
 #[test]
 fn steady_state_does_not_allocate() {
     let packets = encode(&sender(1, true), &talker(3.0, 4), FRAME, 1);
-    let low_delay = PipelineConfig { fec: false, encoder_mode: EncoderMode::LowDelay, ..PipelineConfig::default() };
-    for config in [PipelineConfig::default(), low_delay, PipelineConfig { dtx: true, ..PipelineConfig::default() }] {
+    let low_delay = PipelineConfig {
+        fec: false,
+        encoder_mode: EncoderMode::LowDelay,
+        ..PipelineConfig::default()
+    };
+    for config in [
+        PipelineConfig::default(),
+        low_delay,
+        PipelineConfig {
+            dtx: true,
+            ..PipelineConfig::default()
+        },
+    ] {
         let mut pipeline = Pipeline::new(config).unwrap();
         let mut out = Vec::with_capacity(4000);
         for packet in &packets[..20] {

@@ -9,7 +9,12 @@ use fleetcall_dsp::{Input, InputError, Pipeline, PipelineConfig};
 
 /// Feeds `bad` between valid packets and checks the stream around it.
 fn around(config: PipelineConfig, bad: &[u8]) -> (fleetcall_dsp::Processed, Pipeline) {
-    let packets = encode(&sender(config.channels, false), &talker(0.4, 1), FRAME, usize::from(config.channels));
+    let packets = encode(
+        &sender(config.channels, false),
+        &talker(0.4, 1),
+        FRAME,
+        usize::from(config.channels),
+    );
     let mut pipeline = Pipeline::new(config).unwrap();
     let mut receiver = Receiver::new(config.channels);
     let mut out = Vec::new();
@@ -35,13 +40,23 @@ fn corrupt_payloads_are_concealed_and_counted() {
         ("empty", vec![]),
         ("code 3 with zero frames", vec![silk_wb_20ms | 3, 0]),
         ("code 1 with an odd length", vec![silk_wb_20ms | 1, 1, 2, 3]),
-        ("code 2 first frame longer than the packet", vec![silk_wb_20ms | 2, 200, 1, 2, 3]),
+        (
+            "code 2 first frame longer than the packet",
+            vec![silk_wb_20ms | 2, 200, 1, 2, 3],
+        ),
     ];
     for (name, payload) in cases {
         let (processed, pipeline) = around(PipelineConfig::default(), &payload);
         assert_eq!(processed.input, Input::Concealed, "{name}");
-        assert_eq!(processed.samples as usize, FRAME, "{name}: the last duration is kept");
-        let expected = if payload.is_empty() { InputError::Empty } else { InputError::Corrupt };
+        assert_eq!(
+            processed.samples as usize, FRAME,
+            "{name}: the last duration is kept"
+        );
+        let expected = if payload.is_empty() {
+            InputError::Empty
+        } else {
+            InputError::Corrupt
+        };
         assert_eq!(processed.error, Some(expected), "{name}");
         let packets = pipeline.meters().packets;
         assert_eq!((packets.decode_errors, packets.concealed), (1, 1), "{name}");
@@ -64,12 +79,18 @@ fn huge_packets_are_refused_unparsed() {
 fn wrong_channel_count_is_counted_but_still_heard() {
     let stereo = encode(&sender(2, false), &vec![0.1; FRAME * 2], FRAME, 2);
     let (processed, pipeline) = around(PipelineConfig::default(), &stereo[0]);
-    assert_eq!((processed.input, processed.error), (Input::Decoded, Some(InputError::ChannelMismatch)));
+    assert_eq!(
+        (processed.input, processed.error),
+        (Input::Decoded, Some(InputError::ChannelMismatch))
+    );
     let packets = pipeline.meters().packets;
     assert_eq!((packets.decode_errors, packets.channel_mismatch), (1, 1));
 
     let mono = encode(&sender(1, false), &vec![0.1; FRAME], FRAME, 1);
-    let config = PipelineConfig { channels: 2, ..PipelineConfig::default() };
+    let config = PipelineConfig {
+        channels: 2,
+        ..PipelineConfig::default()
+    };
     let (processed, _) = around(config, &mono[0]);
     assert_eq!(processed.error, Some(InputError::ChannelMismatch));
 }
@@ -91,7 +112,9 @@ fn random_payloads_never_break_the_stream() {
         let len = (rng.next() % 1600) as usize;
         payload.extend((0..len).map(|_| rng.next() as u8));
         let processed = if i % 3 == 0 {
-            pipeline.process(&valid[i / 3 % valid.len()], &mut out).unwrap()
+            pipeline
+                .process(&valid[i / 3 % valid.len()], &mut out)
+                .unwrap()
         } else if i % 7 == 0 {
             pipeline.process_lost(Some(&payload), &mut out).unwrap()
         } else {
@@ -109,10 +132,23 @@ fn random_payloads_never_break_the_stream() {
 #[test]
 fn invalid_configs_are_errors() {
     for config in [
-        PipelineConfig { channels: 3, ..PipelineConfig::default() },
-        PipelineConfig { complexity: 11, ..PipelineConfig::default() },
-        PipelineConfig { bitrate: 1000, ..PipelineConfig::default() },
-        PipelineConfig { fec: true, encoder_mode: fleetcall_dsp::EncoderMode::LowDelay, ..PipelineConfig::default() },
+        PipelineConfig {
+            channels: 3,
+            ..PipelineConfig::default()
+        },
+        PipelineConfig {
+            complexity: 11,
+            ..PipelineConfig::default()
+        },
+        PipelineConfig {
+            bitrate: 1000,
+            ..PipelineConfig::default()
+        },
+        PipelineConfig {
+            fec: true,
+            encoder_mode: fleetcall_dsp::EncoderMode::LowDelay,
+            ..PipelineConfig::default()
+        },
     ] {
         assert!(Pipeline::new(config).is_err(), "{config:?}");
     }

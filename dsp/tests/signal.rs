@@ -22,7 +22,11 @@ fn through(config: PipelineConfig, signal: &[f32]) -> (Vec<f32>, Pipeline) {
 fn configs() -> [PipelineConfig; 2] {
     [
         PipelineConfig::default(),
-        PipelineConfig { fec: false, encoder_mode: EncoderMode::LowDelay, ..PipelineConfig::default() },
+        PipelineConfig {
+            fec: false,
+            encoder_mode: EncoderMode::LowDelay,
+            ..PipelineConfig::default()
+        },
     ]
 }
 
@@ -52,9 +56,17 @@ fn tone_at_minus_20_dbfs_passes_within_1_db() {
         // Compare the last second, long after every fade and smoothing.
         let tail = |x: &[f32]| rms_dbfs(&x[x.len() - RATE..]);
         let change = tail(&audio) - tail(&input);
-        assert!(change.abs() < 1.0, "{:?}: tone changed by {change:.2} dB", config.encoder_mode);
+        assert!(
+            change.abs() < 1.0,
+            "{:?}: tone changed by {change:.2} dB",
+            config.encoder_mode
+        );
         let meters = pipeline.meters();
-        assert!((meters.input.peak_dbfs + 20.0).abs() < 1.0, "{:?}", meters.input);
+        assert!(
+            (meters.input.peak_dbfs + 20.0).abs() < 1.0,
+            "{:?}",
+            meters.input
+        );
         assert_eq!(meters.input.clipped_samples, 0);
     }
 }
@@ -63,7 +75,10 @@ fn tone_at_minus_20_dbfs_passes_within_1_db() {
 fn clipping_is_counted() {
     // A 440 Hz sine driven 6 dB over full scale and clipped: |2 sin| >= 1 for
     // two thirds of every period.
-    let clipped: Vec<f32> = sine(440.0, 6.0, 2.0).into_iter().map(|x| x.clamp(-1.0, 1.0)).collect();
+    let clipped: Vec<f32> = sine(440.0, 6.0, 2.0)
+        .into_iter()
+        .map(|x| x.clamp(-1.0, 1.0))
+        .collect();
     let (_, pipeline) = through(PipelineConfig::default(), &clipped);
     let ratio = pipeline.meters().input.clipping_ratio();
     // Opus rebuilds the flat tops with ripple, so only part of them comes back
@@ -73,7 +88,10 @@ fn clipping_is_counted() {
     // Loud but not clipped: almost nothing counts.
     let (_, loud) = through(PipelineConfig::default(), &sine(440.0, -1.0, 2.0));
     let ratio = loud.meters().input.clipping_ratio();
-    assert!(ratio < 0.01, "clipping ratio of a clean -1 dBFS sine {ratio}");
+    assert!(
+        ratio < 0.01,
+        "clipping ratio of a clean -1 dBFS sine {ratio}"
+    );
     let (_, clean) = through(PipelineConfig::default(), &sine(440.0, -20.0, 2.0));
     assert_eq!(clean.meters().input.clipped_samples, 0);
 }
@@ -110,14 +128,24 @@ fn switching_suppression_fades() {
     let open = blocks[240..290].iter().sum::<f32>() / 50.0;
     // A noise-only track has no speech to estimate an SNR from, so the shallow
     // limit plus the pause allowance applies.
-    assert!(open - suppressed > 6.0, "suppression works: {suppressed:.1} vs {open:.1} dBFS");
+    assert!(
+        open - suppressed > 6.0,
+        "suppression works: {suppressed:.1} vs {open:.1} dBFS"
+    );
     let midway = |range: std::ops::Range<usize>| {
-        blocks[range].iter().filter(|&&b| b > suppressed + 2.0 && b < open - 2.0).count()
+        blocks[range]
+            .iter()
+            .filter(|&&b| b > suppressed + 2.0 && b < open - 2.0)
+            .count()
     };
     // Off at block 200 (packet 100), on at block 300 (after a 30 ms warm-up).
     assert!(midway(195..215) >= 2, "fade out: {:?}", &blocks[195..215]);
     assert!(midway(298..320) >= 2, "fade in: {:?}", &blocks[298..320]);
-    let loudest = |range: std::ops::Range<usize>| blocks[range].iter().fold(f32::MIN, |a, &b| a.max(b));
+    let loudest =
+        |range: std::ops::Range<usize>| blocks[range].iter().fold(f32::MIN, |a, &b| a.max(b));
     let (peak, open_peak) = (loudest(190..330), loudest(240..290));
-    assert!(peak < open_peak + 1.5, "no overshoot: {peak:.1} vs {open_peak:.1}");
+    assert!(
+        peak < open_peak + 1.5,
+        "no overshoot: {peak:.1} vs {open_peak:.1}"
+    );
 }

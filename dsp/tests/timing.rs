@@ -8,7 +8,11 @@ use fleetcall_dsp::packet::{self, inspect};
 use fleetcall_dsp::{EncoderMode, Input, Pipeline, PipelineConfig};
 
 fn low_delay() -> PipelineConfig {
-    PipelineConfig { fec: false, encoder_mode: EncoderMode::LowDelay, ..PipelineConfig::default() }
+    PipelineConfig {
+        fec: false,
+        encoder_mode: EncoderMode::LowDelay,
+        ..PipelineConfig::default()
+    }
 }
 
 #[test]
@@ -37,7 +41,10 @@ fn packet_count_and_duration_in_equal_out() {
 
 #[test]
 fn stereo_keeps_channels_and_duration() {
-    let config = PipelineConfig { channels: 2, ..PipelineConfig::default() };
+    let config = PipelineConfig {
+        channels: 2,
+        ..PipelineConfig::default()
+    };
     let mono = talker(1.0, 5);
     let stereo: Vec<f32> = mono.iter().flat_map(|&x| [x, 0.5 * x]).collect();
     let sender = sender(2, false);
@@ -63,7 +70,9 @@ fn timing_continues_through_loss() {
     println!("loss pattern seed {seed}");
     let mut rng = Rng(seed);
     // Single losses at random (about 10 %) and one burst of three.
-    let lost: Vec<bool> = (0..packets.len()).map(|i| (60..63).contains(&i) || (i > 5 && rng.next() % 10 == 0)).collect();
+    let lost: Vec<bool> = (0..packets.len())
+        .map(|i| (60..63).contains(&i) || (i > 5 && rng.next().is_multiple_of(10)))
+        .collect();
 
     let mut pipeline = Pipeline::new(PipelineConfig::default()).unwrap();
     let mut receiver = Receiver::new(1);
@@ -96,7 +105,13 @@ fn timing_continues_through_loss() {
     let meters = pipeline.meters();
     assert_eq!(receiver.audio.len(), (kept + dropped) * FRAME);
     assert_eq!(meters.packets.lost as usize, dropped);
-    assert_eq!((meters.packets.fec_recovered as usize, meters.packets.concealed as usize), (fec, plc));
+    assert_eq!(
+        (
+            meters.packets.fec_recovered as usize,
+            meters.packets.concealed as usize
+        ),
+        (fec, plc)
+    );
     assert!(fec > 5, "the sender's FEC was used: {fec} of {dropped}");
     assert!(plc >= 2, "the burst needed concealment: {plc}");
 }
@@ -104,14 +119,21 @@ fn timing_continues_through_loss() {
 #[test]
 fn fec_is_detected_only_when_present() {
     let with_fec = encode(&sender(1, false), &talker(1.0, 2), FRAME, 1);
-    let found = with_fec.iter().filter(|p| packet::has_fec(p, &inspect(p).unwrap())).count();
+    let found = with_fec
+        .iter()
+        .filter(|p| packet::has_fec(p, &inspect(p).unwrap()))
+        .count();
     // Only voiced frames carry FEC; the talker pauses 40 % of the time.
     assert!(found > with_fec.len() / 4, "{found} of {}", with_fec.len());
 
     let mut plain = sender(1, false);
     plain.set_inband_fec(false).unwrap();
     let without = encode(&plain, &talker(1.0, 2), FRAME, 1);
-    assert!(without.iter().all(|p| !packet::has_fec(p, &inspect(p).unwrap())));
+    assert!(
+        without
+            .iter()
+            .all(|p| !packet::has_fec(p, &inspect(p).unwrap()))
+    );
 }
 
 /// DTX input (1-2 byte packets) becomes DTX output at once when DTX is
@@ -122,11 +144,17 @@ fn dtx_in_dtx_out_when_negotiated() {
     signal.extend(std::iter::repeat_n(0.0, RATE * 2));
     signal.extend(talker(1.0, 5));
     let packets = encode(&sender(1, true), &signal, FRAME, 1);
-    let dtx_in = packets.iter().filter(|p| p.len() <= packet::DTX_MAX_BYTES).count();
+    let dtx_in = packets
+        .iter()
+        .filter(|p| p.len() <= packet::DTX_MAX_BYTES)
+        .count();
     assert!(dtx_in > 50, "the sender went into DTX: {dtx_in}");
 
     for negotiated in [true, false] {
-        let config = PipelineConfig { dtx: negotiated, ..PipelineConfig::default() };
+        let config = PipelineConfig {
+            dtx: negotiated,
+            ..PipelineConfig::default()
+        };
         let mut pipeline = Pipeline::new(config).unwrap();
         let mut receiver = Receiver::new(1);
         let mut out = Vec::new();
@@ -155,12 +183,21 @@ fn dtx_in_dtx_out_when_negotiated() {
 fn reported_latency_is_the_real_delay() {
     for config in [PipelineConfig::default(), low_delay()] {
         for suppression in [false, true] {
-            let config = PipelineConfig { suppression, ..config };
+            let config = PipelineConfig {
+                suppression,
+                ..config
+            };
             // Noise bursts: unlike voiced speech, no periodicity to fool the
             // correlation by a pitch period.
             let mut rng = Rng(9);
             let input: Vec<f32> = (0..RATE * 2)
-                .map(|i| rng.uniform() * 0.1 * (i as f32 * 3.0 / RATE as f32 * std::f32::consts::TAU).sin().max(0.0))
+                .map(|i| {
+                    rng.uniform()
+                        * 0.1
+                        * (i as f32 * 3.0 / RATE as f32 * std::f32::consts::TAU)
+                            .sin()
+                            .max(0.0)
+                })
                 .collect();
             let sender = sender(1, false);
             let sender_delay = sender.lookahead().unwrap() as usize;
@@ -176,7 +213,11 @@ fn reported_latency_is_the_real_delay() {
             let lag = (0..2000)
                 .max_by(|&a, &b| {
                     let corr = |lag: usize| -> f32 {
-                        reference.iter().zip(&receiver.audio[RATE / 2 + lag..]).map(|(x, y)| x * y).sum()
+                        reference
+                            .iter()
+                            .zip(&receiver.audio[RATE / 2 + lag..])
+                            .map(|(x, y)| x * y)
+                            .sum()
                     };
                     corr(a).total_cmp(&corr(b))
                 })

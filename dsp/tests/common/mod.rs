@@ -11,13 +11,21 @@ pub const FRAME: usize = 960;
 
 /// An Opus encoder configured like a browser: VoIP, 32 kbit/s, FEC.
 pub fn sender(channels: u8, dtx: bool) -> Encoder {
-    let ch = if channels == 2 { Channels::Stereo } else { Channels::Mono };
+    let ch = if channels == 2 {
+        Channels::Stereo
+    } else {
+        Channels::Mono
+    };
     let mut encoder = Encoder::new(SampleRate::Hz48000, ch, Application::Voip).unwrap();
     encoder.set_signal(Signal::Voice).unwrap();
-    encoder.set_bitrate(Bitrate::BitsPerSecond(32_000 * i32::from(channels))).unwrap();
+    encoder
+        .set_bitrate(Bitrate::BitsPerSecond(32_000 * i32::from(channels)))
+        .unwrap();
     encoder.set_inband_fec(true).unwrap();
     encoder.set_packet_loss_perc(20).unwrap();
-    encoder.set_encoder_ctl_request(audiopus::ffi::OPUS_SET_DTX_REQUEST, i32::from(dtx)).unwrap();
+    encoder
+        .set_encoder_ctl_request(audiopus::ffi::OPUS_SET_DTX_REQUEST, i32::from(dtx))
+        .unwrap();
     encoder
 }
 
@@ -43,7 +51,11 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn new(channels: u8) -> Self {
-        let ch = if channels == 2 { Channels::Stereo } else { Channels::Mono };
+        let ch = if channels == 2 {
+            Channels::Stereo
+        } else {
+            Channels::Mono
+        };
         Self {
             decoder: Decoder::new(SampleRate::Hz48000, ch).unwrap(),
             pcm: vec![0.0; 5760 * usize::from(channels)],
@@ -54,7 +66,10 @@ impl Receiver {
 
     /// Decodes one packet; returns samples per channel.
     pub fn receive(&mut self, packet: &[u8]) -> usize {
-        let n = self.decoder.decode_float(Some(packet), &mut self.pcm[..], false).expect("output packet decodes");
+        let n = self
+            .decoder
+            .decode_float(Some(packet), &mut self.pcm[..], false)
+            .expect("output packet decodes");
         self.audio.extend_from_slice(&self.pcm[..n * self.channels]);
         n
     }
@@ -80,9 +95,15 @@ pub fn talker(seconds: f32, seed: u64) -> Vec<f32> {
             let talking = (t * 0.4 * std::f32::consts::TAU).sin() > -0.3;
             let pitch = 120.0 + 30.0 * (t * 1.3 * std::f32::consts::TAU).sin();
             phase = (phase + pitch / RATE as f32).fract();
-            let voiced: f32 = (1..20).map(|h| (phase * h as f32 * std::f32::consts::TAU).sin() / h as f32).sum();
+            let voiced: f32 = (1..20)
+                .map(|h| (phase * h as f32 * std::f32::consts::TAU).sin() / h as f32)
+                .sum();
             pink = 0.98 * pink + 0.02 * rng.uniform();
-            let speech = if talking { 0.08 * syllable * voiced } else { 0.0 };
+            let speech = if talking {
+                0.08 * syllable * voiced
+            } else {
+                0.0
+            };
             speech + 0.02 * pink
         })
         .collect()
