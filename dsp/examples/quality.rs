@@ -15,7 +15,8 @@
 //!   --bitrate BPS     server bit rate (default: the pipeline default); the sender
 //!                     always codes 32 kbit/s
 //!   --loss PERCENT    loss rate the server encoder plans its FEC for
-//!   --low-delay       server encoder in CELT-only low-delay mode (no FEC)
+//!   --low-delay       server encoder as in `PipelineConfig::low_delay()` (CELT
+//!                     only, no FEC); put --complexity after it to override
 //!   --fixed-limit DB (first), --low-limit DB, --high-limit DB, --low-snr DB,
 //!   --high-snr DB, --pause-extra DB, --target DBFS|off, --max-pre-gain DB,
 //!   --threshold P, --hangover MS, --release MS, --band-rise DB|off
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use audiopus::coder::{Decoder, Encoder};
 use audiopus::{Application, Bitrate, Channels, SampleRate, Signal};
-use fleetcall_dsp::{EncoderMode, Pipeline, PipelineConfig, Protection};
+use fleetcall_dsp::{Pipeline, PipelineConfig, Protection};
 
 const FRAME: usize = 960;
 /// What a browser sends for mono voice by default.
@@ -72,8 +73,10 @@ fn parse_args() -> Result<Args> {
             "--bitrate" => config.bitrate = value(&arg)?.parse()?,
             "--loss" => config.expected_loss_percent = value(&arg)?.parse()?,
             "--low-delay" => {
-                config.encoder_mode = EncoderMode::LowDelay;
-                config.fec = false;
+                let low_delay = PipelineConfig::low_delay();
+                config.encoder_mode = low_delay.encoder_mode;
+                config.fec = low_delay.fec;
+                config.complexity = low_delay.complexity;
             }
             "--low-limit" => protection.low_snr_limit_db = value(&arg)?.parse()?,
             "--high-limit" => protection.high_snr_limit_db = value(&arg)?.parse()?,

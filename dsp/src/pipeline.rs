@@ -63,18 +63,32 @@ pub struct PipelineConfig {
 }
 
 impl Default for PipelineConfig {
+    /// Mono, FEC on (planned for 5 % loss), DTX off, VoIP coder at complexity 5
+    /// and 48 kbit/s. The bit rate sits above what browsers send (32 kbit/s)
+    /// because decoding and re-encoding at the same rate costs intelligibility
+    /// on quiet talkers (see the crate README).
     fn default() -> Self {
         Self {
             channels: 1,
             fec: true,
-            expected_loss_percent: 10,
+            expected_loss_percent: 5,
             dtx: false,
             complexity: 5,
             encoder_mode: EncoderMode::Voip,
-            bitrate: 32_000,
+            bitrate: 48_000,
             suppression: true,
             protection: Protection::default(),
         }
+    }
+}
+
+impl PipelineConfig {
+    /// The fast configuration: CELT-only low-delay coder at complexity 2 and
+    /// 48 kbit/s, without in-band FEC. About half the CPU of the default and
+    /// 12.5 ms instead of 16.5 ms delay, at equal or better measured quality;
+    /// the receiving leg loses FEC protection.
+    pub fn low_delay() -> Self {
+        Self { fec: false, complexity: 2, encoder_mode: EncoderMode::LowDelay, ..Self::default() }
     }
 }
 
