@@ -70,6 +70,18 @@ pub struct ServeArgs {
     /// Log format: text | json. Filter with RUST_LOG.
     #[arg(long, env = "FLEETCALL_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// UDP address of the device control plane (QUIC).
+    #[arg(long, env = "FLEETCALL_QUIC_ADDR")]
+    pub quic_addr: Option<SocketAddr>,
+    /// Seconds between heartbeats, both ways.
+    #[arg(long, env = "FLEETCALL_HEARTBEAT_SECS")]
+    pub heartbeat_secs: Option<f64>,
+    /// Seconds an unanswered call rings.
+    #[arg(long, env = "FLEETCALL_RING_TIMEOUT_SECS")]
+    pub ring_timeout_secs: Option<f64>,
+    /// Seconds a device's session survives a lost connection (resume).
+    #[arg(long, env = "FLEETCALL_RESUME_GRACE_SECS")]
+    pub resume_grace_secs: Option<f64>,
 }
 
 /// The configuration file. Unknown keys are errors, so a typo never silently
@@ -85,6 +97,17 @@ struct FileConfig {
     media: FileMedia,
     #[serde(default)]
     shutdown: FileShutdown,
+    #[serde(default)]
+    control: FileControl,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileControl {
+    quic_addr: Option<SocketAddr>,
+    heartbeat_secs: Option<f64>,
+    ring_timeout_secs: Option<f64>,
+    resume_grace_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +148,10 @@ pub struct Config {
     pub max_room_size: usize,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
+    pub quic_addr: SocketAddr,
+    pub heartbeat: Duration,
+    pub ring_timeout: Duration,
+    pub resume_grace: Duration,
 }
 
 impl Config {
@@ -156,6 +183,10 @@ impl Config {
             max_room_size: args.max_room_size.or(file.media.max_room_size).unwrap_or(100),
             shutdown_timeout: seconds("shutdown timeout", args.shutdown_timeout_secs.or(file.shutdown.timeout_secs).unwrap_or(5.0))?,
             log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            quic_addr: args.quic_addr.or(file.control.quic_addr).unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 4433))),
+            heartbeat: seconds("heartbeat interval", args.heartbeat_secs.or(file.control.heartbeat_secs).unwrap_or(2.0))?,
+            ring_timeout: seconds("ring timeout", args.ring_timeout_secs.or(file.control.ring_timeout_secs).unwrap_or(30.0))?,
+            resume_grace: seconds("resume grace", args.resume_grace_secs.or(file.control.resume_grace_secs).unwrap_or(10.0))?,
         };
         config.validate()?;
         Ok(config)

@@ -4,23 +4,35 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, Request, State, WebSocketUpgrade};
+use axum::middleware::{self, Next};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use fleetcall_signaling::controller::{CallSnapshot, DeviceSnapshot};
+use fleetcall_signaling::ids::CallId;
+use fleetcall_signaling::service::ControlPlane;
 use fleetcall_signaling::ws::{self, WsContext};
+use serde_json::{json, Value};
 
 /// Shared by every request handler.
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub ws: WsContext,
+    pub control: ControlPlane,
     /// False before the media plane runs and once shutdown begins.
     pub ready: Arc<AtomicBool>,
     pub admin_token: Arc<str>,
 }
 
 pub fn router(state: AppState) -> Router {
+    let admin = Router::new()
+        .route("/api/stats", get(stats))
+        .route("/api/devices", get(devices))
+        .route("/api/calls", get(calls))
+        .route("/api/calls/{id}/end", post(end_call))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin_token));
     Router::new()
         .route("/", get(|| async { Html(include_str!("../web/index.html")) }))
         .route("/app.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript")], include_str!("../web/app.js")) }))
@@ -28,7 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/ws", get(websocket))
-        .route("/api/stats", get(stats))
+        .merge(admin)
         .with_state(state)
 }
 
@@ -47,14 +59,82 @@ async fn websocket(upgrade: WebSocketUpgrade, ConnectInfo(peer): ConnectInfo<Soc
     ws::upgrade(upgrade, peer, state.ws)
 }
 
-async fn stats(headers: HeaderMap, State(state): State<AppState>) -> Response {
-    if !authorized(&headers, &state.admin_token) {
-        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "admin token required\n").into_response();
-    }
+async fn stats(State(state): State<AppState>) -> Response {
     match state.ws.sfu.stats().await {
         Ok(stats) => Json(stats).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
+}
+
+async fn devices(State(state): State<AppState>) -> Response {
+    match state.control.devices().await {
+        Ok(devices) => Json(devices.iter().map(device_json).collect::<Vec<_>>()).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+async fn calls(State(state): State<AppState>) -> Response {
+    match state.control.calls().await {
+        Ok(calls) => Json(calls.iter().map(call_json).collect::<Vec<_>>()).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+async fn end_call(Path(id): Path<String>, State(state): State<AppState>) -> Response {
+    let Ok(id) = id.parse::<u64>() else {
+        return (StatusCode::BAD_REQUEST, Json(json!({ "error": "call ids are numbers" }))).into_response();
+    };
+    match state.control.end_call(CallId(id)).await {
+        Ok(true) => Json(json!({ "call": id, "ended": true })).into_response(),
+        Ok(false) => (StatusCode::NOT_FOUND, Json(json!({ "error": "no live call with that id" }))).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+/// Every `/api` route needs `Authorization: Bearer <admin token>`.
+async fn require_admin_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if authorized(request.headers(), &state.admin_token) {
+        next.run(request).await
+    } else {
+        (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "admin token required\n").into_response()
+    }
+}
+
+/// Seconds since `at`, for JSON (an `Instant` has no meaning outside the process).
+fn age_secs(at: std::time::Instant) -> f64 {
+    at.elapsed().as_secs_f64()
+}
+
+fn device_json(d: &DeviceSnapshot) -> Value {
+    json!({
+        "id": d.id.as_str(),
+        "reachability": format!("{:?}", d.reachability).to_lowercase(),
+        "last_heartbeat_secs_ago": d.last_heartbeat.map(age_secs),
+        "heartbeat_rtt_ms": d.heartbeat_rtt.map(|rtt| rtt.as_secs_f64() * 1000.0),
+        "call": d.call.map(|c| c.0),
+        "call_phase": d.call_phase.map(|p| p.as_str_name()),
+        "sessions": d.sessions.iter().map(|s| s.0).collect::<Vec<_>>(),
+        "media_sessions": d.participants.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "version": d.version,
+        "last_error": d.last_error,
+    })
+}
+
+fn call_json(c: &CallSnapshot) -> Value {
+    json!({
+        "id": c.id.0,
+        "kind": c.kind.as_str_name(),
+        "phase": c.phase.as_str_name(),
+        "end_reason": c.end_reason.map(|r| r.as_str_name()),
+        "initiator": c.initiator.as_str(),
+        "age_secs": age_secs(c.created_at),
+        "ended_secs_ago": c.ended_at.map(age_secs),
+        "members": c.members.iter().map(|(device, status, media)| json!({
+            "device": device.as_str(),
+            "status": status.as_str_name(),
+            "media_session": media.map(|m| m.to_string()),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// Checks `Authorization: Bearer <token>` in constant time.

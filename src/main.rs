@@ -1,6 +1,7 @@
 //! `fleetcall`: the server binary. Parses configuration and wires the media
 //! plane, signaling and HTTP together; the logic lives in the crates.
 
+mod admin_cli;
 mod config;
 mod http;
 mod secrets;
@@ -13,7 +14,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fleetcall_sfu::{DriverConfig, SfuConfig, SfuDriver};
+use fleetcall_signaling::controller::{self, Controller};
+use fleetcall_signaling::pki::Pki;
+use fleetcall_signaling::quic::{self, QuicConfig};
+use fleetcall_signaling::service::ControlPlane;
 use fleetcall_signaling::ws::WsContext;
+use std::path::PathBuf;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -28,8 +34,46 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the server: SFU, signaling and web client.
+    /// Run the server: SFU, device control plane, signaling and web client.
     Serve(ServeArgs),
+    /// The installation's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Devices: enrollment.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Print the device state table of a running server.
+    Devices(admin_cli::AdminArgs),
+    /// Print the live and recently ended calls of a running server.
+    Calls(admin_cli::AdminArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create the CA and the server's QUIC certificate (done on first `serve` too).
+    Init {
+        /// Data directory of the server.
+        #[arg(long, env = "FLEETCALL_DATA_DIR", default_value = "fleetcall-data")]
+        data_dir: PathBuf,
+        /// Names and IPs devices use to reach the server (certificate SANs).
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Issue a client certificate and key for a device.
+    Enroll {
+        /// The device id (1-64 of A-Z a-z 0-9 _ . -), its identity on the control plane.
+        id: String,
+        /// Data directory of the server (holds the CA).
+        #[arg(long, env = "FLEETCALL_DATA_DIR", default_value = "fleetcall-data")]
+        data_dir: PathBuf,
+        /// Where to write `<id>.pem`, `<id>.key` and `ca.pem`.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +85,19 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(serve(config))
         }
+        Command::Ca(CaCommand::Init { data_dir, names }) => {
+            let pki = Pki::open_or_init(data_dir.join("pki"), &names)?;
+            println!("CA ready: {}", pki.ca_path().display());
+            Ok(())
+        }
+        Command::Device(DeviceCommand::Enroll { id, data_dir, out }) => {
+            let pki = Pki::open_or_init(data_dir.join("pki"), &[])?;
+            let files = pki.enroll(&id, &out)?;
+            println!("enrolled {id}: {} {} (trust {})", files.cert.display(), files.key.display(), files.ca.display());
+            Ok(())
+        }
+        Command::Devices(args) => admin_cli::run(args, admin_cli::Table::Devices),
+        Command::Calls(args) => admin_cli::run(args, admin_cli::Table::Calls),
     }
 }
 
@@ -66,9 +123,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     })
     .context("starting the media plane")?;
 
+    let mut names = vec![config.quic_addr.ip().to_string()];
+    names.extend(config.advertise_ip.map(|ip| ip.to_string()));
+    let pki = Pki::open_or_init(config.data_dir.join("pki"), &names).context("opening the installation CA")?;
+    let mut control_config = controller::Config::default();
+    control_config.heartbeat_interval = config.heartbeat;
+    control_config.ring_timeout = config.ring_timeout;
+    control_config.resume_grace = config.resume_grace;
+    let seed: [u8; 32] = rand::random();
+    let controller = Controller::new(control_config, std::time::Instant::now(), seed).context("controller settings")?;
+    let control = ControlPlane::start(controller, driver.handle());
+    let quic_config = QuicConfig { bind: config.quic_addr, ..QuicConfig::default() };
+    let endpoint = quic::bind(&quic_config, pki.server_tls()?).with_context(|| format!("binding QUIC on {}", config.quic_addr))?;
+    let quic_addr = endpoint.local_addr()?;
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let quic_task = tokio::spawn(quic::serve(endpoint, quic_config, control.clone(), shutdown_rx.clone()));
     let ready = Arc::new(AtomicBool::new(true));
     let state = http::AppState {
+        control: control.clone(),
         ws: WsContext { sfu: driver.handle(), shutdown: shutdown_rx },
         ready: ready.clone(),
         admin_token: admin_token.into(),
@@ -89,8 +162,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("binding HTTP on {}", config.http_addr));
     };
     let scheme = if config.tls { "https" } else { "http" };
-    info!(%addr, data_dir = %config.data_dir.display(), "fleetcall ready");
-    // Tests and humans read this line to find the server.
+    info!(%addr, %quic_addr, data_dir = %config.data_dir.display(), "fleetcall ready");
+    // Tests and humans read these lines to find the server.
+    println!("fleetcall quic {quic_addr}");
     println!("fleetcall serving {scheme}://{addr}/");
     let _ = std::io::stdout().flush();
 
@@ -105,8 +179,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     info!(timeout = ?config.shutdown_timeout, "shutting down");
     ready.store(false, Ordering::Relaxed);
-    // Sockets tell their clients and leave; then HTTP drains within the deadline.
+    // Devices hear SERVER_SHUTDOWN on every call and their connections close;
+    // browser sockets tell their clients and leave; then HTTP drains.
+    if tokio::time::timeout(config.shutdown_timeout, control.shutdown()).await.is_err() {
+        warn!("the control plane did not shut down in time");
+    }
     let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(config.shutdown_timeout, quic_task).await;
     handle.graceful_shutdown(Some(config.shutdown_timeout));
     if tokio::time::timeout(config.shutdown_timeout + std::time::Duration::from_secs(1), server).await.is_err() {
         warn!("HTTP connections did not drain in time");

@@ -8,6 +8,8 @@
 //! * [`pki`]: the installation CA and device enrollment (mTLS identities).
 //! * [`protocol`]: the earlier browser room protocol, kept until the
 //!   WebSocket moves to `fleetcall.v1` (see `PROTOCOL.md`).
+//! * [`quic`]: the device transport (QUIC, mTLS, one stream per device).
+//! * [`service`]: the task that owns the controller, and the SFU adapter.
 //! * [`ws`]: the WebSocket transport driving the SFU for browsers.
 
 pub mod backoff;
@@ -17,6 +19,8 @@ pub mod ids;
 pub mod pb;
 pub mod pki;
 pub mod protocol;
+pub mod quic;
+pub mod service;
 pub mod wire;
 pub mod ws;
 

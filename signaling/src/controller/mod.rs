@@ -734,6 +734,13 @@ impl Controller {
         }
     }
 
+    /// An operator ends a call (admin API). Returns false if the call is
+    /// unknown or already ended (ending is idempotent).
+    pub fn handle_operator_end(&mut self, now: Instant, call: CallId) -> bool {
+        let now = self.advance(now);
+        self.end_call(now, call, Cause::new(EndReason::EndedByOperator))
+    }
+
     // ---- outputs ----------------------------------------------------------
 
     /// The next thing to do; drain after every input.

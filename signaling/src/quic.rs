@@ -1,0 +1,238 @@
+//! The device transport: QUIC with mutual TLS, one long-lived bidirectional
+//! stream per device carrying length-delimited protobuf frames both ways.
+//!
+//! The device opens the stream; its identity is the common name of the client
+//! certificate the installation CA issued (see [`crate::pki`]). QUIC keep-alive
+//! proves the path; the controller's heartbeats prove that frames move.
+//! Connection migration is on: a device whose address changes keeps its
+//! connection and session.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use rustls::pki_types::CertificateDer;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{Semaphore, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::ids::{ConnId, DeviceId};
+use crate::pb::{self, CloseReason};
+use crate::pki;
+use crate::service::{ConnectionLink, ControlPlane};
+use crate::wire::{FrameDecoder, encode_frame};
+
+/// QUIC transport settings.
+#[derive(Debug, Clone)]
+pub struct QuicConfig {
+    /// UDP address to listen on (default port 4433).
+    pub bind: SocketAddr,
+    /// QUIC keep-alive: proves the path even when no frames move.
+    pub keep_alive: Duration,
+    /// A connection with no packets for this long is dead.
+    pub idle_timeout: Duration,
+    /// A device must open its stream within this time of the handshake.
+    pub stream_timeout: Duration,
+    /// Most simultaneous connections; more are refused.
+    pub max_connections: usize,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            keep_alive: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(10),
+            stream_timeout: Duration::from_secs(10),
+            max_connections: 20_000,
+        }
+    }
+}
+
+/// Binds the QUIC endpoint with the installation's server certificate.
+pub fn bind(config: &QuicConfig, tls: rustls::ServerConfig) -> std::io::Result<Endpoint> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport(config)));
+    server.migration(true);
+    Endpoint::server(server, config.bind)
+}
+
+/// The transport parameters shared by server and devices.
+pub fn transport(config: &QuicConfig) -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(config.keep_alive));
+    // A configured duration in seconds always fits a QUIC idle timeout.
+    transport.max_idle_timeout(Some(config.idle_timeout.try_into().expect("idle timeout fits")));
+    // One control stream per device; nothing else may be opened.
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport
+}
+
+/// Accepts devices until `shutdown` turns true.
+pub async fn serve(endpoint: Endpoint, config: QuicConfig, control: ControlPlane, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            _ = shutdown.changed() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
+            incoming.refuse();
+            continue;
+        };
+        let remote = incoming.remote_address();
+        let control = control.clone();
+        let config = config.clone();
+        tokio::spawn(
+            async move {
+                match incoming.await {
+                    Ok(connection) => serve_connection(connection, &config, &control).await,
+                    // Wrong or missing client certificate, or a broken handshake.
+                    Err(e) => info!(error = %e, "handshake failed"),
+                }
+                drop(slot);
+            }
+            .instrument(info_span!("quic", %remote)),
+        );
+    }
+    // Give connections the controller is closing a moment to flush their
+    // last frames (each releases its slot when done), then close the rest.
+    let all = config.max_connections;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while slots.available_permits() < all {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    endpoint.close(VarInt::from(CloseReason::Shutdown as u32), b"shutdown");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+async fn serve_connection(connection: Connection, config: &QuicConfig, control: &ControlPlane) {
+    let device = match identity(&connection) {
+        Ok(device) => device,
+        Err(e) => {
+            info!(error = %e, "no usable device identity");
+            close(&connection, CloseReason::ProtocolError);
+            return;
+        }
+    };
+    let span = info_span!("device", id = %device);
+    async {
+        let (send, recv) = match tokio::time::timeout(config.stream_timeout, connection.accept_bi()).await {
+            Ok(Ok(streams)) => streams,
+            Ok(Err(e)) => {
+                debug!(error = %e, "connection ended before its stream opened");
+                return;
+            }
+            Err(_) => {
+                close(&connection, CloseReason::HelloTimeout);
+                return;
+            }
+        };
+        let Ok((conn, link)) = control.connection_up(device).await else {
+            close(&connection, CloseReason::Shutdown);
+            return;
+        };
+        debug!(%conn, "control stream open");
+        let writer = tokio::spawn(write_frames(send, link, connection.clone()));
+        let detail = read_frames(recv, conn, control).await;
+        // The controller may be gone at shutdown; nothing to tell then.
+        let _ = control.connection_down(conn, detail).await;
+        // The writer ends once the controller drops the connection's queue.
+        let _ = writer.await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// The device id from the verified client certificate.
+fn identity(connection: &Connection) -> Result<DeviceId, Box<dyn std::error::Error + Send + Sync>> {
+    let certs = connection
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or("no client certificate")?;
+    let leaf = certs.first().ok_or("empty certificate chain")?;
+    Ok(DeviceId::new(pki::device_id_of(leaf)?)?)
+}
+
+/// Decodes frames until the stream ends; returns why it ended.
+async fn read_frames(mut recv: RecvStream, conn: ConnId, control: &ControlPlane) -> String {
+    let mut buffer = BytesMut::with_capacity(16 * 1024);
+    let mut decoder = FrameDecoder::new();
+    loop {
+        match recv.read_buf(&mut buffer).await {
+            Ok(0) => return "stream finished".into(),
+            Ok(_) => {}
+            Err(e) => return e.to_string(),
+        }
+        loop {
+            match decoder.decode::<pb::ClientFrame>(&mut buffer) {
+                Ok(Some(frame)) => {
+                    if control.frame(conn, frame).await.is_err() {
+                        return "server stopping".into();
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    let fatal = error.is_fatal();
+                    let detail = error.to_string();
+                    if control.wire_error(conn, error).await.is_err() || fatal {
+                        return detail;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes the controller's frames; on close, flushes what is queued (within a
+/// bound) so the last error reaches the device, then closes the connection.
+async fn write_frames(mut send: SendStream, mut link: ConnectionLink, connection: Connection) {
+    let mut buffer = BytesMut::new();
+    loop {
+        tokio::select! {
+            // Frames before the close: the close comes after what was queued.
+            biased;
+            frame = link.frames.recv() => {
+                let Some(frame) = frame else { break };
+                buffer.clear();
+                if encode_frame(&frame, &mut buffer).is_err() {
+                    continue; // the controller never builds oversize frames
+                }
+                tokio::select! {
+                    written = send.write_all(&buffer) => if written.is_err() { return },
+                    // A device that stopped reading blocks the write forever.
+                    _ = link.close.changed() => break,
+                }
+            }
+            _ = link.close.changed() => break,
+        }
+    }
+    let Some(reason) = *link.close.borrow() else { return };
+    let flush = async {
+        while let Ok(frame) = link.frames.try_recv() {
+            buffer.clear();
+            if encode_frame(&frame, &mut buffer).is_ok() && send.write_all(&buffer).await.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish();
+        let _ = send.stopped().await;
+    };
+    if reason != CloseReason::NotReading {
+        let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
+    }
+    close(&connection, reason);
+}
+
+fn close(connection: &Connection, reason: CloseReason) {
+    connection.close(VarInt::from(reason as u32), reason.as_str_name().as_bytes());
+}
