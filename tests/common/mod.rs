@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cdp;
+pub mod webrtc_peer;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -17,6 +18,8 @@ pub struct Server {
     pub child: Child,
     /// e.g. `http://127.0.0.1:40123`, without a trailing slash.
     pub url: String,
+    /// The device control plane (QUIC) address.
+    pub quic_addr: std::net::SocketAddr,
     pub data_dir: PathBuf,
     pub admin_token: String,
 }
@@ -30,7 +33,7 @@ impl Server {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()
         ));
         let mut child = Command::new(env!("CARGO_BIN_EXE_fleetcall"))
-            .args(["serve", "--http-addr", "127.0.0.1:0", "--media-port", "0", "--data-dir"])
+            .args(["serve", "--http-addr", "127.0.0.1:0", "--media-port", "0", "--quic-addr", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
             .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
@@ -39,20 +42,25 @@ impl Server {
             .context("spawning fleetcall")?;
         let stdout = child.stdout.take().context("stdout")?;
         let mut lines = BufReader::new(stdout).lines();
+        let mut quic_addr = None;
         let url = loop {
             let Some(line) = lines.next() else {
                 let status = child.wait()?;
                 bail!("fleetcall exited before serving: {status}");
             };
             let line = line?;
+            if let Some(addr) = line.strip_prefix("fleetcall quic ") {
+                quic_addr = Some(addr.trim().parse()?);
+            }
             if let Some(url) = line.strip_prefix("fleetcall serving ") {
                 break url.trim_end_matches('/').to_owned();
             }
         };
+        let quic_addr = quic_addr.context("fleetcall printed no QUIC address")?;
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let admin_token = std::fs::read_to_string(data_dir.join("admin-token"))?.trim().to_owned();
-        Ok(Server { child, url, data_dir, admin_token })
+        Ok(Server { child, url, quic_addr, data_dir, admin_token })
     }
 
     /// The signaling WebSocket URL.
@@ -96,6 +104,15 @@ impl Drop for Server {
 
 /// A minimal HTTP/1.1 GET over a fresh TCP connection; returns the body of a 200.
 pub async fn http_get(url: &str, bearer: Option<&str>) -> anyhow::Result<String> {
+    let (status, body) = http_get_status(url, bearer).await?;
+    if status != 200 {
+        bail!("GET {url}: status {status}");
+    }
+    Ok(body)
+}
+
+/// Like [`http_get`], but returns the status code and body of any response.
+pub async fn http_get_status(url: &str, bearer: Option<&str>) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").context("http URL")?;
     let (host, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
@@ -105,8 +122,6 @@ pub async fn http_get(url: &str, bearer: Option<&str>) -> anyhow::Result<String>
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
     let (head, body) = response.split_once("\r\n\r\n").context("HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET {url}: {}", head.lines().next().unwrap_or_default());
-    }
-    Ok(body.to_owned())
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).with_context(|| format!("GET {url}: bad status line"))?;
+    Ok((status, body.to_owned()))
 }
