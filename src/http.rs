@@ -4,16 +4,18 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Path, Request, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, Query, Request, State, WebSocketUpgrade};
 use axum::middleware::{self, Next};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fleetcall_signaling::controller::{CallSnapshot, DeviceSnapshot};
-use fleetcall_signaling::ids::CallId;
+use fleetcall_signaling::ids::{CallId, DeviceId};
+use fleetcall_signaling::pki::DeviceTokens;
 use fleetcall_signaling::service::ControlPlane;
 use fleetcall_signaling::ws::{self, WsContext};
+use fleetcall_signaling::ws_device;
 use serde_json::{json, Value};
 
 /// Shared by every request handler.
@@ -21,6 +23,7 @@ use serde_json::{json, Value};
 pub struct AppState {
     pub ws: WsContext,
     pub control: ControlPlane,
+    pub device_tokens: DeviceTokens,
     /// False before the media plane runs and once shutdown begins.
     pub ready: Arc<AtomicBool>,
     pub admin_token: Arc<str>,
@@ -40,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/ws", get(websocket))
+        .route("/ws/device", get(device_websocket))
         .merge(admin)
         .with_state(state)
 }
@@ -57,6 +61,22 @@ async fn websocket(upgrade: WebSocketUpgrade, ConnectInfo(peer): ConnectInfo<Soc
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
     ws::upgrade(upgrade, peer, state.ws)
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct DeviceQuery {
+    token: String,
+}
+
+/// The device protocol over WebSocket; the token is the identity.
+async fn device_websocket(upgrade: WebSocketUpgrade, Query(query): Query<DeviceQuery>, State(state): State<AppState>) -> Response {
+    if !state.ready.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    let Some(device) = state.device_tokens.verify(&query.token).and_then(|id| DeviceId::new(id).ok()) else {
+        return (StatusCode::UNAUTHORIZED, "invalid device token\n").into_response();
+    };
+    ws_device::upgrade(upgrade, device, state.control)
 }
 
 async fn stats(State(state): State<AppState>) -> Response {

@@ -15,7 +15,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fleetcall_sfu::{DriverConfig, SfuConfig, SfuDriver};
 use fleetcall_signaling::controller::{self, Controller};
-use fleetcall_signaling::pki::Pki;
+use fleetcall_signaling::pki::{DeviceTokens, Pki};
 use fleetcall_signaling::quic::{self, QuicConfig};
 use fleetcall_signaling::service::ControlPlane;
 use fleetcall_signaling::ws::WsContext;
@@ -74,6 +74,14 @@ enum DeviceCommand {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    /// Print a WebSocket token for a device without a certificate (a browser).
+    Token {
+        /// The device id.
+        id: String,
+        /// Data directory of the server (holds the token secret).
+        #[arg(long, env = "FLEETCALL_DATA_DIR", default_value = "fleetcall-data")]
+        data_dir: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +102,12 @@ fn main() -> anyhow::Result<()> {
             let pki = Pki::open_or_init(data_dir.join("pki"), &[])?;
             let files = pki.enroll(&id, &out)?;
             println!("enrolled {id}: {} {} (trust {})", files.cert.display(), files.key.display(), files.ca.display());
+            Ok(())
+        }
+        Command::Device(DeviceCommand::Token { id, data_dir }) => {
+            let pki = Pki::open_or_init(data_dir.join("pki"), &[])?;
+            let tokens = DeviceTokens::open_or_init(pki.dir())?;
+            println!("{}", tokens.issue(&id)?);
             Ok(())
         }
         Command::Devices(args) => admin_cli::run(args, admin_cli::Table::Devices),
@@ -140,8 +154,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let quic_task = tokio::spawn(quic::serve(endpoint, quic_config, control.clone(), shutdown_rx.clone()));
     let ready = Arc::new(AtomicBool::new(true));
+    let device_tokens = DeviceTokens::open_or_init(pki.dir())?;
     let state = http::AppState {
         control: control.clone(),
+        device_tokens,
         ws: WsContext { sfu: driver.handle(), shutdown: shutdown_rx },
         ready: ready.clone(),
         admin_token: admin_token.into(),

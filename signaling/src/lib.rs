@@ -10,7 +10,8 @@
 //!   WebSocket moves to `fleetcall.v1` (see `PROTOCOL.md`).
 //! * [`quic`]: the device transport (QUIC, mTLS, one stream per device).
 //! * [`service`]: the task that owns the controller, and the SFU adapter.
-//! * [`ws`]: the WebSocket transport driving the SFU for browsers.
+//! * [`ws`]: the browser room WebSocket (earlier protocol) driving the SFU.
+//! * [`ws_device`]: the device protocol over WebSocket (JSON frames, token identity).
 
 pub mod backoff;
 pub mod controller;
@@ -23,5 +24,6 @@ pub mod quic;
 pub mod service;
 pub mod wire;
 pub mod ws;
+pub mod ws_device;
 
 pub use error::Error;

@@ -68,6 +68,53 @@ pub fn valid_device_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// Bearer tokens for devices that cannot hold a client certificate
+/// (browsers on the WebSocket): `<device id>.<hex HMAC-SHA256 of the id>`,
+/// keyed by a secret created in the PKI directory on first use. Possession of
+/// the token is the identity, like the key of a certificate; re-keying the
+/// secret revokes every token at once.
+#[derive(Debug, Clone)]
+pub struct DeviceTokens {
+    key: ring::hmac::Key,
+}
+
+impl DeviceTokens {
+    /// Opens (or creates) the token secret in `dir`.
+    pub fn open_or_init(dir: &Path) -> Result<DeviceTokens, PkiError> {
+        let path = dir.join("device-token.secret");
+        if !path.exists() {
+            let mut secret = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+                .map_err(|_| PkiError::Certificate("no system randomness".into()))?;
+            write_private(&path, &secret)?;
+        }
+        let secret = read(&path)?;
+        Ok(DeviceTokens { key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret) })
+    }
+
+    /// The token for `device_id`.
+    pub fn issue(&self, device_id: &str) -> Result<String, PkiError> {
+        if !valid_device_id(device_id) {
+            return Err(PkiError::InvalidDeviceId(device_id.to_owned()));
+        }
+        let tag = ring::hmac::sign(&self.key, device_id.as_bytes());
+        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(format!("{device_id}.{hex}"))
+    }
+
+    /// The device a token names, if the token is genuine.
+    pub fn verify(&self, token: &str) -> Option<String> {
+        let (id, hex) = token.rsplit_once('.')?;
+        if !valid_device_id(id) || hex.len() != 64 {
+            return None;
+        }
+        let tag: Vec<u8> = (0..32).map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect::<Option<_>>()?;
+        // Constant-time comparison inside ring.
+        ring::hmac::verify(&self.key, id.as_bytes(), &tag).ok()?;
+        Some(id.to_owned())
+    }
+}
+
 /// Files of an enrolled device.
 #[derive(Debug, Clone)]
 pub struct DeviceFiles {
@@ -99,6 +146,11 @@ impl Pki {
             pki.create_server_cert(server_names)?;
         }
         Ok(pki)
+    }
+
+    /// The PKI directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The CA certificate path.
@@ -289,6 +341,23 @@ mod tests {
         let ca = fs::read(dir.join("ca.pem")).unwrap();
         Pki::open_or_init(&dir, &[]).unwrap();
         assert_eq!(fs::read(dir.join("ca.pem")).unwrap(), ca);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn device_tokens_verify_only_their_own_id() {
+        let dir = temp_dir("tokens");
+        fs::create_dir_all(&dir).unwrap();
+        let tokens = DeviceTokens::open_or_init(&dir).unwrap();
+        let token = tokens.issue("kiosk-3").unwrap();
+        assert_eq!(tokens.verify(&token).as_deref(), Some("kiosk-3"));
+        let forged = token.replacen("kiosk-3", "kiosk-4", 1);
+        assert_eq!(tokens.verify(&forged), None);
+        assert_eq!(tokens.verify("kiosk-3"), None);
+        assert_eq!(tokens.verify("kiosk-3.zz"), None);
+        assert_eq!(tokens.verify(&format!("{token}00")), None);
+        // Reopening keeps the secret, so issued tokens stay valid.
+        assert_eq!(DeviceTokens::open_or_init(&dir).unwrap().verify(&token).as_deref(), Some("kiosk-3"));
         let _ = fs::remove_dir_all(&dir);
     }
 
