@@ -1,5 +1,6 @@
 //! Cost of one 20 ms mono frame: decode only, decode + RNNoise, and the full
-//! pipeline at several encoder complexities. Streams per core = 20 ms / time.
+//! pipeline for both encoder modes at several complexities (48 kbit/s output).
+//! Streams per core = 20 ms / time.
 //!
 //! The input is a synthetic talker (a voiced harmonic source with syllable-rate
 //! envelope and pauses) in pink-ish noise, coded like a browser would (Opus
@@ -106,42 +107,15 @@ fn bench(c: &mut Criterion) {
         });
     });
 
+    let low_delay = PipelineConfig::low_delay();
     let configs = [
-        (
-            "transcode_c5",
-            PipelineConfig {
-                suppression: false,
-                ..PipelineConfig::default()
-            },
-        ),
-        (
-            "pipeline_c0",
-            PipelineConfig {
-                complexity: 0,
-                ..PipelineConfig::default()
-            },
-        ),
-        (
-            "pipeline_c2",
-            PipelineConfig {
-                complexity: 2,
-                ..PipelineConfig::default()
-            },
-        ),
-        (
-            "pipeline_c5",
-            PipelineConfig {
-                complexity: 5,
-                ..PipelineConfig::default()
-            },
-        ),
-        (
-            "pipeline_c10",
-            PipelineConfig {
-                complexity: 10,
-                ..PipelineConfig::default()
-            },
-        ),
+        ("transcode_voip_c5", PipelineConfig { suppression: false, ..PipelineConfig::default() }),
+        ("pipeline_voip_c5_default", PipelineConfig::default()),
+        ("pipeline_voip_c0", PipelineConfig { complexity: 0, ..PipelineConfig::default() }),
+        ("transcode_lowdelay_c2", PipelineConfig { suppression: false, ..low_delay }),
+        ("pipeline_lowdelay_c2", low_delay),
+        ("pipeline_lowdelay_c0", PipelineConfig { complexity: 0, ..low_delay }),
+        ("pipeline_lowdelay_c5", PipelineConfig { complexity: 5, ..low_delay }),
     ];
     for (name, config) in configs {
         group.bench_function(name, |b| {
