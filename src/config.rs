@@ -21,6 +21,14 @@ pub enum TlsMode {
     Off,
 }
 
+/// On or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    On,
+    Off,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -70,6 +78,12 @@ pub struct ServeArgs {
     /// Log format: text | json. Filter with RUST_LOG.
     #[arg(long, env = "FLEETCALL_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Denoise every publisher's audio unless a room or device says otherwise: on | off.
+    #[arg(long, env = "FLEETCALL_SUPPRESSION")]
+    pub suppression: Option<Switch>,
+    /// Threads running noise suppression. Default: one per core.
+    #[arg(long, env = "FLEETCALL_AUDIO_THREADS")]
+    pub audio_threads: Option<usize>,
     /// UDP address of the device control plane (QUIC).
     #[arg(long, env = "FLEETCALL_QUIC_ADDR")]
     pub quic_addr: Option<SocketAddr>,
@@ -126,6 +140,8 @@ struct FileMedia {
     advertise_ip: Option<IpAddr>,
     disconnect_grace_secs: Option<f64>,
     max_room_size: Option<usize>,
+    suppression: Option<Switch>,
+    audio_threads: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,6 +162,8 @@ pub struct Config {
     pub advertise_ip: Option<IpAddr>,
     pub disconnect_grace: Duration,
     pub max_room_size: usize,
+    pub suppression: bool,
+    pub audio_threads: usize,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
     pub quic_addr: SocketAddr,
@@ -181,6 +199,8 @@ impl Config {
             advertise_ip: args.advertise_ip.or(file.media.advertise_ip),
             disconnect_grace: seconds("disconnect grace", args.disconnect_grace_secs.or(file.media.disconnect_grace_secs).unwrap_or(5.0))?,
             max_room_size: args.max_room_size.or(file.media.max_room_size).unwrap_or(100),
+            suppression: args.suppression.or(file.media.suppression) == Some(Switch::On),
+            audio_threads: args.audio_threads.or(file.media.audio_threads).unwrap_or(workers),
             shutdown_timeout: seconds("shutdown timeout", args.shutdown_timeout_secs.or(file.shutdown.timeout_secs).unwrap_or(5.0))?,
             log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             quic_addr: args.quic_addr.or(file.control.quic_addr).unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 4433))),

@@ -4,12 +4,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, Path, Query, Request, State, WebSocketUpgrade};
 use axum::middleware::{self, Next};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use fleetcall_sfu::audio::PolicyChange;
 use fleetcall_signaling::controller::{CallSnapshot, DeviceSnapshot};
 use fleetcall_signaling::ids::{CallId, DeviceId};
 use fleetcall_signaling::pki::DeviceTokens;
@@ -35,6 +37,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/devices", get(devices))
         .route("/api/calls", get(calls))
         .route("/api/calls/{id}/end", post(end_call))
+        .route("/api/policy", get(get_policy).put(put_policy))
+        .route("/api/audio", get(audio))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin_token));
     Router::new()
         .route("/", get(|| async { Html(include_str!("../web/index.html")) }))
@@ -84,6 +88,44 @@ async fn stats(State(state): State<AppState>) -> Response {
         Ok(stats) => Json(stats).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
+}
+
+async fn get_policy(State(state): State<AppState>) -> Response {
+    match state.ws.sfu.policy().await {
+        Ok(policy) => Json(policy).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+/// Changes the suppression policy at runtime; calls go on, tracks switch with a fade.
+async fn put_policy(State(state): State<AppState>, body: Result<Json<PolicyChange>, JsonRejection>) -> Response {
+    let Json(change) = match body {
+        Ok(change) => change,
+        Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({ "error": e.body_text() }))).into_response(),
+    };
+    match state.ws.sfu.set_policy(change).await {
+        Ok(policy) => Json(policy).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+/// Audio meters of every processed track.
+async fn audio(State(state): State<AppState>) -> Response {
+    let meters = state.ws.sfu.audio_meters().await;
+    Json(meters.iter().map(|(track, m)| json!({
+        "participant": track.publisher.0,
+        "mid": track.mid.to_string(),
+        "suppression": m.suppression.enabled,
+        "input": { "rms_dbfs": m.input.rms_dbfs, "peak_dbfs": m.input.peak_dbfs, "noise_floor_dbfs": m.input.noise_floor_dbfs,
+                   "snr_db": m.input.snr_db, "clipping_ratio": m.input.clipping_ratio() },
+        "output": { "rms_dbfs": m.output.rms_dbfs, "peak_dbfs": m.output.peak_dbfs, "noise_floor_dbfs": m.output.noise_floor_dbfs,
+                    "snr_db": m.output.snr_db, "clipping_ratio": m.output.clipping_ratio() },
+        "speech": { "probability": m.speech.probability, "ratio": m.speech.ratio },
+        "attenuation_db": m.suppression.attenuation_db,
+        "packets": { "received": m.packets.received, "sent": m.packets.sent, "lost": m.packets.lost,
+                     "concealed": m.packets.concealed, "fec_recovered": m.packets.fec_recovered, "decode_errors": m.packets.decode_errors },
+        "processing_us_per_20ms": m.processing.micros_per_20ms(),
+    })).collect::<Vec<_>>()).into_response()
 }
 
 async fn devices(State(state): State<AppState>) -> Response {

@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use fleetcall_dsp::PipelineConfig;
+use fleetcall_sfu::audio::SuppressionPolicy;
 use fleetcall_sfu::{DriverConfig, SfuConfig, SfuDriver};
 use fleetcall_signaling::controller::{self, Controller};
 use fleetcall_signaling::pki::{DeviceTokens, Pki};
@@ -133,7 +135,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         first_port: config.media_port,
         workers: config.workers,
         advertise_ip: config.advertise_ip,
-        sfu: SfuConfig { disconnect_grace: config.disconnect_grace, max_room_size: config.max_room_size, ..SfuConfig::default() },
+        sfu: SfuConfig {
+            disconnect_grace: config.disconnect_grace,
+            max_room_size: config.max_room_size,
+            suppression: SuppressionPolicy { default: config.suppression, ..SuppressionPolicy::default() },
+            ..SfuConfig::default()
+        },
+        audio_threads: config.audio_threads,
+        pipeline: PipelineConfig::default(),
     })
     .context("starting the media plane")?;
 

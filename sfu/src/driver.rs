@@ -36,6 +36,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, info_span, warn};
 
+use crate::audio::{AudioPool, MeterSnapshot, PolicyChange, ProcessedAudio, SuppressionPolicy};
 use crate::error::SfuError;
 use crate::ids::{ParticipantId, RoomId};
 use crate::sfu::{JoinRequest, Joined, LeaveReason, Sfu, SfuConfig, SfuEvent, SfuStats};
@@ -56,6 +57,10 @@ pub struct DriverConfig {
     pub advertise_ip: Option<IpAddr>,
     /// Settings of each core; its `candidates` are filled in per worker.
     pub sfu: SfuConfig,
+    /// Threads running noise suppression pipelines.
+    pub audio_threads: usize,
+    /// How processed tracks are decoded, denoised and encoded.
+    pub pipeline: fleetcall_dsp::PipelineConfig,
 }
 
 /// Receive buffer per batch slot: room for a GRO batch of datagrams.
@@ -96,6 +101,11 @@ enum Command {
     Stats {
         reply: oneshot::Sender<SfuStats>,
     },
+    /// Apply a change, if any, and reply with the policy in force.
+    Policy {
+        change: Option<PolicyChange>,
+        reply: oneshot::Sender<SuppressionPolicy>,
+    },
     /// Remove everyone (they hear `shutdown`) and stop.
     Shutdown,
 }
@@ -111,6 +121,7 @@ struct Worker {
 pub struct SfuHandle {
     workers: Arc<[Worker]>,
     next_participant: Arc<AtomicU64>,
+    audio: Arc<AudioPool>,
 }
 
 /// Owns the worker threads.
@@ -137,9 +148,12 @@ impl SfuDriver {
         // The default provider generates certificates; failing would be a bug.
         let cert = crypto.dtls_provider.generate_certificate().expect("DTLS certificate");
 
+        let worker_count = config.workers.max(1);
+        let (processed_tx, mut processed_rx): (Vec<_>, Vec<_>) = (0..worker_count).map(|_| mpsc::unbounded_channel()).unzip();
+        let audio = Arc::new(AudioPool::start(config.audio_threads, config.pipeline, processed_tx)?);
         let mut workers = Vec::new();
         let mut threads = Vec::new();
-        for index in 0..config.workers.max(1) {
+        for (index, processed) in processed_rx.drain(..).enumerate() {
             let port = if config.first_port == 0 { 0 } else { config.first_port + index as u16 };
             let socket = std::net::UdpSocket::bind((config.bind_ip, port))?;
             socket.set_nonblocking(true)?;
@@ -148,6 +162,7 @@ impl SfuDriver {
             let sfu_config = SfuConfig { candidates: vec![advertised], ..config.sfu.clone() };
             let sfu = Sfu::with_certificate(sfu_config, crypto.clone(), cert.clone());
             let (tx, rx) = mpsc::unbounded_channel();
+            let pool = audio.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("sfu-worker-{index}"))
                 .spawn(move || {
@@ -157,7 +172,8 @@ impl SfuDriver {
                         .expect("worker runtime");
                     let span = info_span!("sfu_worker", worker = index, %local_addr);
                     let _enter = span.enter();
-                    if let Err(e) = runtime.block_on(run_worker(sfu, socket, advertised, rx)) {
+                    let io = WorkerIo { index, advertised, commands: rx, processed, audio: pool };
+                    if let Err(e) = runtime.block_on(run_worker(sfu, socket, io)) {
                         warn!(error = %e, "worker stopped on socket error");
                     }
                 })?;
@@ -165,7 +181,7 @@ impl SfuDriver {
             workers.push(Worker { commands: tx, local_addr });
             threads.push(thread);
         }
-        let handle = SfuHandle { workers: workers.into(), next_participant: Arc::new(AtomicU64::new(1)) };
+        let handle = SfuHandle { workers: workers.into(), next_participant: Arc::new(AtomicU64::new(1)), audio };
         Ok(SfuDriver { handle, threads })
     }
 
@@ -234,6 +250,8 @@ impl SfuHandle {
             total.tracks += s.tracks;
             total.forwarding_entries += s.forwarding_entries;
             total.demux_entries += s.demux_entries;
+            total.processed_tracks += s.processed_tracks;
+            total.suppressed_tracks += s.suppressed_tracks;
             total.datagrams_in += s.datagrams_in;
             total.bytes_in += s.bytes_in;
             total.datagrams_out += s.datagrams_out;
@@ -245,6 +263,27 @@ impl SfuHandle {
             total.dropped.unroutable += s.dropped.unroutable;
         }
         Ok(total)
+    }
+
+    /// Changes the suppression policy on every worker; returns the policy now in force.
+    pub async fn set_policy(&self, change: PolicyChange) -> Result<SuppressionPolicy, SfuError> {
+        let mut policy = SuppressionPolicy::default();
+        for worker in 0..self.workers.len() {
+            let change = Some(change.clone());
+            policy = self.call(worker, |reply| Command::Policy { change, reply }).await?;
+        }
+        Ok(policy)
+    }
+
+    /// The suppression policy in force (the same on every worker).
+    pub async fn policy(&self) -> Result<SuppressionPolicy, SfuError> {
+        self.call(0, |reply| Command::Policy { change: None, reply }).await
+    }
+
+    /// Meters of every denoised track.
+    pub async fn audio_meters(&self) -> MeterSnapshot {
+        let audio = self.audio.clone();
+        tokio::task::spawn_blocking(move || audio.meters()).await.unwrap_or_default()
     }
 
     /// Rooms are pinned to workers by a stable hash of their name.
@@ -263,12 +302,18 @@ impl SfuHandle {
 
 /// One worker: waits for a datagram batch, a command or the core's deadline,
 /// feeds it to the core, then flushes what the core produced.
-async fn run_worker(
-    mut sfu: Sfu,
-    socket: std::net::UdpSocket,
+/// A worker's channels besides its socket.
+struct WorkerIo {
+    index: usize,
     advertised: SocketAddr,
-    mut commands: mpsc::UnboundedReceiver<Command>,
-) -> io::Result<()> {
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// Packets the DSP threads produced for this worker's tracks.
+    processed: mpsc::UnboundedReceiver<Vec<ProcessedAudio>>,
+    audio: Arc<AudioPool>,
+}
+
+async fn run_worker(mut sfu: Sfu, socket: std::net::UdpSocket, io: WorkerIo) -> io::Result<()> {
+    let WorkerIo { index, advertised, mut commands, mut processed, audio } = io;
     let state = UdpSocketState::new((&socket).into())?;
     // Best effort: the kernel may cap these; smaller buffers only drop earlier.
     let _ = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES);
@@ -280,6 +325,9 @@ async fn run_worker(
 
     loop {
         flush(&mut sfu, &socket, &state, &mut routes);
+        while let Some(command) = sfu.poll_audio() {
+            audio.send(command, index);
+        }
         let deadline = sfu.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             // Commands first: a leave must not wait behind a flood of media.
@@ -294,6 +342,13 @@ async fn run_worker(
                         return Ok(());
                     }
                     Some(command) => handle_command(&mut sfu, now, command, &mut routes),
+                }
+            }
+            // Disabled (not spinning) if the pool is gone at shutdown.
+            Some(batch) = processed.recv() => {
+                let now = tokio::time::Instant::now().into_std();
+                for packet in batch {
+                    sfu.handle_processed(now, packet);
                 }
             }
             ready = socket.readable() => {
@@ -360,6 +415,12 @@ fn handle_command(
         }
         Command::Stats { reply } => {
             let _ = reply.send(sfu.stats());
+        }
+        Command::Policy { change, reply } => {
+            if let Some(change) = change {
+                sfu.set_policy(change);
+            }
+            let _ = reply.send(sfu.policy().clone());
         }
         Command::Shutdown => unreachable!("handled by the worker loop"),
     }

@@ -31,4 +31,11 @@ pub enum SfuError {
     /// Socket setup failed in the driver.
     #[error("media socket: {0}")]
     Io(#[from] std::io::Error),
+    /// A media peer ([`crate::client`]) refused a command: wrong state, or
+    /// WebRTC refused the session description.
+    #[error("media peer: {0}")]
+    Peer(String),
+    /// The media peer's task has stopped.
+    #[error("the media peer has stopped")]
+    PeerStopped,
 }

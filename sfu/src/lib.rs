@@ -9,9 +9,12 @@
 //!   Demultiplexing is O(1): remote address -> participant, and for the first
 //!   STUN request from an address, our ICE ufrag -> participant.
 //! - [`driver`] runs cores on worker threads with batched UDP I/O.
+//! - [`client`] is the device side: a media peer publishing one Opus track.
 //!
 //! Rooms live on exactly one worker, so forwarding never takes a lock.
 
+pub mod audio;
+pub mod client;
 mod demux;
 pub mod driver;
 mod error;
@@ -22,5 +25,6 @@ mod sfu;
 pub use driver::{DriverConfig, Session, SfuDriver, SfuHandle};
 pub use error::SfuError;
 pub use ids::{ParticipantId, RoomId};
+pub use participant::TrackKey;
 pub use sfu::{DropCounts, JoinRequest, Joined, LeaveReason, Sfu, SfuConfig, SfuEvent, SfuStats, Transmit};
 pub use str0m::change::{SdpAnswer, SdpOffer};

@@ -15,15 +15,32 @@ use crate::ids::{ParticipantId, RoomId};
 
 /// A published track: one incoming m-line of one participant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct TrackKey {
+pub struct TrackKey {
+    /// Who publishes it.
     pub publisher: ParticipantId,
+    /// Its m-line in the publisher's session.
     pub mid: Mid,
+}
+
+/// What happens to a published audio track's packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AudioPath {
+    /// Forwarded as received.
+    PassThrough,
+    /// Through a DSP pipeline; `suppress` says whether it denoises. Once a
+    /// track has a pipeline it keeps it, so a policy change fades instead
+    /// of jumping between the two paths' different delays.
+    Pipeline { suppress: bool },
 }
 
 /// An incoming track this participant publishes.
 #[derive(Debug)]
 pub(crate) struct TrackIn {
     pub kind: MediaKind,
+    /// Audio only.
+    pub audio: AudioPath,
+    /// The publisher's payload type for this track, from its latest packet.
+    pub last_pt: Option<Pt>,
     /// Last keyframe request sent upstream, to throttle PLI storms.
     pub last_keyframe_request: Option<Instant>,
 }

@@ -18,14 +18,15 @@ use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::rtp::{ExtensionValues, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tracing::{debug, info, trace, warn};
 
+use crate::audio::{AudioCommand, AudioPacket, PolicyChange, ProcessedAudio, SuppressionPolicy};
 use crate::demux::{classify, stun_local_ufrag, DatagramKind, Demux};
 use crate::error::SfuError;
 use crate::ids::{ParticipantId, RoomId};
-use crate::participant::{Change, OutState, Participant, TrackIn, TrackKey, TrackOut};
+use crate::participant::{AudioPath, Change, OutState, Participant, TrackIn, TrackKey, TrackOut};
 
 /// Settings of one SFU core.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct SfuConfig {
     pub max_room_size: usize,
     /// Most participants in this core.
     pub max_participants: usize,
+    /// Which publishers' audio is denoised.
+    pub suppression: SuppressionPolicy,
 }
 
 impl Default for SfuConfig {
@@ -49,6 +52,7 @@ impl Default for SfuConfig {
             disconnect_grace: Duration::from_secs(5),
             max_room_size: 100,
             max_participants: 5_000,
+            suppression: SuppressionPolicy::default(),
         }
     }
 }
@@ -189,6 +193,10 @@ pub struct SfuStats {
     pub forwarding_entries: usize,
     /// Demux keys (remote addresses and ufrags) still held.
     pub demux_entries: usize,
+    /// Audio tracks going through a DSP pipeline.
+    pub processed_tracks: usize,
+    /// Of those, the ones being denoised now.
+    pub suppressed_tracks: usize,
     /// Datagrams received.
     pub datagrams_in: u64,
     /// Bytes received.
@@ -218,11 +226,25 @@ struct Forward {
     seq_offset: Option<u64>,
 }
 
+/// A packet to write to a track's subscribers.
+#[derive(Debug)]
+struct Outgoing {
+    /// The publisher's payload type.
+    pt: Pt,
+    /// The publisher's extended sequence number.
+    seq: u64,
+    timestamp: u32,
+    marker: bool,
+    exts: ExtensionValues,
+    payload: Arc<[u8]>,
+    arrived: Instant,
+}
+
 /// Work found while draining one participant that touches others. Queued so
 /// only one participant is borrowed at a time.
 #[derive(Debug)]
 enum Work {
-    Forward { source: TrackKey, codec: Codec, packet: Box<RtpPacket> },
+    Forward { source: TrackKey, codec: Codec, packet: Box<Outgoing> },
     KeyframeRequest { source: TrackKey, kind: KeyframeRequestKind },
     Publish { source: TrackKey, kind: MediaKind },
     Remove { participant: ParticipantId, reason: LeaveReason },
@@ -242,6 +264,8 @@ struct Outputs {
     /// (deadline, participant); an entry is live only while it equals the
     /// participant's `wake_at`, so stale ones are skipped, never searched for.
     timers: BinaryHeap<Reverse<(Instant, ParticipantId)>>,
+    /// Commands for the DSP threads.
+    audio: VecDeque<AudioCommand>,
     stats: SfuStats,
     grace: Duration,
 }
@@ -293,6 +317,7 @@ impl Sfu {
                 events: VecDeque::new(),
                 work: VecDeque::new(),
                 timers: BinaryHeap::new(),
+                audio: VecDeque::new(),
                 stats: SfuStats::default(),
                 grace,
             },
@@ -534,6 +559,61 @@ impl Sfu {
         self.out.events.pop_front()
     }
 
+    /// The next command for the DSP threads.
+    pub fn poll_audio(&mut self) -> Option<AudioCommand> {
+        self.out.audio.pop_front()
+    }
+
+    /// Forwards a packet a DSP thread produced for a processed track.
+    pub fn handle_processed(&mut self, now: Instant, processed: ProcessedAudio) {
+        let Some(pt) = self.participants.get(&processed.track.publisher).and_then(|p| p.tracks_in.get(&processed.track.mid)).and_then(|t| t.last_pt) else {
+            return; // the publisher left while its packet was processed
+        };
+        let packet = Outgoing {
+            pt,
+            seq: processed.seq,
+            timestamp: processed.timestamp,
+            marker: processed.marker,
+            exts: ExtensionValues::default(),
+            payload: processed.payload,
+            arrived: processed.arrived,
+        };
+        self.forward(now, processed.track, Codec::Opus, &packet);
+        self.run_work(now);
+    }
+
+    /// Changes the suppression policy; tracks it concerns switch at once.
+    pub fn set_policy(&mut self, change: PolicyChange) {
+        self.config.suppression.apply(change);
+        let policy = &self.config.suppression;
+        for p in self.participants.values_mut() {
+            let wanted = policy.applies(&p.room, &p.name);
+            for (mid, track) in p.tracks_in.iter_mut().filter(|(_, t)| t.kind == MediaKind::Audio) {
+                let next = match track.audio {
+                    AudioPath::PassThrough if wanted => AudioPath::Pipeline { suppress: true },
+                    AudioPath::Pipeline { .. } => AudioPath::Pipeline { suppress: wanted },
+                    other => other,
+                };
+                if let (AudioPath::Pipeline { suppress: before }, AudioPath::Pipeline { suppress: after }) = (track.audio, next) {
+                    if before != after {
+                        let track = TrackKey { publisher: p.id, mid: *mid };
+                        self.out.audio.push_back(AudioCommand::Suppress { track, on: after });
+                    }
+                }
+                track.audio = next;
+            }
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &SuppressionPolicy {
+        &self.config.suppression
+    }
+
+    fn audio_tracks(&self) -> impl Iterator<Item = &TrackIn> {
+        self.participants.values().flat_map(|p| p.tracks_in.values()).filter(|t| t.kind == MediaKind::Audio)
+    }
+
     /// When [`Sfu::handle_timeout`] is next due (maybe early, never late).
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.out.timers.peek().map(|Reverse((at, _))| *at)
@@ -548,6 +628,8 @@ impl Sfu {
             tracks: self.participants.values().map(|p| p.tracks_in.len()).sum(),
             forwarding_entries: self.forwarding.values().map(Vec::len).sum(),
             demux_entries: addrs + ufrags,
+            processed_tracks: self.audio_tracks().filter(|t| matches!(t.audio, AudioPath::Pipeline { .. })).count(),
+            suppressed_tracks: self.audio_tracks().filter(|t| t.audio == AudioPath::Pipeline { suppress: true }).count(),
             ..self.out.stats
         }
     }
@@ -562,7 +644,7 @@ impl Sfu {
     /// touches other participants, then files its next deadline.
     fn drain(&mut self, now: Instant, id: ParticipantId) {
         let Some(p) = self.participants.get_mut(&id) else { return };
-        drain_participant(now, p, &mut self.out);
+        drain_participant_with(now, p, &mut self.out, Some(&self.config.suppression));
     }
 
     /// Offers the participant's queued changes, unless an offer is in flight.
@@ -627,33 +709,24 @@ impl Sfu {
     }
 
     /// Writes one publisher packet to every open subscriber of its track.
-    fn forward(&mut self, now: Instant, source: TrackKey, codec: Codec, packet: &RtpPacket) {
+    fn forward(&mut self, now: Instant, source: TrackKey, codec: Codec, packet: &Outgoing) {
         let Some(forwards) = self.forwarding.get_mut(&source) else { return };
-        let in_pt = packet.header.payload_type;
-        let in_seq = *packet.seq_no;
         let is_video = codec.is_video();
-        // Only what describes the media travels on; mid/rid belong to each hop.
-        let exts = ExtensionValues {
-            audio_level: packet.header.ext_vals.audio_level,
-            voice_activity: packet.header.ext_vals.voice_activity,
-            video_orientation: packet.header.ext_vals.video_orientation,
-            ..Default::default()
-        };
         for forward in forwards.iter_mut().filter(|f| f.open) {
             let Some(sub) = self.participants.get_mut(&forward.subscriber) else { continue };
             let out_pt = match forward.pt {
-                Some((pt_in, pt_out)) if pt_in == in_pt => pt_out,
+                Some((pt_in, pt_out)) if pt_in == packet.pt => pt_out,
                 _ => {
                     let Some(pt_out) = sub.pt_for(forward.mid, codec) else {
                         self.out.stats.dropped.unroutable += 1;
                         continue;
                     };
-                    forward.pt = Some((in_pt, pt_out));
+                    forward.pt = Some((packet.pt, pt_out));
                     pt_out
                 }
             };
-            let offset = *forward.seq_offset.get_or_insert(in_seq & !0xffff);
-            let Some(out_seq) = in_seq.checked_sub(offset) else {
+            let offset = *forward.seq_offset.get_or_insert(packet.seq & !0xffff);
+            let Some(out_seq) = packet.seq.checked_sub(offset) else {
                 self.out.stats.dropped.unroutable += 1;
                 continue;
             };
@@ -663,9 +736,9 @@ impl Sfu {
                 continue;
             };
             tx.write_rtp(
-                RtpWrite::new(out_pt, out_seq.into(), packet.header.timestamp, packet.timestamp, packet.payload.clone())
-                    .marker(packet.header.marker)
-                    .ext_vals(exts.clone())
+                RtpWrite::new(out_pt, out_seq.into(), packet.timestamp, packet.arrived, packet.payload.clone())
+                    .marker(packet.marker)
+                    .ext_vals(packet.exts.clone())
                     .nackable(is_video),
             );
             drop(api);
@@ -682,6 +755,11 @@ impl Sfu {
         p.rtc.disconnect();
         self.demux.remove(id, &p.ufrag, &p.addrs);
 
+        for (mid, track) in &p.tracks_in {
+            if matches!(track.audio, AudioPath::Pipeline { .. }) {
+                self.out.audio.push_back(AudioCommand::Close { track: TrackKey { publisher: id, mid: *mid } });
+            }
+        }
         // Its own tracks: every subscriber stops the m-line carrying them.
         for mid in p.tracks_in.keys() {
             let Some(forwards) = self.forwarding.remove(&TrackKey { publisher: id, mid: *mid }) else { continue };
@@ -719,6 +797,11 @@ impl Sfu {
 
 /// See [`Sfu::drain`]. A free function so callers can hold other fields.
 fn drain_participant(now: Instant, p: &mut Participant, out: &mut Outputs) {
+    drain_participant_with(now, p, out, None);
+}
+
+/// Drains with the suppression policy at hand, for when new tracks may appear.
+fn drain_participant_with(now: Instant, p: &mut Participant, out: &mut Outputs, policy: Option<&SuppressionPolicy>) {
     loop {
         let output = match p.rtc.poll_output() {
             Ok(output) => output,
@@ -740,7 +823,7 @@ fn drain_participant(now: Instant, p: &mut Participant, out: &mut Outputs) {
                 out.stats.bytes_out += contents.len() as u64;
                 out.transmits.push_back(Transmit { source: t.source, destination: t.destination, contents });
             }
-            Output::Event(event) => handle_event(now, p, event, out),
+            Output::Event(event) => handle_event(now, p, event, out, policy),
         }
     }
     if !p.rtc.is_alive() {
@@ -755,7 +838,7 @@ fn drain_participant(now: Instant, p: &mut Participant, out: &mut Outputs) {
     }
 }
 
-fn handle_event(now: Instant, p: &mut Participant, event: Event, out: &mut Outputs) {
+fn handle_event(now: Instant, p: &mut Participant, event: Event, out: &mut Outputs, policy: Option<&SuppressionPolicy>) {
     match event {
         Event::Connected => {
             p.connected = true;
@@ -775,7 +858,9 @@ fn handle_event(now: Instant, p: &mut Participant, event: Event, out: &mut Outpu
         Event::MediaAdded(media) => {
             // Our direction: receiving means the participant publishes here.
             if media.direction.is_receiving() && !p.tracks_out.contains_key(&media.mid) {
-                p.tracks_in.insert(media.mid, TrackIn { kind: media.kind, last_keyframe_request: None });
+                let suppress = media.kind == MediaKind::Audio && policy.is_some_and(|policy| policy.applies(&p.room, &p.name));
+                let audio = if suppress { AudioPath::Pipeline { suppress: true } } else { AudioPath::PassThrough };
+                p.tracks_in.insert(media.mid, TrackIn { kind: media.kind, audio, last_pt: None, last_keyframe_request: None });
                 debug!(participant = %p.id, mid = %media.mid, kind = ?media.kind, "track published");
                 out.work.push_back(Work::Publish { source: TrackKey { publisher: p.id, mid: media.mid }, kind: media.kind });
             }
@@ -785,15 +870,44 @@ fn handle_event(now: Instant, p: &mut Participant, event: Event, out: &mut Outpu
                 out.stats.dropped.unroutable += 1;
                 return;
             };
-            if !p.tracks_in.contains_key(&mid) {
-                out.stats.dropped.unroutable += 1;
-                return;
-            }
             let Some(codec) = p.codec_of(packet.header.payload_type) else {
                 out.stats.dropped.unroutable += 1;
                 return;
             };
+            let Some(track) = p.tracks_in.get_mut(&mid) else {
+                out.stats.dropped.unroutable += 1;
+                return;
+            };
+            let pt = packet.header.payload_type;
+            track.last_pt = Some(pt);
             let source = TrackKey { publisher: p.id, mid };
+            if codec == Codec::Opus && matches!(track.audio, AudioPath::Pipeline { .. }) {
+                let packet = AudioPacket {
+                    seq: *packet.seq_no,
+                    timestamp: packet.header.timestamp,
+                    marker: packet.header.marker,
+                    payload: packet.payload,
+                    arrived: packet.timestamp,
+                };
+                out.audio.push_back(AudioCommand::Process { track: source, packet });
+                return;
+            }
+            // Only what describes the media travels on; mid/rid belong to each hop.
+            let exts = ExtensionValues {
+                audio_level: packet.header.ext_vals.audio_level,
+                voice_activity: packet.header.ext_vals.voice_activity,
+                video_orientation: packet.header.ext_vals.video_orientation,
+                ..Default::default()
+            };
+            let packet = Outgoing {
+                pt,
+                seq: *packet.seq_no,
+                timestamp: packet.header.timestamp,
+                marker: packet.header.marker,
+                exts,
+                payload: packet.payload,
+                arrived: packet.timestamp,
+            };
             out.work.push_back(Work::Forward { source, codec, packet: Box::new(packet) });
         }
         Event::KeyframeRequest(request) => {

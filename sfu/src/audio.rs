@@ -1,0 +1,389 @@
+//! Server-side noise suppression of published Opus tracks.
+//!
+//! The SFU core decides which tracks are processed (the suppression policy)
+//! and emits [`AudioCommand`]s; the pipelines run on a pool of DSP threads
+//! ([`AudioPool`]) so that a worker never spends its time denoising one room
+//! while packets of other rooms wait. Each track is pinned to one DSP thread,
+//! which owns its [`Pipeline`]: no locks.
+//!
+//! [`TrackProcessor`] keeps the output a continuous RTP stream: one output
+//! packet per input packet with the publisher's sequence number and
+//! timestamp, and one concealed (or FEC-rebuilt) packet per lost one, so
+//! subscribers see no gaps and no jumps.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use fleetcall_dsp::{Pipeline, PipelineConfig, TrackMeters};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::ids::RoomId;
+use crate::participant::TrackKey;
+
+/// Losses longer than this (in packets, 20 ms each) are not concealed packet
+/// by packet: the stream is treated as restarted.
+const MAX_CONCEALED_RUN: u64 = 25;
+
+/// Whether a publisher's audio is denoised. Device settings win over room
+/// settings, which win over the default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuppressionPolicy {
+    /// For rooms and devices without their own setting.
+    pub default: bool,
+    /// Per room.
+    pub rooms: HashMap<RoomId, bool>,
+    /// Per device (a participant's name is its device id on the control plane).
+    pub devices: HashMap<String, bool>,
+}
+
+impl SuppressionPolicy {
+    /// The setting for a publisher.
+    pub fn applies(&self, room: &RoomId, device: &str) -> bool {
+        self.devices.get(device).or_else(|| self.rooms.get(room)).copied().unwrap_or(self.default)
+    }
+}
+
+/// A change to the suppression policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "scope")]
+pub enum PolicyChange {
+    /// The default for everything without its own setting.
+    Default { on: bool },
+    /// One room; `None` clears its setting.
+    Room { room: RoomId, on: Option<bool> },
+    /// One device; `None` clears its setting.
+    Device { device: String, on: Option<bool> },
+}
+
+impl SuppressionPolicy {
+    /// Applies a change.
+    pub fn apply(&mut self, change: PolicyChange) {
+        match change {
+            PolicyChange::Default { on } => self.default = on,
+            PolicyChange::Room { room, on: Some(on) } => {
+                self.rooms.insert(room, on);
+            }
+            PolicyChange::Room { room, on: None } => {
+                self.rooms.remove(&room);
+            }
+            PolicyChange::Device { device, on: Some(on) } => {
+                self.devices.insert(device, on);
+            }
+            PolicyChange::Device { device, on: None } => {
+                self.devices.remove(&device);
+            }
+        }
+    }
+}
+
+/// One received Opus packet of a processed track.
+#[derive(Debug, Clone)]
+pub struct AudioPacket {
+    /// Extended RTP sequence number.
+    pub seq: u64,
+    /// RTP timestamp.
+    pub timestamp: u32,
+    /// RTP marker bit (start of a talk spurt).
+    pub marker: bool,
+    /// Opus payload.
+    pub payload: Arc<[u8]>,
+    /// When it arrived, for the end-to-end audio delay.
+    pub arrived: Instant,
+}
+
+/// What the core asks of the DSP threads.
+#[derive(Debug)]
+pub enum AudioCommand {
+    /// Process one packet of a track (creating its pipeline on first use).
+    Process {
+        /// The track.
+        track: TrackKey,
+        /// The packet.
+        packet: AudioPacket,
+    },
+    /// Switch a running pipeline's suppression (fades, no glitch).
+    Suppress {
+        /// The track.
+        track: TrackKey,
+        /// On or off.
+        on: bool,
+    },
+    /// The track is gone: drop its pipeline.
+    Close {
+        /// The track.
+        track: TrackKey,
+    },
+}
+
+impl AudioCommand {
+    fn track(&self) -> TrackKey {
+        match self {
+            AudioCommand::Process { track, .. } | AudioCommand::Suppress { track, .. } | AudioCommand::Close { track } => *track,
+        }
+    }
+}
+
+/// One output packet of a processed track, to forward in place of the input.
+#[derive(Debug, Clone)]
+pub struct ProcessedAudio {
+    /// The track.
+    pub track: TrackKey,
+    /// Sequence number: the input's, or a lost one's.
+    pub seq: u64,
+    /// RTP timestamp: the input's, or extrapolated for a lost one.
+    pub timestamp: u32,
+    /// The input's marker bit (false on concealed packets).
+    pub marker: bool,
+    /// The cleaned Opus packet.
+    pub payload: Arc<[u8]>,
+    /// RNNoise's speech probability of the packet's last 10 ms.
+    pub speech_probability: f32,
+    /// Arrival of the input packet.
+    pub arrived: Instant,
+}
+
+/// Keeps one track's processed output continuous. Sans-IO.
+#[derive(Debug)]
+pub struct TrackProcessor {
+    pipeline: Pipeline,
+    /// The sequence number expected next, and the timestamp it should carry.
+    next: Option<(u64, u32)>,
+    out: Vec<u8>,
+}
+
+impl TrackProcessor {
+    /// A processor for a new track.
+    pub fn new(config: PipelineConfig) -> Result<Self, fleetcall_dsp::DspError> {
+        Ok(TrackProcessor { pipeline: Pipeline::new(config)?, next: None, out: Vec::with_capacity(1500) })
+    }
+
+    /// Processes one packet, appending the output packets to `results`: one
+    /// per lost packet before it (concealed, or rebuilt from its FEC), then
+    /// one for it. A packet older than one already processed is dropped.
+    pub fn process(&mut self, track: TrackKey, packet: &AudioPacket, results: &mut Vec<ProcessedAudio>) {
+        if let Some((next_seq, mut next_ts)) = self.next {
+            if packet.seq < next_seq {
+                return; // late: its slot was concealed already
+            }
+            let missing = packet.seq - next_seq;
+            if missing > 0 && missing <= MAX_CONCEALED_RUN {
+                for i in 0..missing {
+                    let next_packet = (i + 1 == missing).then_some(&packet.payload[..]);
+                    let Ok(lost) = self.pipeline.process_lost(next_packet, &mut self.out) else { continue };
+                    results.push(ProcessedAudio {
+                        track,
+                        seq: next_seq + i,
+                        timestamp: next_ts,
+                        marker: false,
+                        payload: self.out.as_slice().into(),
+                        speech_probability: lost.speech_probability,
+                        arrived: packet.arrived,
+                    });
+                    next_ts = next_ts.wrapping_add(lost.samples);
+                }
+            }
+        }
+        let started = Instant::now();
+        let Ok(processed) = self.pipeline.process(&packet.payload, &mut self.out) else { return };
+        self.pipeline.record_processing_time(started.elapsed());
+        results.push(ProcessedAudio {
+            track,
+            seq: packet.seq,
+            timestamp: packet.timestamp,
+            marker: packet.marker,
+            payload: self.out.as_slice().into(),
+            speech_probability: processed.speech_probability,
+            arrived: packet.arrived,
+        });
+        self.next = Some((packet.seq + 1, packet.timestamp.wrapping_add(processed.samples)));
+    }
+
+    /// Switches suppression, fading.
+    pub fn set_suppression(&mut self, on: bool) {
+        self.pipeline.set_suppression(on);
+    }
+
+    /// The track's meters.
+    pub fn meters(&self) -> &TrackMeters {
+        self.pipeline.meters()
+    }
+}
+
+/// Meters of every processed track, from all DSP threads.
+pub type MeterSnapshot = Vec<(TrackKey, TrackMeters)>;
+
+enum PoolMessage {
+    Command { command: AudioCommand, worker: usize },
+    Meters(std_mpsc::Sender<MeterSnapshot>),
+}
+
+/// DSP threads running the pipelines of processed tracks.
+#[derive(Debug)]
+pub struct AudioPool {
+    threads: Vec<(std_mpsc::Sender<PoolMessage>, JoinHandle<()>)>,
+}
+
+impl std::fmt::Debug for PoolMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolMessage")
+    }
+}
+
+impl AudioPool {
+    /// Starts `threads` DSP threads; results for worker `i` go to `results[i]`.
+    pub fn start(threads: usize, config: PipelineConfig, results: Vec<mpsc::UnboundedSender<Vec<ProcessedAudio>>>) -> std::io::Result<AudioPool> {
+        let results: Arc<[_]> = results.into();
+        let mut pool = Vec::new();
+        for index in 0..threads.max(1) {
+            let (tx, rx) = std_mpsc::channel();
+            let results = results.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("dsp-{index}"))
+                .spawn(move || run_dsp_thread(rx, config, &results))?;
+            pool.push((tx, thread));
+        }
+        Ok(AudioPool { threads: pool })
+    }
+
+    /// Hands a command to the thread owning its track.
+    pub fn send(&self, command: AudioCommand, worker: usize) {
+        let mut hasher = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(&command.track(), &mut hasher);
+        let index = (std::hash::Hasher::finish(&hasher) % self.threads.len() as u64) as usize;
+        // A stopped thread only happens at shutdown; the packet is moot then.
+        let _ = self.threads[index].0.send(PoolMessage::Command { command, worker });
+    }
+
+    /// Meters of every processed track.
+    pub fn meters(&self) -> MeterSnapshot {
+        let mut all = Vec::new();
+        for (tx, _) in &self.threads {
+            let (reply, rx) = std_mpsc::channel();
+            if tx.send(PoolMessage::Meters(reply)).is_ok() {
+                all.extend(rx.recv().unwrap_or_default());
+            }
+        }
+        all
+    }
+
+    /// Stops the threads.
+    pub fn shutdown(self) {
+        for (tx, thread) in self.threads {
+            drop(tx);
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run_dsp_thread(rx: std_mpsc::Receiver<PoolMessage>, config: PipelineConfig, results: &[mpsc::UnboundedSender<Vec<ProcessedAudio>>]) {
+    let mut tracks: HashMap<TrackKey, TrackProcessor> = HashMap::new();
+    for message in rx {
+        match message {
+            PoolMessage::Command { command: AudioCommand::Process { track, packet }, worker } => {
+                let processor = match tracks.entry(track) {
+                    std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(entry) => match TrackProcessor::new(config) {
+                        Ok(processor) => entry.insert(processor),
+                        Err(e) => {
+                            warn!(error = %e, "cannot create an audio pipeline");
+                            continue;
+                        }
+                    },
+                };
+                let mut out = Vec::with_capacity(1);
+                processor.process(track, &packet, &mut out);
+                if !out.is_empty() {
+                    if let Some(tx) = results.get(worker) {
+                        let _ = tx.send(out);
+                    }
+                }
+            }
+            PoolMessage::Command { command: AudioCommand::Suppress { track, on }, .. } => {
+                if let Some(processor) = tracks.get_mut(&track) {
+                    processor.set_suppression(on);
+                }
+            }
+            PoolMessage::Command { command: AudioCommand::Close { track }, .. } => {
+                if tracks.remove(&track).is_some() {
+                    debug!(publisher = %track.publisher, "audio pipeline closed");
+                }
+            }
+            PoolMessage::Meters(reply) => {
+                let _ = reply.send(tracks.iter().map(|(k, p)| (*k, *p.meters())).collect());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::ParticipantId;
+
+    fn opus_packets(count: usize) -> Vec<Vec<u8>> {
+        let encoder = audiopus::coder::Encoder::new(audiopus::SampleRate::Hz48000, audiopus::Channels::Mono, audiopus::Application::Voip).unwrap();
+        (0..count)
+            .map(|i| {
+                let frame: Vec<i16> = (0..960).map(|n| ((((i * 960 + n) as f32) * 0.05).sin() * 3000.0) as i16).collect();
+                let mut out = vec![0u8; 1500];
+                let len = encoder.encode(&frame, &mut out).unwrap();
+                out.truncate(len);
+                out
+            })
+            .collect()
+    }
+
+    fn packet(seq: u64, payload: &[u8]) -> AudioPacket {
+        AudioPacket { seq, timestamp: 1000 + (seq as u32) * 960, marker: seq == 0, payload: payload.into(), arrived: Instant::now() }
+    }
+
+    #[test]
+    fn output_is_continuous_through_loss_and_reordering() {
+        let track = TrackKey { publisher: ParticipantId(1), mid: "0".into() };
+        let mut processor = TrackProcessor::new(PipelineConfig::default()).unwrap();
+        let payloads = opus_packets(10);
+        let mut out = Vec::new();
+        // 0, 1, [2, 3 lost], 4, 5, 3 (late), 6..9
+        for seq in [0u64, 1, 4, 5, 3, 6, 7, 8, 9] {
+            processor.process(track, &packet(seq, &payloads[seq as usize]), &mut out);
+        }
+        let seqs: Vec<u64> = out.iter().map(|p| p.seq).collect();
+        assert_eq!(seqs, (0..10).collect::<Vec<_>>(), "one packet per sequence number, in order");
+        for pair in out.windows(2) {
+            assert_eq!(pair[1].timestamp.wrapping_sub(pair[0].timestamp), 960, "timestamps advance by the packet duration");
+        }
+        assert!(out[0].marker && out.iter().skip(1).all(|p| !p.marker));
+        assert_eq!(processor.meters().packets.lost, 2);
+    }
+
+    #[test]
+    fn a_long_outage_restarts_the_stream_instead_of_concealing_it() {
+        let track = TrackKey { publisher: ParticipantId(1), mid: "0".into() };
+        let mut processor = TrackProcessor::new(PipelineConfig::default()).unwrap();
+        let payloads = opus_packets(2);
+        let mut out = Vec::new();
+        processor.process(track, &packet(0, &payloads[0]), &mut out);
+        processor.process(track, &packet(1000, &payloads[1]), &mut out);
+        assert_eq!(out.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![0, 1000]);
+    }
+
+    #[test]
+    fn policy_prefers_device_then_room_then_default() {
+        let mut policy = SuppressionPolicy::default();
+        let (room, other) = (RoomId::from("icu"), RoomId::from("lobby"));
+        assert!(!policy.applies(&room, "bed-1"));
+        policy.apply(PolicyChange::Default { on: true });
+        policy.apply(PolicyChange::Room { room: room.clone(), on: Some(false) });
+        assert!(!policy.applies(&room, "bed-1"));
+        assert!(policy.applies(&other, "bed-1"));
+        policy.apply(PolicyChange::Device { device: "bed-1".into(), on: Some(true) });
+        assert!(policy.applies(&room, "bed-1"));
+        policy.apply(PolicyChange::Device { device: "bed-1".into(), on: None });
+        assert!(!policy.applies(&room, "bed-1"));
+    }
+}
