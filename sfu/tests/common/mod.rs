@@ -39,6 +39,10 @@ pub struct Client {
     pub talking: bool,
     /// Stopped: sends and receives nothing (an abrupt network loss).
     pub silent: bool,
+    /// Real Opus frames instead of tagged fake payloads.
+    pub opus: Option<audiopus::coder::Encoder>,
+    /// Every media frame received: (publisher stream id, first seq, RTP time, payload).
+    pub frames: Vec<(String, u64, u64, Vec<u8>)>,
     pub connected: bool,
     /// Answer SFU offers at once; when false they wait in `held_offers`.
     pub auto_answer: bool,
@@ -65,16 +69,21 @@ pub struct Net {
     pub rtp_in_time: Duration,
     /// Number of clients' RTP datagrams fed to the SFU.
     pub rtp_in: u64,
+    /// DSP pipelines run inline for processed tracks (the driver uses threads).
+    pub dsp: HashMap<fleetcall_sfu::TrackKey, fleetcall_sfu::audio::TrackProcessor>,
+    /// Drop every client->SFU RTP datagram whose index matches (loss injection).
+    pub drop_rtp: Option<fn(u64) -> bool>,
 }
 
 impl Net {
     pub fn new(grace: Duration) -> Self {
+        Self::with_config(SfuConfig { disconnect_grace: grace, ..SfuConfig::default() })
+    }
+
+    /// A network around a core with this configuration (candidates are set here).
+    pub fn with_config(config: SfuConfig) -> Self {
         let now = Instant::now();
-        let config = SfuConfig {
-            candidates: vec![SFU_ADDR.parse().unwrap()],
-            disconnect_grace: grace,
-            ..SfuConfig::default()
-        };
+        let config = SfuConfig { candidates: vec![SFU_ADDR.parse().unwrap()], ..config };
         Net {
             sfu: Sfu::new(config),
             now,
@@ -86,6 +95,8 @@ impl Net {
             removed: Vec::new(),
             rtp_in_time: Duration::ZERO,
             rtp_in: 0,
+            dsp: HashMap::new(),
+            drop_rtp: None,
         }
     }
 
@@ -123,6 +134,8 @@ impl Net {
             pending: None,
             talking: true,
             silent: false,
+            opus: None,
+            frames: Vec::new(),
             connected: false,
             auto_answer: true,
             held_offers: Vec::new(),
@@ -201,7 +214,23 @@ impl Net {
                 continue;
             };
             let time = MediaTime::new(c.frames_sent * 960, Frequency::FORTY_EIGHT_KHZ);
-            let payload = vec![c.index, 0xde, 0xad, 0xbe, 0xef, (c.frames_sent & 0xff) as u8];
+            let payload = match &c.opus {
+                Some(encoder) => {
+                    // A 440 Hz tone in white-ish noise: real audio for the pipeline.
+                    let pcm: Vec<i16> = (0..960u64)
+                        .map(|n| {
+                            let t = (c.frames_sent * 960 + n) as f32 / 48_000.0;
+                            let noise = ((n * 7919 + c.frames_sent * 104_729) % 2000) as f32 - 1000.0;
+                            ((t * 440.0 * std::f32::consts::TAU).sin() * 4000.0 + noise) as i16
+                        })
+                        .collect();
+                    let mut out = vec![0u8; 1500];
+                    let len = encoder.encode(&pcm, &mut out).unwrap();
+                    out.truncate(len);
+                    out
+                }
+                None => vec![c.index, 0xde, 0xad, 0xbe, 0xef, (c.frames_sent & 0xff) as u8],
+            };
             writer.write(pt, now, time, payload).unwrap();
             if let Some(mid) = c.video_mid {
                 let writer = c.rtc.writer(mid).unwrap();
@@ -227,6 +256,10 @@ impl Net {
             while let Some((from, to, bytes)) = self.wire.pop_front() {
                 moved = true;
                 if to == SFU_ADDR.parse().unwrap() {
+                    if is_rtp(&bytes) && self.drop_rtp.is_some_and(|drop| drop(self.rtp_in)) {
+                        self.rtp_in += 1;
+                        continue;
+                    }
                     if is_rtp(&bytes) {
                         let started = Instant::now();
                         self.sfu.handle_datagram(self.now, from, to, &bytes);
@@ -246,12 +279,41 @@ impl Net {
                 self.clients[i].rtc.handle_input(input).unwrap();
                 self.drain_client(i);
             }
+            while let Some(command) = self.sfu.poll_audio() {
+                moved = true;
+                self.run_dsp(command);
+            }
             while let Some(event) = self.sfu.poll_event() {
                 moved = true;
                 self.handle_sfu_event(event);
             }
             if !moved {
                 break;
+            }
+        }
+    }
+
+    fn run_dsp(&mut self, command: fleetcall_sfu::audio::AudioCommand) {
+        use fleetcall_sfu::audio::{AudioCommand, TrackProcessor};
+        match command {
+            AudioCommand::Process { track, packet } => {
+                let processor = self
+                    .dsp
+                    .entry(track)
+                    .or_insert_with(|| TrackProcessor::new(fleetcall_dsp::PipelineConfig::default()).unwrap());
+                let mut results = Vec::new();
+                processor.process(track, &packet, &mut results);
+                for result in results {
+                    self.sfu.handle_processed(self.now, result);
+                }
+            }
+            AudioCommand::Suppress { track, on } => {
+                if let Some(p) = self.dsp.get_mut(&track) {
+                    p.set_suppression(on);
+                }
+            }
+            AudioCommand::Close { track } => {
+                self.dsp.remove(&track);
             }
         }
     }
@@ -309,6 +371,10 @@ impl Net {
                 }
                 Output::Event(Event::Connected) => c.connected = true,
                 Output::Event(Event::MediaData(data)) => {
+                    if c.opus.is_some() {
+                        let stream = c.rtc.media(data.mid).map(|m| m.stream_id().to_owned()).unwrap_or_default();
+                        c.frames.push((stream, **data.seq_range.start(), data.time.numer(), data.data.to_vec()));
+                    }
                     if data.params.spec().codec == Codec::Vp8 {
                         c.video_frames += 1;
                     } else if let Some(sender) = data.data.first() {
