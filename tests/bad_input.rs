@@ -164,7 +164,6 @@ async fn garbage_datagrams_are_dropped_and_the_call_goes_on() -> anyhow::Result<
 /// STUN naming a participant's ufrag but failing its integrity check must
 /// neither map the sender's address to that participant nor keep it alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: str0m's Rtc::handle_input returns Ok for STUN that its ICE agent refuses, so the SFU maps the sender's address and refreshes the participant's silence timer"]
 async fn unauthenticated_stun_claims_no_address_and_no_life() -> anyhow::Result<()> {
     let server = Server::start(&["--disconnect-grace-secs", "2"])?;
     let (a, b) = two_in_a_call(&server, "ward-3").await?;

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use crate::histogram::{bounds, Histogram};
 use crate::ids::RoomId;
 use crate::participant::TrackKey;
 
@@ -147,6 +148,104 @@ pub struct ProcessedAudio {
     pub arrived: Instant,
 }
 
+/// What all processed tracks did, for metrics: counters that never go back
+/// (closed tracks' counts are kept) and distributions sampled once a second
+/// per track (levels) or per packet (processing time).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AudioTotals {
+    /// Tracks with a pipeline now.
+    pub tracks: usize,
+    /// Of those, the ones being denoised.
+    pub suppressed: usize,
+    /// Packets processed.
+    pub packets: u64,
+    /// Packets lost before the server.
+    pub lost: u64,
+    /// Lost packets rebuilt from in-band FEC.
+    pub fec_recovered: u64,
+    /// Packets concealed (lost without FEC, or undecodable).
+    pub concealed: u64,
+    /// Undecodable input packets.
+    pub decode_errors: u64,
+    /// Input RMS level, dBFS.
+    pub input_level: Histogram,
+    /// Input noise floor, dBFS.
+    pub noise_floor: Histogram,
+    /// Estimated SNR before suppression, dB.
+    pub snr_before: Histogram,
+    /// Estimated SNR after suppression, dB.
+    pub snr_after: Histogram,
+    /// Attenuation applied, dB.
+    pub attenuation: Histogram,
+    /// Speech probability (RNNoise VAD).
+    pub speech_probability: Histogram,
+    /// Processing time per packet, seconds.
+    pub processing: Histogram,
+}
+
+impl Default for AudioTotals {
+    fn default() -> Self {
+        AudioTotals {
+            tracks: 0,
+            suppressed: 0,
+            packets: 0,
+            lost: 0,
+            fec_recovered: 0,
+            concealed: 0,
+            decode_errors: 0,
+            input_level: Histogram::new(bounds::LEVEL_DBFS),
+            noise_floor: Histogram::new(bounds::LEVEL_DBFS),
+            snr_before: Histogram::new(bounds::DECIBELS),
+            snr_after: Histogram::new(bounds::DECIBELS),
+            attenuation: Histogram::new(bounds::DECIBELS),
+            speech_probability: Histogram::new(bounds::RATIO),
+            processing: Histogram::new(bounds::PROCESSING_SECONDS),
+        }
+    }
+}
+
+impl AudioTotals {
+    /// Adds another thread's totals.
+    pub fn merge(&mut self, other: &AudioTotals) {
+        self.tracks += other.tracks;
+        self.suppressed += other.suppressed;
+        self.packets += other.packets;
+        self.lost += other.lost;
+        self.fec_recovered += other.fec_recovered;
+        self.concealed += other.concealed;
+        self.decode_errors += other.decode_errors;
+        self.input_level.merge(&other.input_level);
+        self.noise_floor.merge(&other.noise_floor);
+        self.snr_before.merge(&other.snr_before);
+        self.snr_after.merge(&other.snr_after);
+        self.attenuation.merge(&other.attenuation);
+        self.speech_probability.merge(&other.speech_probability);
+        self.processing.merge(&other.processing);
+    }
+
+    fn add_counters(&mut self, meters: &TrackMeters) {
+        self.packets += meters.packets.received;
+        self.lost += meters.packets.lost;
+        self.fec_recovered += meters.packets.fec_recovered;
+        self.concealed += meters.packets.concealed;
+        self.decode_errors += meters.packets.decode_errors;
+    }
+
+    fn sample_levels(&mut self, meters: &TrackMeters) {
+        self.input_level.observe(f64::from(meters.input.rms_dbfs));
+        self.noise_floor.observe(f64::from(meters.input.noise_floor_dbfs));
+        self.snr_before.observe(f64::from(meters.input.snr_db));
+        self.snr_after.observe(f64::from(meters.output.snr_db));
+        self.speech_probability.observe(f64::from(meters.speech.probability));
+        if meters.suppression.enabled {
+            self.attenuation.observe(f64::from(meters.suppression.attenuation_db));
+        }
+    }
+}
+
+/// Levels are sampled into [`AudioTotals`] once per this many packets (1 s).
+const SAMPLE_EVERY_PACKETS: u64 = 50;
+
 /// Keeps one track's processed output continuous. Sans-IO.
 #[derive(Debug)]
 pub struct TrackProcessor {
@@ -165,7 +264,7 @@ impl TrackProcessor {
     /// Processes one packet, appending the output packets to `results`: one
     /// per lost packet before it (concealed, or rebuilt from its FEC), then
     /// one for it. A packet older than one already processed is dropped.
-    pub fn process(&mut self, track: TrackKey, packet: &AudioPacket, results: &mut Vec<ProcessedAudio>) {
+    pub fn process(&mut self, track: TrackKey, packet: &AudioPacket, results: &mut Vec<ProcessedAudio>, totals: &mut AudioTotals) {
         if let Some((next_seq, mut next_ts)) = self.next {
             if packet.seq < next_seq {
                 return; // late: its slot was concealed already
@@ -190,7 +289,12 @@ impl TrackProcessor {
         }
         let started = Instant::now();
         let Ok(processed) = self.pipeline.process(&packet.payload, &mut self.out) else { return };
-        self.pipeline.record_processing_time(started.elapsed());
+        let elapsed = started.elapsed();
+        self.pipeline.record_processing_time(elapsed);
+        totals.processing.observe(elapsed.as_secs_f64());
+        if self.pipeline.meters().packets.received % SAMPLE_EVERY_PACKETS == 0 {
+            totals.sample_levels(self.pipeline.meters());
+        }
         results.push(ProcessedAudio {
             track,
             seq: packet.seq,
@@ -212,6 +316,11 @@ impl TrackProcessor {
     pub fn meters(&self) -> &TrackMeters {
         self.pipeline.meters()
     }
+
+    /// Whether it is denoising now.
+    pub fn suppressing(&self) -> bool {
+        self.pipeline.meters().suppression.enabled
+    }
 }
 
 /// Meters of every processed track, from all DSP threads.
@@ -220,6 +329,7 @@ pub type MeterSnapshot = Vec<(TrackKey, TrackMeters)>;
 enum PoolMessage {
     Command { command: AudioCommand, worker: usize },
     Meters(std_mpsc::Sender<MeterSnapshot>),
+    Totals(std_mpsc::Sender<AudioTotals>),
 }
 
 /// DSP threads running the pipelines of processed tracks.
@@ -271,6 +381,20 @@ impl AudioPool {
         all
     }
 
+    /// Totals over every thread, for metrics.
+    pub fn totals(&self) -> AudioTotals {
+        let mut all = AudioTotals::default();
+        for (tx, _) in &self.threads {
+            let (reply, rx) = std_mpsc::channel();
+            if tx.send(PoolMessage::Totals(reply)).is_ok() {
+                if let Ok(totals) = rx.recv() {
+                    all.merge(&totals);
+                }
+            }
+        }
+        all
+    }
+
     /// Stops the threads.
     pub fn shutdown(self) {
         for (tx, thread) in self.threads {
@@ -282,6 +406,8 @@ impl AudioPool {
 
 fn run_dsp_thread(rx: std_mpsc::Receiver<PoolMessage>, config: PipelineConfig, results: &[mpsc::UnboundedSender<Vec<ProcessedAudio>>]) {
     let mut tracks: HashMap<TrackKey, TrackProcessor> = HashMap::new();
+    // Counters of closed tracks live on here; live tracks are added on demand.
+    let mut totals = AudioTotals::default();
     for message in rx {
         match message {
             PoolMessage::Command { command: AudioCommand::Process { track, packet }, worker } => {
@@ -296,7 +422,7 @@ fn run_dsp_thread(rx: std_mpsc::Receiver<PoolMessage>, config: PipelineConfig, r
                     },
                 };
                 let mut out = Vec::with_capacity(1);
-                processor.process(track, &packet, &mut out);
+                processor.process(track, &packet, &mut out, &mut totals);
                 if !out.is_empty() {
                     if let Some(tx) = results.get(worker) {
                         let _ = tx.send(out);
@@ -309,12 +435,22 @@ fn run_dsp_thread(rx: std_mpsc::Receiver<PoolMessage>, config: PipelineConfig, r
                 }
             }
             PoolMessage::Command { command: AudioCommand::Close { track }, .. } => {
-                if tracks.remove(&track).is_some() {
+                if let Some(processor) = tracks.remove(&track) {
+                    totals.add_counters(processor.meters());
                     debug!(publisher = %track.publisher, "audio pipeline closed");
                 }
             }
             PoolMessage::Meters(reply) => {
                 let _ = reply.send(tracks.iter().map(|(k, p)| (*k, *p.meters())).collect());
+            }
+            PoolMessage::Totals(reply) => {
+                let mut now = totals.clone();
+                for processor in tracks.values() {
+                    now.add_counters(processor.meters());
+                    now.tracks += 1;
+                    now.suppressed += usize::from(processor.suppressing());
+                }
+                let _ = reply.send(now);
             }
         }
     }
@@ -350,7 +486,7 @@ mod tests {
         let mut out = Vec::new();
         // 0, 1, [2, 3 lost], 4, 5, 3 (late), 6..9
         for seq in [0u64, 1, 4, 5, 3, 6, 7, 8, 9] {
-            processor.process(track, &packet(seq, &payloads[seq as usize]), &mut out);
+            processor.process(track, &packet(seq, &payloads[seq as usize]), &mut out, &mut AudioTotals::default());
         }
         let seqs: Vec<u64> = out.iter().map(|p| p.seq).collect();
         assert_eq!(seqs, (0..10).collect::<Vec<_>>(), "one packet per sequence number, in order");
@@ -367,8 +503,10 @@ mod tests {
         let mut processor = TrackProcessor::new(PipelineConfig::default()).unwrap();
         let payloads = opus_packets(2);
         let mut out = Vec::new();
-        processor.process(track, &packet(0, &payloads[0]), &mut out);
-        processor.process(track, &packet(1000, &payloads[1]), &mut out);
+        let mut totals = AudioTotals::default();
+        processor.process(track, &packet(0, &payloads[0]), &mut out, &mut totals);
+        processor.process(track, &packet(1000, &payloads[1]), &mut out, &mut totals);
+        assert_eq!(totals.processing.count, 2);
         assert_eq!(out.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![0, 1000]);
     }
 

@@ -244,23 +244,8 @@ impl SfuHandle {
     pub async fn stats(&self) -> Result<SfuStats, SfuError> {
         let mut total = SfuStats::default();
         for worker in 0..self.workers.len() {
-            let s = self.call(worker, |reply| Command::Stats { reply }).await?;
-            total.rooms += s.rooms;
-            total.participants += s.participants;
-            total.tracks += s.tracks;
-            total.forwarding_entries += s.forwarding_entries;
-            total.demux_entries += s.demux_entries;
-            total.processed_tracks += s.processed_tracks;
-            total.suppressed_tracks += s.suppressed_tracks;
-            total.datagrams_in += s.datagrams_in;
-            total.bytes_in += s.bytes_in;
-            total.datagrams_out += s.datagrams_out;
-            total.bytes_out += s.bytes_out;
-            total.rtp_forwarded += s.rtp_forwarded;
-            total.dropped.unknown_source += s.dropped.unknown_source;
-            total.dropped.malformed += s.dropped.malformed;
-            total.dropped.rejected += s.dropped.rejected;
-            total.dropped.unroutable += s.dropped.unroutable;
+            let stats = self.call(worker, |reply| Command::Stats { reply }).await?;
+            total.merge(&stats);
         }
         Ok(total)
     }
@@ -278,6 +263,14 @@ impl SfuHandle {
     /// The suppression policy in force (the same on every worker).
     pub async fn policy(&self) -> Result<SuppressionPolicy, SfuError> {
         self.call(0, |reply| Command::Policy { change: None, reply }).await
+    }
+
+    /// Every media-plane metric family, for a scrape.
+    pub async fn metric_families(&self) -> Result<Vec<prometheus::proto::MetricFamily>, SfuError> {
+        let stats = self.stats().await?;
+        let audio = self.audio.clone();
+        let totals = tokio::task::spawn_blocking(move || audio.totals()).await.unwrap_or_default();
+        Ok(crate::metrics::families(&stats, &totals))
     }
 
     /// Meters of every denoised track.

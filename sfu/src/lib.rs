@@ -18,6 +18,8 @@ pub mod client;
 mod demux;
 pub mod driver;
 mod error;
+pub mod histogram;
+pub mod metrics;
 mod ids;
 mod participant;
 mod sfu;

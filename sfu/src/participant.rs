@@ -94,6 +94,12 @@ pub(crate) struct Participant {
     pub connected: bool,
     /// Last datagram str0m accepted from this participant.
     pub last_rx: Instant,
+    /// When it joined, and when it was first sent audio (join-to-first-audio).
+    pub joined_at: Instant,
+    pub first_audio_at: Option<Instant>,
+    /// NACK and keyframe request counts last reported per outgoing m-line,
+    /// to count only what is new in each report.
+    pub egress_feedback: HashMap<Mid, (u64, u64)>,
     /// When str0m last said ICE is disconnected (cleared on reconnect).
     pub ice_disconnected_at: Option<Instant>,
     /// The `Rtc`'s own next deadline.
@@ -126,6 +132,9 @@ impl Participant {
             pending_offer: None,
             connected: false,
             last_rx: now,
+            joined_at: now,
+            first_audio_at: None,
+            egress_feedback: HashMap::new(),
             ice_disconnected_at: None,
             rtc_deadline: now,
             wake_at: now,

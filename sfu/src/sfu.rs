@@ -7,7 +7,7 @@
 //! [`Sfu::poll_timeout`]. The core never reads a clock and never blocks.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +25,7 @@ use tracing::{debug, info, trace, warn};
 use crate::audio::{AudioCommand, AudioPacket, PolicyChange, ProcessedAudio, SuppressionPolicy};
 use crate::demux::{classify, stun_local_ufrag, DatagramKind, Demux};
 use crate::error::SfuError;
+use crate::histogram::{bounds, Histogram};
 use crate::ids::{ParticipantId, RoomId};
 use crate::participant::{AudioPath, Change, OutState, Participant, TrackIn, TrackKey, TrackOut};
 
@@ -180,8 +181,9 @@ pub struct DropCounts {
     pub unroutable: u64,
 }
 
-/// Counts that prove nothing leaks, and traffic counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+/// Counts that prove nothing leaks, traffic counters, and the quality the
+/// participants report over RTCP.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SfuStats {
     /// Rooms with at least one participant.
     pub rooms: usize,
@@ -209,6 +211,82 @@ pub struct SfuStats {
     pub rtp_forwarded: u64,
     /// Dropped datagrams.
     pub dropped: DropCounts,
+    /// Participants removed, by [`LeaveReason::as_str`].
+    pub removed: BTreeMap<&'static str, u64>,
+    /// NACKs participants sent about what we forward to them.
+    pub nacks_received: u64,
+    /// PLI and FIR participants sent.
+    pub keyframe_requests_received: u64,
+    /// Keyframe requests we sent to publishers.
+    pub keyframe_requests_sent: u64,
+    /// Loss fraction participants report (RTCP receiver reports), per report.
+    pub reported_loss: Histogram,
+    /// Jitter participants report, seconds, per report.
+    pub reported_jitter: Histogram,
+    /// Round-trip time to participants, seconds, per report.
+    pub rtt: Histogram,
+    /// From join to the first audio packet forwarded to the participant, seconds.
+    pub join_to_first_audio: Histogram,
+}
+
+impl Default for SfuStats {
+    fn default() -> Self {
+        SfuStats {
+            rooms: 0,
+            participants: 0,
+            tracks: 0,
+            forwarding_entries: 0,
+            demux_entries: 0,
+            processed_tracks: 0,
+            suppressed_tracks: 0,
+            datagrams_in: 0,
+            bytes_in: 0,
+            datagrams_out: 0,
+            bytes_out: 0,
+            rtp_forwarded: 0,
+            dropped: DropCounts::default(),
+            removed: BTreeMap::new(),
+            nacks_received: 0,
+            keyframe_requests_received: 0,
+            keyframe_requests_sent: 0,
+            reported_loss: Histogram::new(bounds::LOSS_RATIO),
+            reported_jitter: Histogram::new(bounds::JITTER_SECONDS),
+            rtt: Histogram::new(bounds::RTT_SECONDS),
+            join_to_first_audio: Histogram::new(bounds::LATENCY_SECONDS),
+        }
+    }
+}
+
+impl SfuStats {
+    /// Adds another core's stats (counts, counters and histograms).
+    pub fn merge(&mut self, other: &SfuStats) {
+        self.rooms += other.rooms;
+        self.participants += other.participants;
+        self.tracks += other.tracks;
+        self.forwarding_entries += other.forwarding_entries;
+        self.demux_entries += other.demux_entries;
+        self.processed_tracks += other.processed_tracks;
+        self.suppressed_tracks += other.suppressed_tracks;
+        self.datagrams_in += other.datagrams_in;
+        self.bytes_in += other.bytes_in;
+        self.datagrams_out += other.datagrams_out;
+        self.bytes_out += other.bytes_out;
+        self.rtp_forwarded += other.rtp_forwarded;
+        self.dropped.unknown_source += other.dropped.unknown_source;
+        self.dropped.malformed += other.dropped.malformed;
+        self.dropped.rejected += other.dropped.rejected;
+        self.dropped.unroutable += other.dropped.unroutable;
+        for (reason, count) in &other.removed {
+            *self.removed.entry(reason).or_default() += count;
+        }
+        self.nacks_received += other.nacks_received;
+        self.keyframe_requests_received += other.keyframe_requests_received;
+        self.keyframe_requests_sent += other.keyframe_requests_sent;
+        self.reported_loss.merge(&other.reported_loss);
+        self.reported_jitter.merge(&other.reported_jitter);
+        self.rtt.merge(&other.rtt);
+        self.join_to_first_audio.merge(&other.join_to_first_audio);
+    }
 }
 
 /// A subscriber of a publisher track.
@@ -269,6 +347,9 @@ struct Outputs {
     stats: SfuStats,
     grace: Duration,
 }
+
+/// How often each participant's `Rtc` reports RTCP-derived quality.
+const STATS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Keyframe requests to one publisher track are at most this frequent.
 const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
@@ -346,6 +427,7 @@ impl Sfu {
             .clear_codecs()
             .enable_opus(true, false)
             .enable_vp8(true)
+            .set_stats_interval(Some(STATS_INTERVAL))
             .build(now);
         for addr in &self.config.candidates {
             // A host candidate from a configured socket address is always valid.
@@ -502,6 +584,14 @@ impl Sfu {
             return;
         };
         let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
+        // Integrity-checks STUN (the ufrag alone is public: it travels in clear)
+        // and takes other traffic only from addresses ICE validated, so nothing
+        // unauthenticated claims an address or keeps a participant alive.
+        if !p.rtc.accepts(&input) {
+            trace!(participant = %id, %source, "datagram refused");
+            self.out.stats.dropped.rejected += 1;
+            return;
+        }
         match p.rtc.handle_input(input) {
             Ok(()) => {
                 p.last_rx = now;
@@ -630,7 +720,7 @@ impl Sfu {
             demux_entries: addrs + ufrags,
             processed_tracks: self.audio_tracks().filter(|t| matches!(t.audio, AudioPath::Pipeline { .. })).count(),
             suppressed_tracks: self.audio_tracks().filter(|t| t.audio == AudioPath::Pipeline { suppress: true }).count(),
-            ..self.out.stats
+            ..self.out.stats.clone()
         }
     }
 
@@ -689,6 +779,7 @@ impl Sfu {
                     track.last_keyframe_request = Some(now);
                     if let Some(rx) = p.rtc.direct_api().stream_rx_by_mid(source.mid, None) {
                         rx.request_keyframe(kind);
+                        self.out.stats.keyframe_requests_sent += 1;
                     }
                     drain_participant(now, p, &mut self.out);
                 }
@@ -743,6 +834,10 @@ impl Sfu {
             );
             drop(api);
             self.out.stats.rtp_forwarded += 1;
+            if !is_video && sub.first_audio_at.is_none() {
+                sub.first_audio_at = Some(now);
+                self.out.stats.join_to_first_audio.observe(now.saturating_duration_since(sub.joined_at).as_secs_f64());
+            }
             drain_participant(now, sub, &mut self.out);
         }
     }
@@ -752,6 +847,7 @@ impl Sfu {
     fn remove_participant(&mut self, now: Instant, id: ParticipantId, reason: LeaveReason) {
         let Some(mut p) = self.participants.remove(&id) else { return };
         info!(participant = %id, room = %p.room, reason = reason.as_str(), "participant removed");
+        *self.out.stats.removed.entry(reason.as_str()).or_default() += 1;
         p.rtc.disconnect();
         self.demux.remove(id, &p.ufrag, &p.addrs);
 
@@ -916,6 +1012,23 @@ fn handle_event(now: Instant, p: &mut Participant, event: Event, out: &mut Outpu
             }
         }
         Event::Closed => out.work.push_back(Work::Remove { participant: p.id, reason: LeaveReason::Closed }),
+        Event::PeerStats(stats) => {
+            if let Some(loss) = stats.egress_loss_fraction {
+                out.stats.reported_loss.observe(f64::from(loss));
+            }
+            if let Some(rtt) = stats.rtt {
+                out.stats.rtt.observe(rtt.as_secs_f64());
+            }
+        }
+        Event::MediaEgressStats(stats) => {
+            let previous = p.egress_feedback.insert(stats.mid, (stats.nacks, stats.plis + stats.firs)).unwrap_or_default();
+            out.stats.nacks_received += stats.nacks.saturating_sub(previous.0);
+            out.stats.keyframe_requests_received += (stats.plis + stats.firs).saturating_sub(previous.1);
+            if let Some(remote) = stats.remote {
+                let clock = if p.rtc.media(stats.mid).is_some_and(|m| m.kind() == MediaKind::Video) { 90_000.0 } else { 48_000.0 };
+                out.stats.reported_jitter.observe(f64::from(remote.jitter) / clock);
+            }
+        }
         _ => {}
     }
 }

@@ -71,6 +71,8 @@ pub struct Net {
     pub rtp_in: u64,
     /// DSP pipelines run inline for processed tracks (the driver uses threads).
     pub dsp: HashMap<fleetcall_sfu::TrackKey, fleetcall_sfu::audio::TrackProcessor>,
+    /// What the inline pipelines did.
+    pub audio_totals: fleetcall_sfu::audio::AudioTotals,
     /// Drop every client->SFU RTP datagram whose index matches (loss injection).
     pub drop_rtp: Option<fn(u64) -> bool>,
 }
@@ -96,6 +98,7 @@ impl Net {
             rtp_in_time: Duration::ZERO,
             rtp_in: 0,
             dsp: HashMap::new(),
+            audio_totals: Default::default(),
             drop_rtp: None,
         }
     }
@@ -302,7 +305,7 @@ impl Net {
                     .entry(track)
                     .or_insert_with(|| TrackProcessor::new(fleetcall_dsp::PipelineConfig::default()).unwrap());
                 let mut results = Vec::new();
-                processor.process(track, &packet, &mut results);
+                processor.process(track, &packet, &mut results, &mut self.audio_totals);
                 for result in results {
                     self.sfu.handle_processed(self.now, result);
                 }
