@@ -84,6 +84,15 @@ pub struct ServeArgs {
     /// Threads running noise suppression. Default: one per core.
     #[arg(long, env = "FLEETCALL_AUDIO_THREADS")]
     pub audio_threads: Option<usize>,
+    /// Serve /metrics on this address instead of the HTTP port.
+    #[arg(long, env = "FLEETCALL_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// `site` label on every series.
+    #[arg(long, env = "FLEETCALL_METRICS_SITE")]
+    pub metrics_site: Option<String>,
+    /// Per-room series (one per live room; costs a series per room).
+    #[arg(long, env = "FLEETCALL_METRICS_ROOM_LABELS")]
+    pub metrics_room_labels: Option<bool>,
     /// UDP address of the device control plane (QUIC).
     #[arg(long, env = "FLEETCALL_QUIC_ADDR")]
     pub quic_addr: Option<SocketAddr>,
@@ -113,6 +122,16 @@ struct FileConfig {
     shutdown: FileShutdown,
     #[serde(default)]
     control: FileControl,
+    #[serde(default)]
+    metrics: FileMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    addr: Option<SocketAddr>,
+    site: Option<String>,
+    room_labels: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +185,9 @@ pub struct Config {
     pub audio_threads: usize,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
+    pub metrics_addr: Option<SocketAddr>,
+    pub metrics_site: String,
+    pub metrics_room_labels: bool,
     pub quic_addr: SocketAddr,
     pub heartbeat: Duration,
     pub ring_timeout: Duration,
@@ -203,6 +225,9 @@ impl Config {
             audio_threads: args.audio_threads.or(file.media.audio_threads).unwrap_or(workers),
             shutdown_timeout: seconds("shutdown timeout", args.shutdown_timeout_secs.or(file.shutdown.timeout_secs).unwrap_or(5.0))?,
             log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            metrics_addr: args.metrics_addr.or(file.metrics.addr),
+            metrics_site: args.metrics_site.or(file.metrics.site).unwrap_or_else(|| "default".into()),
+            metrics_room_labels: args.metrics_room_labels.or(file.metrics.room_labels).unwrap_or(false),
             quic_addr: args.quic_addr.or(file.control.quic_addr).unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 4433))),
             heartbeat: seconds("heartbeat interval", args.heartbeat_secs.or(file.control.heartbeat_secs).unwrap_or(2.0))?,
             ring_timeout: seconds("ring timeout", args.ring_timeout_secs.or(file.control.ring_timeout_secs).unwrap_or(30.0))?,

@@ -26,6 +26,8 @@ pub struct AppState {
     pub ws: WsContext,
     pub control: ControlPlane,
     pub device_tokens: DeviceTokens,
+    /// Served on `/metrics` here unless a separate metrics address is set.
+    pub metrics: Option<crate::metrics::Scrape>,
     /// False before the media plane runs and once shutdown begins.
     pub ready: Arc<AtomicBool>,
     pub admin_token: Arc<str>,
@@ -48,8 +50,24 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/ws", get(websocket))
         .route("/ws/device", get(device_websocket))
+        .route("/metrics", get(metrics))
         .merge(admin)
         .with_state(state)
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let Some(scrape) = &state.metrics else {
+        return (StatusCode::NOT_FOUND, "metrics are served on the metrics address\n").into_response();
+    };
+    serve_metrics(scrape).await
+}
+
+/// The text exposition, or 503 while a part of the server does not answer.
+pub async fn serve_metrics(scrape: &crate::metrics::Scrape) -> Response {
+    match scrape.render().await {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}\n")).into_response(),
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -3,7 +3,9 @@
 
 mod admin_cli;
 mod config;
+mod device_agent;
 mod http;
+mod metrics;
 mod secrets;
 
 use std::io::Write;
@@ -84,6 +86,9 @@ enum DeviceCommand {
         #[arg(long, env = "FLEETCALL_DATA_DIR", default_value = "fleetcall-data")]
         data_dir: PathBuf,
     },
+    /// Run a reference device: register, ring, answer, send a WAV file as
+    /// the microphone and record what it hears.
+    Run(device_agent::RunArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -111,6 +116,11 @@ fn main() -> anyhow::Result<()> {
             let tokens = DeviceTokens::open_or_init(pki.dir())?;
             println!("{}", tokens.issue(&id)?);
             Ok(())
+        }
+        Command::Device(DeviceCommand::Run(args)) => {
+            init_tracing(LogFormat::Text);
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(device_agent::run(args))
         }
         Command::Devices(args) => admin_cli::run(args, admin_cli::Table::Devices),
         Command::Calls(args) => admin_cli::run(args, admin_cli::Table::Calls),
@@ -164,9 +174,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let quic_task = tokio::spawn(quic::serve(endpoint, quic_config, control.clone(), shutdown_rx.clone()));
     let ready = Arc::new(AtomicBool::new(true));
     let device_tokens = DeviceTokens::open_or_init(pki.dir())?;
+    let scrape = metrics::Scrape {
+        sfu: driver.handle(),
+        control: control.clone(),
+        site: config.metrics_site.clone(),
+        room_labels: config.metrics_room_labels,
+    };
+    if let Some(addr) = config.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics on {addr}"))?;
+        println!("fleetcall metrics http://{}/metrics", listener.local_addr()?);
+        let scrape = scrape.clone();
+        let app = axum::Router::new().route("/metrics", axum::routing::get(move || {
+            let scrape = scrape.clone();
+            async move { http::serve_metrics(&scrape).await }
+        }));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
     let state = http::AppState {
         control: control.clone(),
         device_tokens,
+        metrics: config.metrics_addr.is_none().then_some(scrape),
         ws: WsContext { sfu: driver.handle(), shutdown: shutdown_rx },
         ready: ready.clone(),
         admin_token: admin_token.into(),

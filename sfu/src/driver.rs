@@ -101,6 +101,9 @@ enum Command {
     Stats {
         reply: oneshot::Sender<SfuStats>,
     },
+    Rooms {
+        reply: oneshot::Sender<Vec<(RoomId, usize)>>,
+    },
     /// Apply a change, if any, and reply with the policy in force.
     Policy {
         change: Option<PolicyChange>,
@@ -265,6 +268,15 @@ impl SfuHandle {
         self.call(0, |reply| Command::Policy { change: None, reply }).await
     }
 
+    /// Participants per room, over all workers.
+    pub async fn room_sizes(&self) -> Result<Vec<(RoomId, usize)>, SfuError> {
+        let mut all = Vec::new();
+        for worker in 0..self.workers.len() {
+            all.extend(self.call(worker, |reply| Command::Rooms { reply }).await?);
+        }
+        Ok(all)
+    }
+
     /// Every media-plane metric family, for a scrape.
     pub async fn metric_families(&self) -> Result<Vec<prometheus::proto::MetricFamily>, SfuError> {
         let stats = self.stats().await?;
@@ -408,6 +420,9 @@ fn handle_command(
         }
         Command::Stats { reply } => {
             let _ = reply.send(sfu.stats());
+        }
+        Command::Rooms { reply } => {
+            let _ = reply.send(sfu.room_sizes());
         }
         Command::Policy { change, reply } => {
             if let Some(change) = change {

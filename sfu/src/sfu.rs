@@ -724,6 +724,11 @@ impl Sfu {
         }
     }
 
+    /// Participants per room.
+    pub fn room_sizes(&self) -> Vec<(RoomId, usize)> {
+        self.rooms.iter().map(|(id, room)| (id.clone(), room.members.len())).collect()
+    }
+
     /// Display names in a room, for tests and the admin API.
     pub fn room_members(&self, room: &RoomId) -> Vec<(ParticipantId, String)> {
         let Some(room) = self.rooms.get(room) else { return Vec::new() };

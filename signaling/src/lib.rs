@@ -5,6 +5,8 @@
 //! * [`wire`]: framing for the QUIC stream and the JSON form for WebSocket.
 //! * [`controller`]: the sans-IO owner of every device, session and call.
 //! * [`backoff`]: the client's reconnect backoff (full jitter, capped).
+//! * [`client`]: the device client SDK (QUIC, heartbeats, resume).
+//! * [`metrics`]: the control plane's Prometheus series.
 //! * [`pki`]: the installation CA and device enrollment (mTLS identities).
 //! * [`protocol`]: the earlier browser room protocol, kept until the
 //!   WebSocket moves to `fleetcall.v1` (see `PROTOCOL.md`).
@@ -14,9 +16,11 @@
 //! * [`ws_device`]: the device protocol over WebSocket (JSON frames, token identity).
 
 pub mod backoff;
+pub mod client;
 pub mod controller;
 mod error;
 pub mod ids;
+pub mod metrics;
 pub mod pb;
 pub mod pki;
 pub mod protocol;

@@ -289,6 +289,8 @@ impl Controller {
             }
         }
         info!(call_id = %id, %device, "accepted");
+        let created_at = self.calls[&id].created_at;
+        self.stats.ring_to_answer.observe(now.saturating_duration_since(created_at));
         self.timers.cancel(Timer::Ring(id, sid));
         let leg = self.new_leg(now, sid, id, &device);
         if let Some(m) = self

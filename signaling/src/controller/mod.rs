@@ -565,7 +565,10 @@ impl Controller {
             next_session: 1,
             next_call: 1,
             next_epoch: 1,
-            stats: Stats::default(),
+            stats: Stats {
+                heartbeat_rtt: stats::DurationHistogram::with_bounds_ms(&[1, 2, 5, 10, 25, 50, 100, 250, 500, 1000]),
+                ..Stats::default()
+            },
         })
     }
 

@@ -291,6 +291,7 @@ impl Controller {
             let sent = origin.checked_add(Duration::from_millis(ack.echo_sent_at_ms));
             if let Some(sent) = sent.filter(|t| *t <= now) {
                 d.rtt = Some(now - sent);
+                self.stats.heartbeat_rtt.observe(now - sent);
             }
         }
         if latest {

@@ -54,6 +54,10 @@ pub struct Stats {
     /// start of the phase that timed out) until the call or participant
     /// reached its terminal state.
     pub fault_to_convergence: DurationHistogram,
+    /// Round-trip time of acked server heartbeats.
+    pub heartbeat_rtt: DurationHistogram,
+    /// From an invitation to its answer (1:1 calls).
+    pub ring_to_answer: DurationHistogram,
 }
 
 /// One call phase transition.
@@ -102,6 +106,13 @@ impl Default for DurationHistogram {
 }
 
 impl DurationHistogram {
+    /// An empty histogram with these bucket bounds, in milliseconds.
+    pub fn with_bounds_ms(bounds_ms: &[u64]) -> Self {
+        let bounds: Vec<Duration> = bounds_ms.iter().copied().map(Duration::from_millis).collect();
+        let counts = vec![0; bounds.len() + 1];
+        DurationHistogram { bounds, counts, count: 0, sum: Duration::ZERO, max: Duration::ZERO }
+    }
+
     /// Records one observation.
     pub fn observe(&mut self, d: Duration) {
         let i = self
