@@ -20,7 +20,7 @@ use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, debug_span, info, info_span, trace, warn};
 
 use crate::audio::{AudioCommand, AudioPacket, PolicyChange, ProcessedAudio, SuppressionPolicy};
 use crate::demux::{classify, stun_local_ufrag, DatagramKind, Demux};
@@ -408,6 +408,7 @@ impl Sfu {
     /// Adds a participant to a room and answers its offer.
     pub fn join(&mut self, now: Instant, request: JoinRequest) -> Result<Joined, SfuError> {
         let JoinRequest { room, participant: id, name, offer } = request;
+        let _span = info_span!("participant", %id, %room).entered();
         if self.participants.contains_key(&id) {
             return Err(SfuError::DuplicateParticipant(id));
         }
@@ -466,6 +467,7 @@ impl Sfu {
     /// Applies the participant's answer to the SFU's latest offer. A bad
     /// answer leaves the session unknown, so the participant is removed.
     pub fn accept_answer(&mut self, now: Instant, id: ParticipantId, answer: SdpAnswer) -> Result<(), SfuError> {
+        let _span = debug_span!("participant", %id).entered();
         let p = self.participants.get_mut(&id).ok_or(SfuError::UnknownParticipant(id))?;
         let pending = p.pending_offer.take().ok_or(SfuError::NoPendingOffer(id))?;
         if let Err(e) = p.rtc.sdp_api().accept_answer(pending, answer) {
@@ -505,6 +507,7 @@ impl Sfu {
     /// Answers a participant's own offer (ICE restart). An offer of ours still
     /// in flight is abandoned and its changes are offered again afterwards.
     pub fn accept_offer(&mut self, now: Instant, id: ParticipantId, offer: SdpOffer) -> Result<SdpAnswer, SfuError> {
+        let _span = debug_span!("participant", %id).entered();
         let p = self.participants.get_mut(&id).ok_or(SfuError::UnknownParticipant(id))?;
         if p.pending_offer.take().is_some() {
             // Adds in the abandoned offer never reached the session: queue them
@@ -851,7 +854,8 @@ impl Sfu {
     /// and, when it was the last, its room. Everyone affected hears of it.
     fn remove_participant(&mut self, now: Instant, id: ParticipantId, reason: LeaveReason) {
         let Some(mut p) = self.participants.remove(&id) else { return };
-        info!(participant = %id, room = %p.room, reason = reason.as_str(), "participant removed");
+        let _span = info_span!("participant", %id, room = %p.room).entered();
+        info!(reason = reason.as_str(), "participant removed");
         *self.out.stats.removed.entry(reason.as_str()).or_default() += 1;
         p.rtc.disconnect();
         self.demux.remove(id, &p.ufrag, &p.addrs);

@@ -677,6 +677,7 @@ impl Controller {
 
     /// Ends a call for everyone, exactly once: later calls do nothing.
     pub(super) fn end_call(&mut self, now: Instant, call_id: CallId, cause: Cause) -> bool {
+        let _span = tracing::info_span!("call", id = %call_id).entered();
         let Some(call) = self.calls.get_mut(&call_id) else {
             return false;
         };

@@ -24,6 +24,8 @@ pub(super) fn negotiate(min: u32, max: u32) -> Option<u32> {
 
 impl Controller {
     pub(super) fn on_hello(&mut self, now: Instant, conn: ConnId, hello: pb::Hello) {
+        let device = self.conns.get(&conn).map(|c| c.device.to_string()).unwrap_or_default();
+        let _span = tracing::info_span!("device", id = %device, %conn).entered();
         let Some(version) = negotiate(hello.min_version, hello.max_version) else {
             let reason = format!(
                 "device speaks {}..={}, server speaks {PROTOCOL_VERSION_MIN}..={PROTOCOL_VERSION_MAX}",
