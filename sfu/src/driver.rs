@@ -459,7 +459,7 @@ fn flush(
             SfuEvent::Offer { participant, .. }
             | SfuEvent::Connected { participant }
             | SfuEvent::Removed { participant, .. } => *participant,
-            SfuEvent::ParticipantJoined { to, .. } | SfuEvent::ParticipantLeft { to, .. } => *to,
+            SfuEvent::ParticipantJoined { to, .. } | SfuEvent::ParticipantLeft { to, .. } | SfuEvent::ActiveSpeakers { to, .. } => *to,
         };
         let removed = matches!(event, SfuEvent::Removed { .. });
         if let Some(route) = routes.get(&to) {

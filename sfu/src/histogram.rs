@@ -63,6 +63,8 @@ pub mod bounds {
     pub const RATIO: &[f64] = &[0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0];
     /// DSP processing time per 20 ms frame, seconds.
     pub const PROCESSING_SECONDS: &[f64] = &[0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.001, 0.002, 0.005, 0.02];
+    /// Speakers talking at once in a room.
+    pub const SPEAKERS: &[f64] = &[0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 10.0];
 }
 
 #[cfg(test)]

@@ -12,6 +12,10 @@
 //! - [`client`] is the device side: a media peer publishing one Opus track.
 //!
 //! Rooms live on exactly one worker, so forwarding never takes a lock.
+//!
+//! Audio in rooms larger than `audio_slots + 1` is forwarded by active-speaker
+//! selection ([`speakers`]) into a fixed number of audio slots per listener
+//! ([`slots`]), so the cost of a packet does not grow with the room.
 
 pub mod audio;
 pub mod client;
@@ -23,6 +27,8 @@ pub mod metrics;
 mod ids;
 mod participant;
 mod sfu;
+pub mod slots;
+pub mod speakers;
 
 pub use driver::{DriverConfig, Session, SfuDriver, SfuHandle};
 pub use error::SfuError;

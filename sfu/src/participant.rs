@@ -12,6 +12,7 @@ use str0m::rtp::Ssrc;
 use str0m::Rtc;
 
 use crate::ids::{ParticipantId, RoomId};
+use crate::slots::Slot;
 
 /// A published track: one incoming m-line of one participant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,6 +61,7 @@ pub(crate) enum OutState {
 #[derive(Debug)]
 pub(crate) struct TrackOut {
     pub source: TrackKey,
+    pub kind: MediaKind,
     pub state: OutState,
 }
 
@@ -68,8 +70,11 @@ pub(crate) struct TrackOut {
 pub(crate) enum Change {
     /// Start receiving a track published by someone else.
     Add { source: TrackKey, kind: MediaKind },
-    /// Stop an outgoing m-line whose publisher left.
+    /// Stop an outgoing m-line whose publisher left (or, audio, that the
+    /// room's switch to slots replaces).
     Stop(Mid),
+    /// Add audio slot number `.0` (see [`crate::slots`]).
+    AddSlot(usize),
 }
 
 #[derive(Debug)]
@@ -88,6 +93,10 @@ pub(crate) struct Participant {
     /// Codec of an incoming payload type, cached per participant.
     pub pt_codec: HashMap<Pt, Codec>,
     pub tracks_out: HashMap<Mid, TrackOut>,
+    /// Audio slots, once its room forwards audio by speaker selection.
+    pub slots: Vec<Slot>,
+    /// Its room forwards audio by speaker selection (see [`crate::slots`]).
+    pub slot_mode: bool,
     pub changes: VecDeque<Change>,
     pub pending_offer: Option<SdpPendingOffer>,
     /// ICE + DTLS up at least once.
@@ -128,6 +137,8 @@ impl Participant {
             ssrc_mid: HashMap::new(),
             pt_codec: HashMap::new(),
             tracks_out: HashMap::new(),
+            slots: Vec::new(),
+            slot_mode: false,
             changes: VecDeque::new(),
             pending_offer: None,
             connected: false,

@@ -28,6 +28,8 @@ use crate::error::SfuError;
 use crate::histogram::{bounds, Histogram};
 use crate::ids::{ParticipantId, RoomId};
 use crate::participant::{AudioPath, Change, OutState, Participant, TrackIn, TrackKey, TrackOut};
+use crate::slots::Slot;
+use crate::speakers::{Activity, Changed, SelectorConfig, SpeakerSelector};
 
 /// Settings of one SFU core.
 #[derive(Debug, Clone)]
@@ -44,6 +46,14 @@ pub struct SfuConfig {
     pub max_participants: usize,
     /// Which publishers' audio is denoised.
     pub suppression: SuppressionPolicy,
+    /// Audio slots per listener. A room with more than `audio_slots + 1`
+    /// participants forwards audio by active-speaker selection into this
+    /// many audio m-lines per listener instead of one per publisher; 0
+    /// forwards everyone to everyone in every room.
+    pub audio_slots: usize,
+    /// How long a selected speaker who stopped talking keeps its slot while
+    /// another waits.
+    pub speaker_hold: Duration,
 }
 
 impl Default for SfuConfig {
@@ -54,6 +64,8 @@ impl Default for SfuConfig {
             max_room_size: 100,
             max_participants: 5_000,
             suppression: SuppressionPolicy::default(),
+            audio_slots: 3,
+            speaker_hold: SelectorConfig::default().hold,
         }
     }
 }
@@ -147,6 +159,14 @@ pub enum SfuEvent {
         /// Why.
         reason: LeaveReason,
     },
+    /// The room's active speakers changed (selection or dominant speaker).
+    ActiveSpeakers {
+        /// Recipient.
+        to: ParticipantId,
+        /// Publishers whose audio is selected, the dominant (most recent)
+        /// speaker first. May include the recipient.
+        speakers: Vec<ParticipantId>,
+    },
     /// The participant is gone from the SFU, with everything it owned.
     Removed {
         /// Who was removed.
@@ -227,6 +247,22 @@ pub struct SfuStats {
     pub rtt: Histogram,
     /// From join to the first audio packet forwarded to the participant, seconds.
     pub join_to_first_audio: Histogram,
+    /// Rooms forwarding audio by speaker selection (audio slots).
+    pub slot_rooms: usize,
+    /// Audio slot m-lines, negotiating or open.
+    pub audio_slots: usize,
+    /// Audio tracks speaking now, all rooms.
+    pub speaking: usize,
+    /// Changes of a room's selection of speakers.
+    pub speaker_changes: u64,
+    /// A listener's slot given to another speaker.
+    pub slot_switches: u64,
+    /// Audio packets in slot rooms from selected speakers (forwarded).
+    pub selection_forwarded: u64,
+    /// Audio packets in slot rooms from unselected publishers (not forwarded).
+    pub selection_suppressed: u64,
+    /// Tracks speaking in a room, observed at every change of its speakers.
+    pub room_speakers: Histogram,
 }
 
 impl Default for SfuStats {
@@ -253,6 +289,14 @@ impl Default for SfuStats {
             reported_jitter: Histogram::new(bounds::JITTER_SECONDS),
             rtt: Histogram::new(bounds::RTT_SECONDS),
             join_to_first_audio: Histogram::new(bounds::LATENCY_SECONDS),
+            slot_rooms: 0,
+            audio_slots: 0,
+            speaking: 0,
+            speaker_changes: 0,
+            slot_switches: 0,
+            selection_forwarded: 0,
+            selection_suppressed: 0,
+            room_speakers: Histogram::new(bounds::SPEAKERS),
         }
     }
 }
@@ -286,6 +330,14 @@ impl SfuStats {
         self.reported_jitter.merge(&other.reported_jitter);
         self.rtt.merge(&other.rtt);
         self.join_to_first_audio.merge(&other.join_to_first_audio);
+        self.slot_rooms += other.slot_rooms;
+        self.audio_slots += other.audio_slots;
+        self.speaking += other.speaking;
+        self.speaker_changes += other.speaker_changes;
+        self.slot_switches += other.slot_switches;
+        self.selection_forwarded += other.selection_forwarded;
+        self.selection_suppressed += other.selection_suppressed;
+        self.room_speakers.merge(&other.room_speakers);
     }
 }
 
@@ -316,6 +368,8 @@ struct Outgoing {
     exts: ExtensionValues,
     payload: Arc<[u8]>,
     arrived: Instant,
+    /// Audio: what the packet says about its speaker, if anything.
+    activity: Option<Activity>,
 }
 
 /// Work found while draining one participant that touches others. Queued so
@@ -331,6 +385,12 @@ enum Work {
 #[derive(Debug)]
 struct Room {
     members: Vec<ParticipantId>,
+    /// Audio goes through slots (sticky: see [`Sfu::enter_slot_mode`]).
+    slot_mode: bool,
+    /// Runs in every room: it also names the active speakers.
+    selector: SpeakerSelector,
+    /// The speakers last announced.
+    announced: Vec<ParticipantId>,
 }
 
 /// Everything draining a participant may write to, besides the participants.
@@ -363,6 +423,8 @@ pub struct Sfu {
     rooms: HashMap<RoomId, Room>,
     participants: HashMap<ParticipantId, Participant>,
     forwarding: HashMap<TrackKey, Vec<Forward>>,
+    /// Slot rooms: a selected audio track -> (listener, slot index).
+    slot_routes: HashMap<TrackKey, Vec<(ParticipantId, usize)>>,
     demux: Demux,
     out: Outputs,
 }
@@ -392,6 +454,7 @@ impl Sfu {
             rooms: HashMap::new(),
             participants: HashMap::new(),
             forwarding: HashMap::new(),
+            slot_routes: HashMap::new(),
             demux: Demux::default(),
             out: Outputs {
                 transmits: VecDeque::new(),
@@ -438,25 +501,47 @@ impl Sfu {
         let answer = rtc.sdp_api().accept_offer(offer).map_err(|e| SfuError::InvalidSdp(e.to_string()))?;
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
 
+        let selector = SelectorConfig { slots: self.config.audio_slots.max(1), hold: self.config.speaker_hold, ..SelectorConfig::default() };
         let room_entry = self.rooms.entry(room.clone()).or_insert_with(|| {
             info!(%room, "room created");
-            Room { members: Vec::new() }
+            Room { members: Vec::new(), slot_mode: false, selector: SpeakerSelector::new(selector), announced: Vec::new() }
         });
+        let slots = self.config.audio_slots;
+        if slots > 0 && !room_entry.slot_mode && room_entry.members.len() + 1 > slots + 1 {
+            self.enter_slot_mode(now, &room);
+        }
+        // Just created or found above.
+        let room_entry = self.rooms.get_mut(&room).expect("room exists");
         let mut others = Vec::with_capacity(room_entry.members.len());
         let mut participant = Participant::new(id, room.clone(), name.clone(), rtc, ufrag.clone(), now);
+        if room_entry.slot_mode {
+            participant.slot_mode = true;
+            participant.slots = (0..slots).map(|_| Slot::new()).collect();
+            participant.changes.extend((0..slots).map(Change::AddSlot));
+        }
         for other_id in &room_entry.members {
             let other = &self.participants[other_id];
             others.push((*other_id, other.name.clone()));
             for (mid, track) in &other.tracks_in {
+                if room_entry.slot_mode && track.kind == MediaKind::Audio {
+                    continue;
+                }
                 let source = TrackKey { publisher: *other_id, mid: *mid };
                 participant.changes.push_back(Change::Add { source, kind: track.kind });
             }
             self.out.events.push_back(SfuEvent::ParticipantJoined { to: *other_id, participant: id, name: name.clone() });
         }
         room_entry.members.push(id);
+        if !room_entry.announced.is_empty() {
+            self.out.events.push_back(SfuEvent::ActiveSpeakers { to: id, speakers: room_entry.announced.clone() });
+        }
+        let slot_mode = room_entry.slot_mode;
         self.demux.insert_ufrag(ufrag, id);
         info!(%room, participant = %id, %name, "participant joined");
         self.participants.insert(id, participant);
+        if slot_mode {
+            self.selection_changed(now, &room, Changed::default(), true);
+        }
 
         self.drain(now, id);
         self.negotiate(now, id);
@@ -488,6 +573,9 @@ impl Sfu {
             OutState::Stopping => p.changes.iter().any(|c| matches!(c, Change::Stop(m) if m == mid)),
             OutState::Open => true,
         });
+        for slot in p.slots.iter_mut().filter(|s| s.mid.is_some() && s.state == OutState::Negotiating) {
+            slot.state = OutState::Open;
+        }
         for (mid, source) in opened {
             if let Some(forward) = self.forwarding.get_mut(&source).and_then(|f| f.iter_mut().find(|f| f.subscriber == id && f.mid == mid)) {
                 forward.open = true;
@@ -521,6 +609,12 @@ impl Sfu {
                 OutState::Stopping => p.changes.iter().any(|c| matches!(c, Change::Stop(m) if m == mid)),
                 OutState::Open => true,
             });
+            for (i, slot) in p.slots.iter_mut().enumerate().rev() {
+                if slot.mid.is_some() && slot.state == OutState::Negotiating {
+                    slot.mid = None;
+                    p.changes.push_front(Change::AddSlot(i));
+                }
+            }
             for (mid, source) in requeue {
                 if let Some(forwards) = self.forwarding.get_mut(&source) {
                     forwards.retain(|f| !(f.subscriber == id && f.mid == mid));
@@ -670,8 +764,9 @@ impl Sfu {
             exts: ExtensionValues::default(),
             payload: processed.payload,
             arrived: processed.arrived,
+            activity: Some(Activity::Speech(processed.speech_probability)),
         };
-        self.forward(now, processed.track, Codec::Opus, &packet);
+        self.forward_audio(now, processed.track, Codec::Opus, &packet);
         self.run_work(now);
     }
 
@@ -723,6 +818,9 @@ impl Sfu {
             demux_entries: addrs + ufrags,
             processed_tracks: self.audio_tracks().filter(|t| matches!(t.audio, AudioPath::Pipeline { .. })).count(),
             suppressed_tracks: self.audio_tracks().filter(|t| t.audio == AudioPath::Pipeline { suppress: true }).count(),
+            slot_rooms: self.rooms.values().filter(|r| r.slot_mode).count(),
+            audio_slots: self.participants.values().map(|p| p.slots.iter().filter(|s| s.mid.is_some()).count()).sum(),
+            speaking: self.rooms.values().map(|r| r.selector.speaking()).sum(),
             ..self.out.stats.clone()
         }
     }
@@ -760,10 +858,17 @@ impl Sfu {
                     let stream_id = source.publisher.to_string();
                     let track_id = format!("{}-{}", source.publisher, source.mid);
                     let mid = api.add_media(kind, Direction::SendOnly, Some(stream_id), Some(track_id), None);
-                    p.tracks_out.insert(mid, TrackOut { source, state: OutState::Negotiating });
+                    p.tracks_out.insert(mid, TrackOut { source, kind, state: OutState::Negotiating });
                     forwards.push(Forward { subscriber: id, mid, open: false, pt: None, seq_offset: None });
                 }
                 Change::Stop(mid) => api.stop_media(mid),
+                Change::AddSlot(index) => {
+                    let Some(slot) = p.slots.get_mut(index).filter(|s| s.mid.is_none()) else { continue };
+                    // The msid names the slot; who is in it travels as the CSRC.
+                    let name = format!("slot-{index}");
+                    slot.mid = Some(api.add_media(MediaKind::Audio, Direction::SendOnly, Some(name.clone()), Some(name), None));
+                    slot.state = OutState::Negotiating;
+                }
             }
         }
         if let Some((offer, pending)) = api.apply() {
@@ -777,7 +882,8 @@ impl Sfu {
     fn run_work(&mut self, now: Instant) {
         while let Some(work) = self.out.work.pop_front() {
             match work {
-                Work::Forward { source, codec, packet } => self.forward(now, source, codec, &packet),
+                Work::Forward { source, codec, packet } if codec.is_video() => self.forward(now, source, codec, &packet),
+                Work::Forward { source, codec, packet } => self.forward_audio(now, source, codec, &packet),
                 Work::KeyframeRequest { source, kind } => {
                     let Some(p) = self.participants.get_mut(&source.publisher) else { continue };
                     let Some(track) = p.tracks_in.get_mut(&source.mid) else { continue };
@@ -794,7 +900,18 @@ impl Sfu {
                 Work::Publish { source, kind } => {
                     self.forwarding.entry(source).or_default();
                     let Some(room) = self.participants.get(&source.publisher).map(|p| p.room.clone()) else { continue };
-                    let members = self.rooms.get(&room).map(|r| r.members.clone()).unwrap_or_default();
+                    let Some(r) = self.rooms.get_mut(&room) else { continue };
+                    let members = r.members.clone();
+                    if kind == MediaKind::Audio {
+                        let changed = r.selector.add(source);
+                        let slot_mode = r.slot_mode;
+                        if changed.any() {
+                            self.selection_changed(now, &room, changed, slot_mode);
+                        }
+                        if slot_mode {
+                            continue; // heard through the slots
+                        }
+                    }
                     for member in members.into_iter().filter(|m| *m != source.publisher) {
                         if let Some(m) = self.participants.get_mut(&member) {
                             m.changes.push_back(Change::Add { source, kind });
@@ -850,6 +967,174 @@ impl Sfu {
         }
     }
 
+    /// Observes an audio packet for speaker selection, then forwards it: to
+    /// every subscriber, or in a slot room to the listeners whose slots
+    /// carry its track.
+    fn forward_audio(&mut self, now: Instant, source: TrackKey, codec: Codec, packet: &Outgoing) {
+        let Some(p) = self.participants.get(&source.publisher) else { return };
+        let slot_mode = p.slot_mode;
+        let mut reselect = None;
+        if let (Some(activity), Some(room)) = (packet.activity, self.rooms.get_mut(&p.room)) {
+            let changed = room.selector.observe(now, source, activity);
+            if changed.any() {
+                reselect = Some((p.room.clone(), changed));
+            }
+        }
+        if let Some((room, changed)) = reselect {
+            self.selection_changed(now, &room, changed, changed.selection && slot_mode);
+        }
+        if slot_mode {
+            self.forward_slots(now, source, codec, packet);
+        } else {
+            self.forward(now, source, codec, packet);
+        }
+    }
+
+    /// Writes an audio packet into each slot its track is assigned to.
+    fn forward_slots(&mut self, now: Instant, source: TrackKey, codec: Codec, packet: &Outgoing) {
+        let routes = match self.slot_routes.get(&source) {
+            Some(routes) if !routes.is_empty() => routes,
+            _ => {
+                self.out.stats.selection_suppressed += 1;
+                return;
+            }
+        };
+        self.out.stats.selection_forwarded += 1;
+        let csrc = [source.publisher.0 as u32];
+        for &(listener, index) in routes {
+            let Some(sub) = self.participants.get_mut(&listener) else { continue };
+            let Some(slot) = sub.slots.get(index) else { continue };
+            let Some(mid) = slot.mid.filter(|_| slot.state == OutState::Open) else { continue };
+            let out_pt = match slot.pt {
+                Some((pt_in, pt_out)) if pt_in == packet.pt => pt_out,
+                _ => {
+                    let Some(pt_out) = sub.pt_for(mid, codec) else {
+                        self.out.stats.dropped.unroutable += 1;
+                        continue;
+                    };
+                    sub.slots[index].pt = Some((packet.pt, pt_out));
+                    pt_out
+                }
+            };
+            let Some(rewritten) = sub.slots[index].map(source, packet.seq, packet.timestamp, packet.arrived) else {
+                self.out.stats.dropped.unroutable += 1;
+                continue;
+            };
+            let mut api = sub.rtc.direct_api();
+            let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+                self.out.stats.dropped.unroutable += 1;
+                continue;
+            };
+            tx.write_rtp(
+                RtpWrite::new(out_pt, rewritten.seq.into(), rewritten.timestamp, packet.arrived, packet.payload.clone())
+                    .marker(packet.marker || rewritten.switched)
+                    .ext_vals(packet.exts.clone())
+                    .csrc(&csrc),
+            );
+            drop(api);
+            self.out.stats.rtp_forwarded += 1;
+            if sub.first_audio_at.is_none() {
+                sub.first_audio_at = Some(now);
+                self.out.stats.join_to_first_audio.observe(now.saturating_duration_since(sub.joined_at).as_secs_f64());
+            }
+            drain_participant(now, sub, &mut self.out);
+        }
+    }
+
+    /// The room grew past `audio_slots + 1`: every member trades its
+    /// per-publisher audio m-lines for `audio_slots` slot m-lines, in one
+    /// renegotiation. Video is untouched.
+    ///
+    /// Slot mode is sticky for the room's life: in a room of at most
+    /// `audio_slots + 1` the selection pins everyone, so every listener
+    /// hears every other participant through its slots anyway, and a room
+    /// at the boundary never renegotiates on each join and leave.
+    fn enter_slot_mode(&mut self, now: Instant, room_id: &RoomId) {
+        let Some(room) = self.rooms.get_mut(room_id) else { return };
+        room.slot_mode = true;
+        let members = room.members.clone();
+        let slots = self.config.audio_slots;
+        info!(room = %room_id, members = members.len(), slots, "room switches to audio slots");
+        for member in &members {
+            let Some(p) = self.participants.get_mut(member) else { continue };
+            p.slot_mode = true;
+            let mut stopped = Vec::new();
+            for (mid, track) in p.tracks_out.iter_mut() {
+                if track.kind == MediaKind::Audio && track.state != OutState::Stopping {
+                    track.state = OutState::Stopping;
+                    stopped.push((*mid, track.source));
+                }
+            }
+            for (mid, source) in stopped {
+                p.changes.push_back(Change::Stop(mid));
+                if let Some(forwards) = self.forwarding.get_mut(&source) {
+                    forwards.retain(|f| !(f.subscriber == *member && f.mid == mid));
+                }
+            }
+            p.changes.retain(|c| !matches!(c, Change::Add { kind: MediaKind::Audio, .. }));
+            p.slots = (0..slots).map(|_| Slot::new()).collect();
+            p.changes.extend((0..slots).map(Change::AddSlot));
+        }
+        for member in members {
+            self.negotiate(now, member);
+        }
+        self.selection_changed(now, room_id, Changed::default(), true);
+    }
+
+    /// After the room's selection changed: reassigns listeners' slots (slot
+    /// rooms, `reassign`), rebuilds the routes, and announces the speakers.
+    /// Never on a packet's path unless the selection changed.
+    fn selection_changed(&mut self, _now: Instant, room_id: &RoomId, changed: Changed, reassign: bool) {
+        let Some(room) = self.rooms.get_mut(room_id) else { return };
+        if changed.selection {
+            self.out.stats.speaker_changes += 1;
+        }
+        if changed.any() {
+            self.out.stats.room_speakers.observe(room.selector.speaking() as f64);
+        }
+        if reassign && room.slot_mode {
+            for key in room.selector.tracks() {
+                if let Some(routes) = self.slot_routes.get_mut(&key) {
+                    routes.clear();
+                }
+            }
+            let mut heard = Vec::with_capacity(self.config.audio_slots);
+            for member in &room.members {
+                let Some(p) = self.participants.get_mut(member) else { continue };
+                heard.clear();
+                heard.extend(room.selector.heard_by(*member));
+                for slot in p.slots.iter_mut() {
+                    if slot.source.is_some_and(|s| !heard.contains(&s)) {
+                        slot.source = None;
+                    }
+                }
+                for key in &heard {
+                    if p.slots.iter().any(|s| s.source == Some(*key)) {
+                        continue;
+                    }
+                    if let Some(free) = p.slots.iter_mut().find(|s| s.source.is_none()) {
+                        free.source = Some(*key);
+                        self.out.stats.slot_switches += 1;
+                    }
+                }
+                for (index, slot) in p.slots.iter().enumerate() {
+                    if let Some(key) = slot.source {
+                        self.slot_routes.entry(key).or_default().push((*member, index));
+                    }
+                }
+            }
+            trace!(room = %room_id, selected = ?room.selector.selected(), "slots reassigned");
+        }
+        let speakers = room.selector.speakers();
+        if speakers != room.announced {
+            debug!(room = %room_id, ?speakers, "active speakers");
+            for member in &room.members {
+                self.out.events.push_back(SfuEvent::ActiveSpeakers { to: *member, speakers: speakers.clone() });
+            }
+            room.announced = speakers;
+        }
+    }
+
     /// Removes a participant, its forwarding entries both ways, its demux keys
     /// and, when it was the last, its room. Everyone affected hears of it.
     fn remove_participant(&mut self, now: Instant, id: ParticipantId, reason: LeaveReason) {
@@ -886,15 +1171,32 @@ impl Sfu {
         // Queued adds elsewhere for its tracks are skipped in `negotiate`
         // because their forwarding key is gone.
 
+        let mut reselect = None;
         if let Some(room) = self.rooms.get_mut(&p.room) {
             room.members.retain(|m| *m != id);
+            let mut changed = Changed::default();
+            for (mid, track) in &p.tracks_in {
+                if track.kind == MediaKind::Audio {
+                    let key = TrackKey { publisher: id, mid: *mid };
+                    let c = room.selector.remove(key);
+                    changed.selection |= c.selection;
+                    changed.dominant |= c.dominant;
+                    self.slot_routes.remove(&key);
+                }
+            }
             for member in &room.members {
                 self.out.events.push_back(SfuEvent::ParticipantLeft { to: *member, participant: id, reason });
             }
             if room.members.is_empty() {
                 self.rooms.remove(&p.room);
                 info!(room = %p.room, "room removed");
+            } else if changed.any() || room.slot_mode {
+                // Slot rooms also drop the leaver from their routes.
+                reselect = Some((changed, room.slot_mode));
             }
+        }
+        if let Some((changed, rebuild)) = reselect {
+            self.selection_changed(now, &p.room, changed, rebuild);
         }
         self.out.events.push_back(SfuEvent::Removed { participant: id, reason });
     }
@@ -997,6 +1299,7 @@ fn handle_event(now: Instant, p: &mut Participant, event: Event, out: &mut Outpu
                 out.audio.push_back(AudioCommand::Process { track: source, packet });
                 return;
             }
+            let activity = if codec.is_video() { None } else { packet.header.ext_vals.audio_level.map(Activity::Level) };
             // Only what describes the media travels on; mid/rid belong to each hop.
             let exts = ExtensionValues {
                 audio_level: packet.header.ext_vals.audio_level,
@@ -1012,6 +1315,7 @@ fn handle_event(now: Instant, p: &mut Participant, event: Event, out: &mut Outpu
                 exts,
                 payload: packet.payload,
                 arrived: packet.timestamp,
+                activity,
             };
             out.work.push_back(Work::Forward { source, codec, packet: Box::new(packet) });
         }
