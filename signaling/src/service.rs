@@ -33,6 +33,17 @@ pub struct ConnectionLink {
     pub close: watch::Receiver<Option<CloseReason>>,
 }
 
+impl ConnectionLink {
+    /// Resolves once the controller closed the connection because the device
+    /// stopped reading. A writer races its blocked write against this; any
+    /// other close lets the write in flight finish first.
+    pub async fn not_reading(&mut self) {
+        if self.close.wait_for(|reason| *reason == Some(CloseReason::NotReading)).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 struct ConnectionEnds {
     frames: mpsc::Sender<pb::ServerFrame>,
     close: watch::Sender<Option<CloseReason>>,

@@ -73,8 +73,9 @@ async fn write_frames(mut sink: futures_util::stream::SplitSink<WebSocket, Messa
                 let Ok(text) = encode_json(&frame) else { continue };
                 tokio::select! {
                     sent = sink.send(Message::Text(Utf8Bytes::from(text))) => if sent.is_err() { return },
-                    // A client that stopped reading blocks the send forever.
-                    _ = link.close.changed() => break,
+                    // A client that stopped reading blocks the send forever;
+                    // any other close waits for this frame (often its error).
+                    () = link.not_reading() => break,
                 }
             }
             _ = link.close.changed() => break,
