@@ -110,6 +110,8 @@ pub struct PeerCore {
     /// Remote tracks by mid: their msid stream id.
     streams: HashMap<Mid, Arc<str>>,
     next_rtp_time: u64,
+    /// DTLS completed once: a later ICE reconnect means connected again.
+    dtls_up: bool,
     failed: bool,
     timeout: Instant,
     transmit: VecDeque<Datagram>,
@@ -132,6 +134,7 @@ impl PeerCore {
             pending: None,
             streams: HashMap::new(),
             next_rtp_time: 0,
+            dtls_up: false,
             failed: false,
             timeout: now,
             transmit: VecDeque::new(),
@@ -293,6 +296,7 @@ impl PeerCore {
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Connected => {
+                self.dtls_up = true;
                 self.stats.connected = true;
                 self.events.push_back(MediaEvent::Connected);
             }
@@ -301,9 +305,9 @@ impl PeerCore {
                 self.events.push_back(MediaEvent::Disconnected);
             }
             Event::IceConnectionStateChange(IceConnectionState::Connected | IceConnectionState::Completed)
-                if !self.stats.connected && self.opus_pt.is_some() =>
+                if !self.stats.connected && self.dtls_up =>
             {
-                // Back after a disconnect (DTLS was up before).
+                // Back after a disconnect.
                 self.stats.connected = true;
                 self.events.push_back(MediaEvent::Connected);
             }

@@ -153,6 +153,18 @@ pub fn families(stats: &SfuStats, audio: &AudioTotals) -> Vec<MetricFamily> {
         Family::histogram("fleetcall_join_to_first_audio_seconds", "From joining the SFU to the first audio packet sent to the participant.")
             .observed(&[], &stats.join_to_first_audio)
             .build(),
+        Family::gauge("fleetcall_slot_rooms", "Rooms forwarding audio by active-speaker selection into audio slots.").value(&[], count(stats.slot_rooms)).build(),
+        Family::gauge("fleetcall_audio_slots", "Audio slot m-lines (listener slots), negotiating or open.").value(&[], count(stats.audio_slots)).build(),
+        Family::gauge("fleetcall_speaking_tracks", "Audio tracks speaking now (speaker selection), all rooms.").value(&[], count(stats.speaking)).build(),
+        Family::counter("fleetcall_speaker_changes_total", "Changes of a room's selection of speakers.").value(&[], total(stats.speaker_changes)).build(),
+        Family::counter("fleetcall_audio_slot_switches_total", "A listener's audio slot given to another speaker.").value(&[], total(stats.slot_switches)).build(),
+        Family::counter("fleetcall_audio_selection_packets_total", "Audio packets in slot rooms: forwarded (selected speaker) or suppressed by selection.")
+            .value(&[("outcome", "forwarded")], total(stats.selection_forwarded))
+            .value(&[("outcome", "suppressed")], total(stats.selection_suppressed))
+            .build(),
+        Family::histogram("fleetcall_room_speakers", "Tracks speaking in a room, observed at every change of its speakers.")
+            .observed(&[], &stats.room_speakers)
+            .build(),
         Family::gauge("fleetcall_audio_streams", "Audio tracks going through a DSP pipeline, by whether they are denoised now.")
             .value(&[("suppression", "on")], count(audio.suppressed))
             .value(&[("suppression", "off")], count(audio.tracks - audio.suppressed.min(audio.tracks)))
@@ -212,6 +224,18 @@ mod tests {
         assert!(text.contains("fleetcall_join_to_first_audio_seconds_bucket{le=\"0.1\"} 1\n"), "{text}");
         assert!(text.contains("fleetcall_join_to_first_audio_seconds_bucket{le=\"0.05\"} 0\n"));
         assert!(text.contains("fleetcall_join_to_first_audio_seconds_count 1\n"));
+    }
+
+    #[test]
+    fn speaker_selection_series_follow_the_stats() {
+        let mut stats = SfuStats { slot_rooms: 2, slot_switches: 9, selection_forwarded: 30, selection_suppressed: 70, ..SfuStats::default() };
+        stats.room_speakers.observe(2.0);
+        let text = encode(&families(&stats, &AudioTotals::default()));
+        assert!(text.contains("fleetcall_slot_rooms 2\n"), "{text}");
+        assert!(text.contains("fleetcall_audio_slot_switches_total 9\n"));
+        assert!(text.contains("fleetcall_audio_selection_packets_total{outcome=\"suppressed\"} 70\n"));
+        assert!(text.contains("fleetcall_room_speakers_bucket{le=\"2\"} 1\n"), "{text}");
+        assert!(text.contains("fleetcall_room_speakers_bucket{le=\"1\"} 0\n"));
     }
 
     #[test]

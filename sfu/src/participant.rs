@@ -42,6 +42,8 @@ pub(crate) struct TrackIn {
     pub audio: AudioPath,
     /// The publisher's payload type for this track, from its latest packet.
     pub last_pt: Option<Pt>,
+    /// Audio: the RFC 6464 level of its latest packet, if it sends one.
+    pub last_level: Option<i8>,
     /// Last keyframe request sent upstream, to throttle PLI storms.
     pub last_keyframe_request: Option<Instant>,
 }

@@ -753,9 +753,11 @@ impl Sfu {
 
     /// Forwards a packet a DSP thread produced for a processed track.
     pub fn handle_processed(&mut self, now: Instant, processed: ProcessedAudio) {
-        let Some(pt) = self.participants.get(&processed.track.publisher).and_then(|p| p.tracks_in.get(&processed.track.mid)).and_then(|t| t.last_pt) else {
+        let Some(track) = self.participants.get(&processed.track.publisher).and_then(|p| p.tracks_in.get(&processed.track.mid)) else {
             return; // the publisher left while its packet was processed
         };
+        let Some(pt) = track.last_pt else { return };
+        let activity = Activity::Speech { probability: processed.speech_probability, level: track.last_level };
         let packet = Outgoing {
             pt,
             seq: processed.seq,
@@ -764,7 +766,7 @@ impl Sfu {
             exts: ExtensionValues::default(),
             payload: processed.payload,
             arrived: processed.arrived,
-            activity: Some(Activity::Speech(processed.speech_probability)),
+            activity: Some(activity),
         };
         self.forward_audio(now, processed.track, Codec::Opus, &packet);
         self.run_work(now);
@@ -1267,7 +1269,7 @@ fn handle_event(now: Instant, p: &mut Participant, event: Event, out: &mut Outpu
             if media.direction.is_receiving() && !p.tracks_out.contains_key(&media.mid) {
                 let suppress = media.kind == MediaKind::Audio && policy.is_some_and(|policy| policy.applies(&p.room, &p.name));
                 let audio = if suppress { AudioPath::Pipeline { suppress: true } } else { AudioPath::PassThrough };
-                p.tracks_in.insert(media.mid, TrackIn { kind: media.kind, audio, last_pt: None, last_keyframe_request: None });
+                p.tracks_in.insert(media.mid, TrackIn { kind: media.kind, audio, last_pt: None, last_level: None, last_keyframe_request: None });
                 debug!(participant = %p.id, mid = %media.mid, kind = ?media.kind, "track published");
                 out.work.push_back(Work::Publish { source: TrackKey { publisher: p.id, mid: media.mid }, kind: media.kind });
             }
@@ -1287,6 +1289,7 @@ fn handle_event(now: Instant, p: &mut Participant, event: Event, out: &mut Outpu
             };
             let pt = packet.header.payload_type;
             track.last_pt = Some(pt);
+            track.last_level = packet.header.ext_vals.audio_level;
             let source = TrackKey { publisher: p.id, mid };
             if codec == Codec::Opus && matches!(track.audio, AudioPath::Pipeline { .. }) {
                 let packet = AudioPacket {

@@ -42,9 +42,19 @@ use crate::participant::TrackKey;
 pub enum Activity {
     /// RFC 6464 audio level as str0m reports it: -127 (silence) ..= 0 dBov.
     Level(i8),
-    /// Speech probability from the DSP pipeline, 0..=1.
-    Speech(f32),
+    /// Speech probability from the DSP pipeline, 0..=1, with the track's
+    /// latest RFC 6464 level if it sends one: RNNoise calls digital silence
+    /// (a muted microphone) speech, so a level under [`SILENT_DBOV`] wins.
+    Speech {
+        /// RNNoise's probability.
+        probability: f32,
+        /// The latest audio level of the track, -127..=0 dBov.
+        level: Option<i8>,
+    },
 }
+
+/// At or under this level (dBov) a packet is silence whatever RNNoise says.
+pub const SILENT_DBOV: i8 = -70;
 
 impl Activity {
     /// The activity score of one packet, 0..=1.
@@ -53,8 +63,9 @@ impl Activity {
             // -30 dBov and louder is certainly a voice near the microphone,
             // -65 dBov and quieter is room tone.
             Activity::Level(level) => ((65.0 - f32::from(level.unsigned_abs())) / 35.0).clamp(0.0, 1.0),
-            Activity::Speech(p) if p.is_finite() => p.clamp(0.0, 1.0),
-            Activity::Speech(_) => 0.0,
+            Activity::Speech { level: Some(level), .. } if level <= SILENT_DBOV => 0.0,
+            Activity::Speech { probability, .. } if probability.is_finite() => probability.clamp(0.0, 1.0),
+            Activity::Speech { .. } => 0.0,
         }
     }
 }
@@ -413,13 +424,21 @@ mod tests {
         let mut now = Instant::now();
         // 3 is loud noise (low speech probability), 4 a quiet talker.
         run(&mut s, &mut now, Duration::from_secs(3), 4, |n| match n {
-            3 => Activity::Speech(0.1),
-            4 => Activity::Speech(0.9),
-            _ => Activity::Speech(0.0),
+            3 => Activity::Speech { probability: 0.1, level: None },
+            4 => Activity::Speech { probability: 0.9, level: None },
+            _ => Activity::Speech { probability: 0.0, level: None },
         });
         assert_eq!(s.selected()[0], key(4));
         assert!(!s.is_selected(key(3)));
         assert!(!s.is_speaking(key(3)));
+    }
+
+    #[test]
+    fn a_muted_microphone_is_silence_whatever_rnnoise_says() {
+        let mut s = selector(1, 3);
+        let mut now = Instant::now();
+        run(&mut s, &mut now, Duration::from_secs(1), 3, |_| Activity::Speech { probability: 0.9, level: Some(-127) });
+        assert_eq!(s.speaking(), 0);
     }
 
     #[test]
@@ -468,7 +487,7 @@ mod tests {
                 }
                 _ if !live.is_empty() => {
                     let n = live[(next() % live.len() as u64) as usize];
-                    let activity = if next() % 2 == 0 { Activity::Level(-((next() % 128) as i8)) } else { Activity::Speech((next() % 1000) as f32 / 1000.0) };
+                    let activity = if next() % 2 == 0 { Activity::Level(-((next() % 128) as i8)) } else { Activity::Speech { probability: (next() % 1000) as f32 / 1000.0, level: None } };
                     s.observe(now, key(n), activity);
                 }
                 _ => {}

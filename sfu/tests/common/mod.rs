@@ -23,6 +23,35 @@ use str0m::{Candidate, Event, Input, Output, Rtc};
 pub const SFU_ADDR: &str = "10.0.0.100:5000";
 pub const FRAME: Duration = Duration::from_millis(20);
 
+/// What a client with a real Opus encoder says.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Signal {
+    /// A 440 Hz tone in white-ish noise.
+    ToneInNoise,
+    /// A talker: voiced harmonics with syllables, peak about `dbfs`.
+    Talker { dbfs: f32 },
+    /// White noise at `dbfs` RMS, no speech at all.
+    Noise { dbfs: f32 },
+    /// Low-passed (fan- or traffic-like) noise at about `dbfs` RMS.
+    Rumble { dbfs: f32 },
+    /// Digital silence.
+    Silence,
+}
+
+/// One RTP packet a client received (with `Net::record_rtp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtpRecord {
+    pub ssrc: u32,
+    pub seq: u16,
+    pub timestamp: u32,
+    pub marker: bool,
+    /// First CSRC, if any (audio slots carry the speaker's participant id).
+    pub csrc: Option<u32>,
+    /// First payload byte (the sender's client index for fake payloads).
+    pub first_byte: Option<u8>,
+    pub at: Instant,
+}
+
 pub struct Client {
     pub index: u8,
     pub addr: SocketAddr,
@@ -53,6 +82,16 @@ pub struct Client {
     pub heard: HashMap<u8, u64>,
     /// Events the SFU addressed to this client's participant.
     pub events: Vec<String>,
+    /// RFC 6464 level (-127..=0 dBov) sent with every audio frame, if any.
+    pub level: Option<i8>,
+    /// What a real Opus encoder encodes.
+    pub signal: Signal,
+    /// Every RTP packet received, with `Net::record_rtp`.
+    pub rtp: Vec<RtpRecord>,
+    /// The latest active speakers the SFU announced, dominant first.
+    pub speakers: Vec<ParticipantId>,
+    /// Every announcement, with its time.
+    pub speaker_log: Vec<(Instant, Vec<ParticipantId>)>,
 }
 
 pub struct Net {
@@ -75,6 +114,8 @@ pub struct Net {
     pub audio_totals: fleetcall_sfu::audio::AudioTotals,
     /// Drop every client->SFU RTP datagram whose index matches (loss injection).
     pub drop_rtp: Option<fn(u64) -> bool>,
+    /// Clients joining from now on record every RTP packet they receive.
+    pub record_rtp: bool,
 }
 
 impl Net {
@@ -100,6 +141,7 @@ impl Net {
             dsp: HashMap::new(),
             audio_totals: Default::default(),
             drop_rtp: None,
+            record_rtp: false,
         }
     }
 
@@ -112,7 +154,7 @@ impl Net {
     pub fn join_with(&mut self, room: &str, video: bool) -> usize {
         let index = self.clients.len() as u8;
         let addr: SocketAddr = format!("10.0.0.{}:{}", index + 1, 4000 + index as u16).parse().unwrap();
-        let mut rtc = Rtc::builder().build(self.now);
+        let mut rtc = Rtc::builder().enable_raw_packets(self.record_rtp).build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         let mut api = rtc.sdp_api();
         let mid = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
@@ -146,6 +188,11 @@ impl Net {
             frames_sent: 0,
             heard: HashMap::new(),
             events: Vec::new(),
+            level: None,
+            signal: Signal::ToneInNoise,
+            rtp: Vec::new(),
+            speakers: Vec::new(),
+            speaker_log: Vec::new(),
         });
         let i = self.clients.len() - 1;
         self.drain_client(i);
@@ -212,21 +259,17 @@ impl Net {
                 continue;
             }
             let Some(mid) = c.audio_mid else { continue };
-            let Some(writer) = c.rtc.writer(mid) else { continue };
+            let Some(mut writer) = c.rtc.writer(mid) else { continue };
+            if let Some(level) = c.level {
+                writer = writer.audio_level(level, level > -60);
+            }
             let Some(pt) = writer.payload_params().find(|p| p.spec().codec == Codec::Opus).map(|p| p.pt()) else {
                 continue;
             };
             let time = MediaTime::new(c.frames_sent * 960, Frequency::FORTY_EIGHT_KHZ);
             let payload = match &c.opus {
                 Some(encoder) => {
-                    // A 440 Hz tone in white-ish noise: real audio for the pipeline.
-                    let pcm: Vec<i16> = (0..960u64)
-                        .map(|n| {
-                            let t = (c.frames_sent * 960 + n) as f32 / 48_000.0;
-                            let noise = ((n * 7919 + c.frames_sent * 104_729) % 2000) as f32 - 1000.0;
-                            ((t * 440.0 * std::f32::consts::TAU).sin() * 4000.0 + noise) as i16
-                        })
-                        .collect();
+                    let pcm = pcm_frame(c.signal, c.frames_sent, c.index);
                     let mut out = vec![0u8; 1500];
                     let len = encoder.encode(&pcm, &mut out).unwrap();
                     out.truncate(len);
@@ -354,6 +397,12 @@ impl Net {
                     c.events.push(format!("left:{participant}:{}", reason.as_str()));
                 }
             }
+            SfuEvent::ActiveSpeakers { to, speakers } => {
+                if let Some(c) = self.client_by_participant(to) {
+                    c.speaker_log.push((now, speakers.clone()));
+                    c.speakers = speakers;
+                }
+            }
             SfuEvent::Removed { participant, reason } => self.removed.push((participant, reason)),
             _ => {}
         }
@@ -385,10 +434,74 @@ impl Net {
                     }
                 }
                 Output::Event(Event::KeyframeRequest(_)) => c.keyframe_requests += 1,
+                Output::Event(Event::RawPacket(raw)) => {
+                    if let str0m::rtp::RawPacket::RtpRx(header, payload) = *raw {
+                        c.rtp.push(RtpRecord {
+                            ssrc: *header.ssrc,
+                            seq: header.sequence_number,
+                            timestamp: header.timestamp,
+                            marker: header.marker,
+                            csrc: (header.csrc_count > 0).then_some(header.csrc[0]),
+                            first_byte: payload.first().copied(),
+                            at: self.now,
+                        });
+                    }
+                }
                 Output::Event(_) => {}
             }
         }
     }
+}
+
+/// One 20 ms frame of `signal`, 48 kHz mono.
+pub fn pcm_frame(signal: Signal, frame: u64, seed: u8) -> Vec<i16> {
+    let start = frame * 960;
+    let mut noise_state = (start.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(seed).wrapping_mul(0xbf58_476d_1ce4_e5b9)) | 1;
+    let mut white = move || {
+        noise_state ^= noise_state << 13;
+        noise_state ^= noise_state >> 7;
+        noise_state ^= noise_state << 17;
+        (noise_state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    };
+    (0..960u64)
+        .map(|n| {
+            let t = (start + n) as f32 / 48_000.0;
+            let x = match signal {
+                Signal::ToneInNoise => {
+                    let noise = ((n * 7919 + frame * 104_729) % 2000) as f32 - 1000.0;
+                    return ((t * 440.0 * std::f32::consts::TAU).sin() * 4000.0 + noise) as i16;
+                }
+                Signal::Silence => 0.0,
+                Signal::Noise { dbfs } => 10f32.powf(dbfs / 20.0) * 1.73 * white(),
+                Signal::Rumble { dbfs } => {
+                    // A sum of slowly drifting low sines: deterministic per
+                    // sample, no state across frames.
+                    let r: f32 = (1..12).map(|k| ((t * (37.0 * k as f32 + 3.0 * (0.3 * t).sin())) * std::f32::consts::TAU + k as f32).sin() / k as f32).sum();
+                    10f32.powf(dbfs / 20.0) * 0.6 * r + 10f32.powf((dbfs - 20.0) / 20.0) * white()
+                }
+                Signal::Talker { dbfs } => {
+                    // Syllables of ~200 ms on a gliding pitch, with vowel-like
+                    // formant weighting of the harmonics.
+                    let syllable = (t * 2.5 * std::f32::consts::TAU).sin().abs().powf(0.7);
+                    let vibrato = 1.7 * std::f32::consts::TAU;
+                    let pitch = 140.0 + 25.0 * (vibrato * t).sin();
+                    // Phase (in cycles) of that pitch, integrated.
+                    let phase = 140.0 * t + 25.0 * (1.0 - (vibrato * t).cos()) / vibrato;
+                    let formant = |f: f32, center: f32| (-((f - center) / 250.0).powi(2)).exp();
+                    let vowel = if (t * 2.5).fract() < 0.5 { (700.0, 1200.0) } else { (350.0, 2000.0) };
+                    let voiced: f32 = (1..30)
+                        .map(|h| {
+                            let f = pitch * h as f32;
+                            let gain = 0.3 / h as f32 + formant(f, vowel.0) + 0.6 * formant(f, vowel.1);
+                            gain * (std::f32::consts::TAU * (phase * h as f32).fract()).sin()
+                        })
+                        .sum();
+                    10f32.powf(dbfs / 20.0) * 0.35 * syllable * voiced
+                }
+            };
+            (x.clamp(-1.0, 1.0) * 32767.0) as i16
+        })
+        .collect()
 }
 
 /// RTP, not RTCP: RTCP packet types 192..=223 land in 64..=95 once the
