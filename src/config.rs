@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// Threads running noise suppression. Default: one per core.
     #[arg(long, env = "FLEETCALL_AUDIO_THREADS")]
     pub audio_threads: Option<usize>,
+    /// Audio tracks per listener in rooms larger than this + 1, chosen by
+    /// active-speaker detection; 0 forwards everyone to everyone. Default 3.
+    #[arg(long, env = "FLEETCALL_AUDIO_SLOTS")]
+    pub audio_slots: Option<usize>,
     /// Serve /metrics on this address instead of the HTTP port.
     #[arg(long, env = "FLEETCALL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -161,6 +165,7 @@ struct FileMedia {
     max_room_size: Option<usize>,
     suppression: Option<Switch>,
     audio_threads: Option<usize>,
+    audio_slots: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,6 +188,7 @@ pub struct Config {
     pub max_room_size: usize,
     pub suppression: bool,
     pub audio_threads: usize,
+    pub audio_slots: usize,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
     pub metrics_addr: Option<SocketAddr>,
@@ -223,6 +229,7 @@ impl Config {
             max_room_size: args.max_room_size.or(file.media.max_room_size).unwrap_or(100),
             suppression: args.suppression.or(file.media.suppression) == Some(Switch::On),
             audio_threads: args.audio_threads.or(file.media.audio_threads).unwrap_or(workers),
+            audio_slots: args.audio_slots.or(file.media.audio_slots).unwrap_or(3),
             shutdown_timeout: seconds("shutdown timeout", args.shutdown_timeout_secs.or(file.shutdown.timeout_secs).unwrap_or(5.0))?,
             log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             metrics_addr: args.metrics_addr.or(file.metrics.addr),

@@ -149,6 +149,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             disconnect_grace: config.disconnect_grace,
             max_room_size: config.max_room_size,
             suppression: SuppressionPolicy { default: config.suppression, ..SuppressionPolicy::default() },
+            audio_slots: config.audio_slots,
             ..SfuConfig::default()
         },
         audio_threads: config.audio_threads,

@@ -1,7 +1,11 @@
 // fleetcall web client: joins a room over the signaling WebSocket (/ws) and
 // exchanges audio (and video when a camera exists) with the SFU.
 // Protocol: signaling/src/protocol.rs. For tests, /?room=R&name=N&autojoin=1
-// joins without clicks; window.fleetcall.pc is the RTCPeerConnection.
+// joins without clicks; window.fleetcall.pc is the RTCPeerConnection,
+// window.fleetcall.speakers the active speakers (participant ids, the one
+// talking first) and window.fleetcall.activeSpeaker the name of who talks.
+// In big rooms audio arrives on a few "slot-N" streams whose speaker changes;
+// each packet's CSRC is the speaker's participant id.
 'use strict';
 
 const fleetcall = {
@@ -12,6 +16,9 @@ const fleetcall = {
   participants: new Map(), // id -> name
   state: 'idle',
   lastError: null,
+  speakers: [], // participant ids, the dominant speaker first
+  activeSpeaker: null, // display name of the dominant speaker
+  slots: new Map(), // slot stream id -> RTCRtpReceiver
 };
 window.fleetcall = fleetcall;
 
@@ -31,22 +38,49 @@ function showError(text) {
   el.hidden = !text;
 }
 
+function nameOf(id) {
+  if (id === fleetcall.participant) return $('name').value + ' (you)';
+  return fleetcall.participants.get(id) || 'participant ' + id;
+}
+
+function speakerClass(id) {
+  const at = fleetcall.speakers.indexOf(id);
+  return at === 0 ? ' speaking' : at > 0 ? ' selected' : '';
+}
+
 function renderParticipants() {
   const list = $('participants');
   list.replaceChildren();
   if (fleetcall.participant !== null) {
     const me = document.createElement('li');
-    me.className = 'self';
+    me.className = 'self' + speakerClass(fleetcall.participant);
     me.textContent = $('name').value + ' (you)';
     list.append(me);
   }
   for (const [id, name] of fleetcall.participants) {
     const li = document.createElement('li');
+    li.className = speakerClass(id).trim();
     li.textContent = name;
     li.dataset.participant = id;
     list.append(li);
   }
+  const talking = fleetcall.speakers.length ? nameOf(fleetcall.speakers[0]) : null;
+  fleetcall.activeSpeaker = talking;
+  $('speaker').textContent = talking ? 'Talking: ' + talking : '';
 }
+
+// Slot captions follow the speaker in each slot (the packets' CSRC).
+function renderSlots() {
+  for (const [streamId, receiver] of fleetcall.slots) {
+    const fig = document.getElementById('media-' + streamId);
+    if (!fig) continue;
+    const sources = receiver.getContributingSources();
+    const recent = sources.filter((s) => performance.timeOrigin + performance.now() - s.timestamp < 1000);
+    const cap = fig.querySelector('figcaption');
+    cap.textContent = recent.length ? nameOf(recent[0].source) : 'quiet';
+  }
+}
+setInterval(renderSlots, 500);
 
 function mediaFor(participantId) {
   const id = 'media-' + participantId;
@@ -67,6 +101,10 @@ function onTrack(event) {
   const stream = event.streams[0];
   const participantId = stream ? stream.id : 'unknown';
   const fig = mediaFor(participantId);
+  if (participantId.startsWith('slot-')) {
+    fig.className = 'slot';
+    fleetcall.slots.set(participantId, event.receiver);
+  }
   const tag = event.track.kind === 'video' ? 'video' : 'audio';
   let el = fig.querySelector(tag);
   if (!el) {
@@ -125,6 +163,10 @@ async function handle(msg) {
       document.getElementById('media-' + msg.id)?.remove();
       renderParticipants();
       break;
+    case 'active_speakers':
+      fleetcall.speakers = msg.speakers;
+      renderParticipants();
+      break;
     case 'left':
       teardown('left: ' + msg.reason);
       break;
@@ -180,6 +222,8 @@ function teardown(reason) {
   fleetcall.stream = null;
   fleetcall.participant = null;
   fleetcall.participants.clear();
+  fleetcall.speakers = [];
+  fleetcall.slots.clear();
   $('media').replaceChildren();
   renderParticipants();
   setStatus(reason, 'idle');

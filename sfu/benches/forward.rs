@@ -2,8 +2,16 @@
 //!
 //! str0m client peers publish and receive in virtual time (the same harness as
 //! the tests); only the SFU's handling of talkers' RTP is timed: SRTP decrypt,
-//! routing, and SRTP encrypt + queueing for every subscriber. The figure is
-//! that time divided by the number of subscribers each packet reaches.
+//! speaker selection, routing, and SRTP encrypt + queueing for every
+//! listener. The figure is that time divided by the packets written to
+//! listeners.
+//!
+//! `talkers/{all_to_all,slots}/N`: rooms of N where 3 participants talk and
+//! the others are muted (they publish an audio track but send nothing), once
+//! with every publisher on its own m-line at every listener
+//! (`audio_slots = 0`) and once with 3 audio slots per listener. Both
+//! forward the same packets (3 talkers to N - 1 listeners); what differs is
+//! how many streams each listener's `Rtc` carries.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -12,36 +20,46 @@ use std::time::Duration;
 
 use common::Net;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fleetcall_sfu::SfuConfig;
 
-/// Builds `rooms` rooms of `size` where only the first joiner of each talks.
-fn fleet(rooms: usize, size: usize) -> Net {
-    let mut net = Net::new(Duration::from_secs(3600));
+const TALKERS: usize = 3;
+
+/// Builds `rooms` rooms of `size` where the first `talkers` joiners of each talk.
+fn fleet(rooms: usize, size: usize, talkers: usize, audio_slots: usize) -> Net {
+    let config = SfuConfig { disconnect_grace: Duration::from_secs(3600), audio_slots, max_room_size: 1000, ..SfuConfig::default() };
+    let mut net = Net::with_config(config);
     for room in 0..rooms {
         for member in 0..size {
             let i = net.join(&format!("room-{room}"));
-            net.clients[i].talking = member == 0;
+            net.clients[i].talking = member < talkers;
+            net.clients[i].level = Some(if member < talkers { -20 } else { -127 });
         }
     }
-    assert!(net.run_until(Duration::from_secs(10), |n| n.stats().forwarding_entries == rooms * size * (size - 1)
-        && n.clients.iter().all(|c| c.connected)), "fleet connected");
+    let slot_mode = audio_slots > 0 && size > audio_slots + 1;
+    let ready = |n: &Net| {
+        let stats = n.stats();
+        let wired = if slot_mode { stats.audio_slots == rooms * size * audio_slots } else { stats.forwarding_entries == rooms * size * (size - 1) };
+        wired && n.clients.iter().all(|c| c.connected)
+    };
+    assert!(net.run_until(Duration::from_secs(30), ready), "fleet connected");
     net.run(Duration::from_secs(1));
     net
 }
 
-fn bench(c: &mut Criterion, name: &str, rooms: usize, size: usize) {
-    let mut net = fleet(rooms, size);
-    let fanout = (size - 1) as u64;
-    let mut group = c.benchmark_group("forward");
-    group.throughput(Throughput::Elements(fanout));
-    group.sample_size(20).measurement_time(Duration::from_secs(5));
+/// One iteration is one packet written to a listener.
+fn bench(c: &mut Criterion, group: &str, name: &str, net: &mut Net) {
+    let mut group = c.benchmark_group(group);
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
     group.bench_function(name, |b| {
         b.iter_custom(|iters| {
-            let (time, packets) = (net.rtp_in_time, net.rtp_in);
-            while net.rtp_in < packets + iters {
+            let (time, forwarded) = (net.rtp_in_time, net.stats().rtp_forwarded);
+            while net.stats().rtp_forwarded < forwarded + iters {
                 net.run(Duration::from_millis(20));
             }
-            // Scale to exactly `iters` packets: a 20 ms step may overshoot.
-            let per_packet = (net.rtp_in_time - time).as_secs_f64() / (net.rtp_in - packets) as f64;
+            // Scale to exactly `iters` packets: a 20 ms step overshoots.
+            let written = net.stats().rtp_forwarded - forwarded;
+            let per_packet = (net.rtp_in_time - time).as_secs_f64() / written as f64;
             Duration::from_secs_f64(per_packet * iters as f64)
         })
     });
@@ -49,8 +67,18 @@ fn bench(c: &mut Criterion, name: &str, rooms: usize, size: usize) {
 }
 
 fn forward(c: &mut Criterion) {
-    bench(c, "1_room_1_talker_50_listeners", 1, 51);
-    bench(c, "20_rooms_of_5_1_talker_each", 20, 5);
+    let sizes: Vec<usize> = std::env::var("FORWARD_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![5, 20, 50, 200]);
+    for size in sizes {
+        for (mode, slots) in [("slots", 3), ("all_to_all", 0)] {
+            let mut net = fleet(1, size, TALKERS, slots);
+            bench(c, "talkers", &format!("{mode}/{size}"), &mut net);
+        }
+    }
+    let mut net = fleet(20, 5, 1, 0);
+    bench(c, "forward", "20_rooms_of_5_1_talker_each", &mut net);
 }
 
 criterion_group!(benches, forward);

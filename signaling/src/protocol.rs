@@ -28,6 +28,11 @@
 //! it). Every other participant's track arrives on a server-offered `sendonly`
 //! m-line whose msid stream id is that participant's id in decimal, so a
 //! client maps a remote track to a participant with `event.streams[0].id`.
+//! In rooms larger than the server's audio slots + 1, audio arrives instead
+//! on a fixed number of `slot-N` streams whose speaker changes without
+//! renegotiation (the RTP CSRC is the speaker's participant id), and
+//! `active_speakers {speakers: [ids]}` names who is selected, the dominant
+//! speaker first, in every room.
 //! Only the server starts renegotiation after the join; a client offer (for an
 //! ICE restart) is answered with `answer` and cancels a server offer in flight,
 //! which the server sends again afterwards.
@@ -110,6 +115,12 @@ pub enum ServerMessage {
         id: u64,
         /// Why, e.g. `left`, `ice_timeout`, `signaling_closed`.
         reason: String,
+    },
+    /// The room's active speakers changed: whose audio is forwarded, the
+    /// dominant (most recent) speaker first. May include this client.
+    ActiveSpeakers {
+        /// Participant ids, the dominant speaker first.
+        speakers: Vec<u64>,
     },
     /// This client is no longer in the room.
     Left {

@@ -351,6 +351,12 @@ fn translate(
             Some(SfuNotice::Offer { participant: key, sdp: offer.to_sdp_string() })
         }
         SfuEvent::Connected { participant } => Some(SfuNotice::Connected { participant: *keys.get(&participant)? }),
+        SfuEvent::ActiveSpeakers { to, speakers } => {
+            let participant = *keys.get(&to)?;
+            // Speakers the adapter no longer knows are leaving: not worth naming.
+            let speakers = speakers.iter().filter_map(|s| keys.get(s).copied()).collect();
+            Some(SfuNotice::ActiveSpeakers { participant, speakers })
+        }
         SfuEvent::Removed { participant, reason } => {
             let key = keys.remove(&participant)?;
             sessions.remove(&key);

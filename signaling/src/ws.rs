@@ -193,6 +193,9 @@ fn translate(event: SfuEvent) -> Option<ServerMessage> {
         SfuEvent::ParticipantLeft { participant, reason, .. } => {
             Some(ServerMessage::ParticipantLeft { id: participant.0, reason: reason.as_str().into() })
         }
+        SfuEvent::ActiveSpeakers { speakers, .. } => {
+            Some(ServerMessage::ActiveSpeakers { speakers: speakers.into_iter().map(|p| p.0).collect() })
+        }
         SfuEvent::Removed { reason, .. } => Some(ServerMessage::Left { reason: reason.as_str().into() }),
         _ => None,
     }

@@ -315,6 +315,22 @@ impl Controller {
                     }),
                 );
             }
+            SfuNotice::ActiveSpeakers { speakers, .. } => {
+                // Keys of legs that ended since are skipped: their devices left.
+                let device_ids = speakers
+                    .iter()
+                    .filter_map(|k| self.legs.get(k))
+                    .filter(|(c, _)| *c == call)
+                    .map(|(_, d)| d.to_string())
+                    .collect();
+                self.push(
+                    key.session,
+                    server_frame::Kind::ActiveSpeakers(pb::ActiveSpeakers {
+                        call_id: call.0,
+                        device_ids,
+                    }),
+                );
+            }
             SfuNotice::Connected { .. } => {
                 if leg.phase != LegPhase::Connecting {
                     return;

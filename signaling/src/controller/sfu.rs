@@ -92,6 +92,13 @@ pub enum SfuNotice {
         /// The participant.
         participant: ParticipantKey,
     },
+    /// The call's active speakers changed: relay to the device as device ids.
+    ActiveSpeakers {
+        /// Recipient.
+        participant: ParticipantKey,
+        /// Selected speakers, the dominant one first.
+        speakers: Vec<ParticipantKey>,
+    },
     /// The SFU removed the participant on its own (ICE timeout, DTLS failure).
     Removed {
         /// The participant.
@@ -110,6 +117,7 @@ impl SfuNotice {
             | SfuNotice::Offer { participant, .. }
             | SfuNotice::Answer { participant, .. }
             | SfuNotice::Connected { participant }
+            | SfuNotice::ActiveSpeakers { participant, .. }
             | SfuNotice::Removed { participant, .. } => *participant,
         }
     }
