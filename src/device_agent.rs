@@ -221,6 +221,9 @@ impl Agent {
             ClientEvent::CallState(state) => {
                 let call = CallId(state.call_id);
                 let phase = CallPhase::try_from(state.phase).unwrap_or(CallPhase::Unspecified);
+                if self.call.is_none() && phase == CallPhase::Ended {
+                    return;
+                }
                 let current = self.call.get_or_insert_with(|| Call { id: call, phase: CallPhase::Unspecified, media: None });
                 if current.id != call {
                     return;
@@ -233,10 +236,11 @@ impl Agent {
                     .participants
                     .iter()
                     .any(|p| p.device_id == self.id && p.status == ParticipantStatus::Joining as i32);
-                if joining && current.media.is_none() {
-                    if let Err(e) = self.join_media(call).await {
-                        warn!(error = %e, "joining media failed");
-                    }
+                if joining
+                    && current.media.is_none()
+                    && let Err(e) = self.join_media(call).await
+                {
+                    warn!(error = %e, "joining media failed");
                 }
             }
             ClientEvent::CallEnded(ended) => {
@@ -337,14 +341,12 @@ impl Agent {
                 Err(e) => warn!(error = %e, "Opus encode"),
             }
         }
-        if let Some(recorder) = self.recorder.as_mut() {
-            if media.connected {
-                let frame = media.mixer.mix();
-                if let Err(e) = recorder.write(&frame) {
-                    warn!(error = %e, "recording failed; stopping it");
-                    self.recorder = None;
-                }
-            }
+        if let Some(recorder) = self.recorder.as_mut()
+            && media.connected
+            && let Err(e) = recorder.write(&media.mixer.mix())
+        {
+            warn!(error = %e, "recording failed; stopping it");
+            self.recorder = None;
         }
     }
 

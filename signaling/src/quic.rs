@@ -197,20 +197,34 @@ async fn read_frames(mut recv: RecvStream, conn: ConnId, control: &ControlPlane)
 /// bound) so the last error reaches the device, then closes the connection.
 async fn write_frames(mut send: SendStream, mut link: ConnectionLink, connection: Connection) {
     let mut buffer = BytesMut::new();
-    loop {
+    // Bytes of the frame in `buffer` already written.
+    let mut written = 0;
+    'frames: loop {
         tokio::select! {
             // Frames before the close: the close comes after what was queued.
             biased;
             frame = link.frames.recv() => {
                 let Some(frame) = frame else { break };
                 buffer.clear();
+                written = 0;
                 if encode_frame(&frame, &mut buffer).is_err() {
                     continue; // the controller never builds oversize frames
                 }
-                tokio::select! {
-                    written = send.write_all(&buffer) => if written.is_err() { return },
-                    // A device that stopped reading blocks the write forever.
-                    _ = link.close.changed() => break,
+                while written < buffer.len() {
+                    tokio::select! {
+                        // The frame first: a close signalled right behind it
+                        // (an error, then the close) must not cut it off.
+                        biased;
+                        // Quinn's `write` is cancel-safe: nothing is lost
+                        // when the close wins, and the flush below goes on
+                        // from `written`.
+                        n = send.write(&buffer[written..]) => match n {
+                            Ok(n) => written += n,
+                            Err(_) => return,
+                        },
+                        // A device that stopped reading blocks the write forever.
+                        _ = link.close.changed() => break 'frames,
+                    }
                 }
             }
             _ = link.close.changed() => break,
@@ -218,6 +232,9 @@ async fn write_frames(mut send: SendStream, mut link: ConnectionLink, connection
     }
     let Some(reason) = *link.close.borrow() else { return };
     let flush = async {
+        if send.write_all(&buffer[written..]).await.is_err() {
+            return;
+        }
         while let Ok(frame) = link.frames.try_recv() {
             buffer.clear();
             if encode_frame(&frame, &mut buffer).is_ok() && send.write_all(&buffer).await.is_err() {

@@ -113,6 +113,8 @@ pub enum ClientEvent {
     SdpOffer(pb::SdpOffer),
     /// The media server's answer to this device's offer.
     SdpAnswer(pb::SdpAnswer),
+    /// A push this client does not interpret (for example `ActiveSpeakers`).
+    Other(ServerFrame),
 }
 
 /// What the core asks its driver to do besides writing frames.
@@ -369,6 +371,10 @@ impl ClientCore {
             S::ParticipantUpdate(m) => self.emit(ClientEvent::ParticipantUpdate(m)),
             S::SdpOffer(m) => self.emit(ClientEvent::SdpOffer(m)),
             S::SdpAnswer(m) => self.emit(ClientEvent::SdpAnswer(m)),
+            // Pushes this version does not model (e.g. kinds added to the
+            // schema later) reach the application as they are.
+            #[allow(unreachable_patterns)]
+            other => self.emit(ClientEvent::Other(ServerFrame { kind: Some(other), ..frame })),
         }
     }
 
@@ -643,7 +649,7 @@ mod tests {
         frames
             .iter()
             .filter_map(|f| match &f.kind {
-                Some(C::Heartbeat(hb)) => Some(hb.clone()),
+                Some(C::Heartbeat(hb)) => Some(*hb),
                 _ => None,
             })
             .collect()
