@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::config::{Config, LogFormat, ServeArgs};
+use crate::config::{AudioMode, Config, LogFormat, ServeArgs};
 
 #[derive(Debug, Parser)]
 #[command(name = "fleetcall", version, about = "WebRTC media server for institutional device fleets")]
@@ -153,7 +153,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             ..SfuConfig::default()
         },
         audio_threads: config.audio_threads,
-        pipeline: PipelineConfig::default(),
+        pipeline: match config.audio_mode {
+            AudioMode::Voip => PipelineConfig::default(),
+            AudioMode::LowDelay => PipelineConfig::low_delay(),
+        },
     })
     .context("starting the media plane")?;
 
