@@ -200,6 +200,7 @@ pub struct Config {
     pub max_room_size: usize,
     pub suppression: bool,
     pub audio_threads: usize,
+    pub audio_mode: AudioMode,
     pub audio_slots: usize,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
