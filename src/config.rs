@@ -177,6 +177,7 @@ struct FileMedia {
     max_room_size: Option<usize>,
     suppression: Option<Switch>,
     audio_threads: Option<usize>,
+    audio_mode: Option<AudioMode>,
     audio_slots: Option<usize>,
 }
 
