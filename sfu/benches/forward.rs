@@ -11,7 +11,8 @@
 //! with every publisher on its own m-line at every listener
 //! (`audio_slots = 0`) and once with 3 audio slots per listener. Both
 //! forward the same packets (3 talkers to N - 1 listeners); what differs is
-//! how many streams each listener's `Rtc` carries.
+//! how many streams each listener's `Rtc` carries. `FORWARD_SIZES=20,200`
+//! and `FORWARD_MODES=slots` narrow the run.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -72,9 +73,19 @@ fn forward(c: &mut Criterion) {
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![5, 20, 50, 200]);
     for size in sizes {
+        let modes = std::env::var("FORWARD_MODES").unwrap_or_else(|_| "slots,all_to_all".into());
         for (mode, slots) in [("slots", 3), ("all_to_all", 0)] {
+            if !modes.split(',').any(|m| m == mode) {
+                continue;
+            }
             let mut net = fleet(1, size, TALKERS, slots);
             bench(c, "talkers", &format!("{mode}/{size}"), &mut net);
+            let stats = net.stats();
+            // Selection must be quiet while the same three talk.
+            println!(
+                "{mode}/{size}: speaker changes {}, slot switches {}, forwarded {}, suppressed by selection {}",
+                stats.speaker_changes, stats.slot_switches, stats.selection_forwarded, stats.selection_suppressed
+            );
         }
     }
     let mut net = fleet(20, 5, 1, 0);

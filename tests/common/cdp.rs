@@ -30,6 +30,12 @@ pub struct Page {
 impl Browser {
     /// Starts headless Chromium with a fake microphone and camera.
     pub async fn launch() -> anyhow::Result<Browser> {
+        Self::launch_with(&[]).await
+    }
+
+    /// Like [`Browser::launch`] with extra command-line flags (e.g.
+    /// `--use-file-for-fake-audio-capture=<wav>%noloop`).
+    pub async fn launch_with(extra: &[String]) -> anyhow::Result<Browser> {
         let binary = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
@@ -50,6 +56,7 @@ impl Browser {
                 "--autoplay-policy=no-user-gesture-required",
                 "--remote-debugging-port=0",
             ])
+            .args(extra)
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg("about:blank")
             .stdout(Stdio::null())
