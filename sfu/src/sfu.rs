@@ -1033,7 +1033,6 @@ impl Sfu {
                     .ext_vals(packet.exts.clone())
                     .csrc(&csrc),
             );
-            drop(api);
             self.out.stats.rtp_forwarded += 1;
             if sub.first_audio_at.is_none() {
                 sub.first_audio_at = Some(now);
