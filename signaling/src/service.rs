@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use fleetcall_sfu::audio::PolicyChange;
 use fleetcall_sfu::{LeaveReason, RoomId, SdpAnswer, SdpOffer, Session, SfuEvent, SfuHandle};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
@@ -320,6 +321,13 @@ async fn apply(
         }
         SfuCommand::Leave { participant, .. } => {
             leave(sfu, participant, sessions, keys, LeaveReason::Requested).await;
+            None
+        }
+        SfuCommand::SetSuppression { device, on } => {
+            let change = PolicyChange::Device { device: device.to_string(), on };
+            if let Err(e) = sfu.set_policy(change).await {
+                warn!(%device, error = %e, "suppression setting not applied");
+            }
             None
         }
     }

@@ -744,6 +744,20 @@ impl Controller {
         self.end_call(now, call, Cause::new(EndReason::EndedByOperator))
     }
 
+    /// A device's own noise suppression setting: the SFU applies it to its
+    /// participants now and later; the controller keeps no copy (one owner).
+    fn on_set_noise_suppression(&mut self, sid: SessionId, m: pb::SetNoiseSuppression) -> Handled {
+        let device = self
+            .sessions
+            .get(&sid)
+            .map(|s| s.device.clone())
+            .ok_or_else(|| Reject::new(ErrorCode::NotRegistered, "no session"))?;
+        let on = (!m.use_default).then_some(m.enabled);
+        debug!(%device, ?on, "noise suppression setting");
+        self.out.push_back(Output::Sfu(SfuCommand::SetSuppression { device, on }));
+        Ok(0)
+    }
+
     // ---- outputs ----------------------------------------------------------
 
     /// The next thing to do; drain after every input.
@@ -1069,6 +1083,7 @@ impl Controller {
             K::SdpOffer(m) => self.on_sdp_offer(now, sid, m),
             K::SdpAnswer(m) => self.on_sdp_answer(now, sid, m),
             K::IceRestart(m) => self.on_ice_restart(now, sid, m),
+            K::SetNoiseSuppression(m) => self.on_set_noise_suppression(sid, m),
             K::Hello(_) | K::Heartbeat(_) | K::HeartbeatAck(_) => {
                 // Dispatched in handle_frame; cannot reach here.
                 Err(Reject::new(ErrorCode::InvalidState, "not a request"))

@@ -46,6 +46,14 @@ pub enum SfuCommand {
         /// SDP offer.
         sdp: String,
     },
+    /// A device's own noise suppression setting (`None`: use the defaults).
+    /// Applies to its current and future participants.
+    SetSuppression {
+        /// The device.
+        device: DeviceId,
+        /// On, off, or back to the room/server default.
+        on: Option<bool>,
+    },
     /// Remove the participant and every forwarding entry to and from it.
     Leave {
         /// Who leaves.
@@ -124,13 +132,14 @@ impl SfuNotice {
 }
 
 impl SfuCommand {
-    /// The participant the command is about.
-    pub fn participant(&self) -> ParticipantKey {
+    /// The participant the command is about, if it is about one.
+    pub fn participant(&self) -> Option<ParticipantKey> {
         match self {
             SfuCommand::Join { participant, .. }
             | SfuCommand::Answer { participant, .. }
             | SfuCommand::Offer { participant, .. }
-            | SfuCommand::Leave { participant, .. } => *participant,
+            | SfuCommand::Leave { participant, .. } => Some(*participant),
+            SfuCommand::SetSuppression { .. } => None,
         }
     }
 }

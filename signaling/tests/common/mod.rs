@@ -854,7 +854,7 @@ impl Sim {
                     },
                 ));
             }
-            SfuCommand::Answer { .. } => {}
+            SfuCommand::Answer { .. } | SfuCommand::SetSuppression { .. } => {}
             SfuCommand::Leave { participant, .. } => {
                 self.sfu.participants.remove(&participant);
             }
