@@ -170,3 +170,43 @@ async fn dropped_connection_resumes_and_keeps_the_call() -> anyhow::Result<()> {
     server.wait_stats(PROMPT, sfu_empty).await?;
     Ok(())
 }
+
+/// Frames the device received in total.
+fn received(device: &Device) -> u64 {
+    device.media_stats().received_by_stream.values().sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suppression_switches_mid_call_from_the_device_and_the_admin_api() -> anyhow::Result<()> {
+    let server = Server::start(&[])?;
+    let mut alice = Device::connect(&server, "alice").await?;
+    let mut bob = Device::connect(&server, "bob").await?;
+    let call = call_with_media(&mut alice, &mut bob).await?;
+    let stats = server.stats().await?;
+    assert_eq!(stats["processed_tracks"], 0, "policy off by default: {stats}");
+
+    // The device asks for its own microphone to be denoised.
+    alice.client.set_noise_suppression(Some(true)).await?;
+    server.wait_stats(PROMPT, |s| s["suppressed_tracks"] == 1).await?;
+    // The operator turns it on for bob too, through the admin API.
+    let (status, body) = quic_support::http_put(&server, "/api/policy", r#"{"scope":"device","device":"bob","on":true}"#).await?;
+    assert_eq!(status, 200, "{body}");
+    server.wait_stats(PROMPT, |s| s["suppressed_tracks"] == 2).await?;
+
+    // Media keeps flowing both ways through the pipelines; the call is intact.
+    let before = (received(&alice), received(&bob));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(received(&alice) >= before.0 + 20 && received(&bob) >= before.1 + 20, "{before:?} -> {:?}", (received(&alice), received(&bob)));
+    assert_eq!(call_row(&server, call).await?["phase"], "CALL_PHASE_ACTIVE");
+
+    // Back to the default: the pipelines stay (no jump in delay) but stop denoising.
+    alice.client.set_noise_suppression(None).await?;
+    let (status, body) = quic_support::http_put(&server, "/api/policy", r#"{"scope":"device","device":"bob","on":null}"#).await?;
+    assert_eq!(status, 200, "{body}");
+    server.wait_stats(PROMPT, |s| s["suppressed_tracks"] == 0 && s["processed_tracks"] == 2).await?;
+    let (status, _) = quic_support::http_put(&server, "/api/policy", r#"{"scope":"planet"}"#).await?;
+    assert_eq!(status, 400, "a bad policy body is refused");
+    bob.client.hangup(call).await?;
+    server.wait_stats(PROMPT, sfu_empty).await?;
+    Ok(())
+}

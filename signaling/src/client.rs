@@ -326,6 +326,13 @@ impl Client {
         self.request_unit(client_frame::Kind::Hangup(pb::Hangup { call_id: call.0 }))
     }
 
+    /// Turns server-side noise suppression of this device's microphone on or
+    /// off (`None`: back to the room/server default), also mid-call.
+    pub fn set_noise_suppression(&self, on: Option<bool>) -> impl Future<Output = Result<(), ClientError>> + Send + 'static {
+        let setting = pb::SetNoiseSuppression { enabled: on.unwrap_or(false), use_default: on.is_none() };
+        self.request_unit(client_frame::Kind::SetNoiseSuppression(setting))
+    }
+
     /// Sends this device's media offer for `call`; the SFU's answer comes as
     /// [`ClientEvent::SdpAnswer`] with the same revision.
     pub fn sdp_offer(

@@ -313,12 +313,22 @@ pub async fn wait_device(server: &Server, id: &str, limit: Duration, done: impl 
 
 /// A minimal HTTP/1.1 POST without a body; returns status and body.
 pub async fn http_post(server: &Server, path: &str) -> anyhow::Result<(u16, String)> {
+    http_request(server, "POST", path, "").await
+}
+
+/// `PUT path` with a JSON body and the admin token.
+pub async fn http_put(server: &Server, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    http_request(server, "PUT", path, body).await
+}
+
+async fn http_request(server: &Server, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = server.url.strip_prefix("http://").context("http URL")?;
     let mut stream = tokio::net::TcpStream::connect(host).await?;
     let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        server.admin_token
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        server.admin_token,
+        body.len()
     );
     stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();
