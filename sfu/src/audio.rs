@@ -292,7 +292,7 @@ impl TrackProcessor {
         let elapsed = started.elapsed();
         self.pipeline.record_processing_time(elapsed);
         totals.processing.observe(elapsed.as_secs_f64());
-        if self.pipeline.meters().packets.received % SAMPLE_EVERY_PACKETS == 0 {
+        if self.pipeline.meters().packets.received.is_multiple_of(SAMPLE_EVERY_PACKETS) {
             totals.sample_levels(self.pipeline.meters());
         }
         results.push(ProcessedAudio {
@@ -386,11 +386,10 @@ impl AudioPool {
         let mut all = AudioTotals::default();
         for (tx, _) in &self.threads {
             let (reply, rx) = std_mpsc::channel();
-            if tx.send(PoolMessage::Totals(reply)).is_ok() {
-                if let Ok(totals) = rx.recv() {
+            if tx.send(PoolMessage::Totals(reply)).is_ok()
+                && let Ok(totals) = rx.recv() {
                     all.merge(&totals);
                 }
-            }
         }
         all
     }
@@ -423,11 +422,10 @@ fn run_dsp_thread(rx: std_mpsc::Receiver<PoolMessage>, config: PipelineConfig, r
                 };
                 let mut out = Vec::with_capacity(1);
                 processor.process(track, &packet, &mut out, &mut totals);
-                if !out.is_empty() {
-                    if let Some(tx) = results.get(worker) {
+                if !out.is_empty()
+                    && let Some(tx) = results.get(worker) {
                         let _ = tx.send(out);
                     }
-                }
             }
             PoolMessage::Command { command: AudioCommand::Suppress { track, on }, .. } => {
                 if let Some(processor) = tracks.get_mut(&track) {

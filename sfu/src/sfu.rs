@@ -784,12 +784,11 @@ impl Sfu {
                     AudioPath::Pipeline { .. } => AudioPath::Pipeline { suppress: wanted },
                     other => other,
                 };
-                if let (AudioPath::Pipeline { suppress: before }, AudioPath::Pipeline { suppress: after }) = (track.audio, next) {
-                    if before != after {
+                if let (AudioPath::Pipeline { suppress: before }, AudioPath::Pipeline { suppress: after }) = (track.audio, next)
+                    && before != after {
                         let track = TrackKey { publisher: p.id, mid: *mid };
                         self.out.audio.push_back(AudioCommand::Suppress { track, on: after });
                     }
-                }
                 track.audio = next;
             }
         }
@@ -959,7 +958,6 @@ impl Sfu {
                     .ext_vals(packet.exts.clone())
                     .nackable(is_video),
             );
-            drop(api);
             self.out.stats.rtp_forwarded += 1;
             if !is_video && sub.first_audio_at.is_none() {
                 sub.first_audio_at = Some(now);
@@ -1263,16 +1261,15 @@ fn handle_event(now: Instant, p: &mut Participant, event: Event, out: &mut Outpu
                 _ => {}
             }
         }
-        Event::MediaAdded(media) => {
+        Event::MediaAdded(media)
             // Our direction: receiving means the participant publishes here.
-            if media.direction.is_receiving() && !p.tracks_out.contains_key(&media.mid) {
+            if media.direction.is_receiving() && !p.tracks_out.contains_key(&media.mid) => {
                 let suppress = media.kind == MediaKind::Audio && policy.is_some_and(|policy| policy.applies(&p.room, &p.name));
                 let audio = if suppress { AudioPath::Pipeline { suppress: true } } else { AudioPath::PassThrough };
                 p.tracks_in.insert(media.mid, TrackIn { kind: media.kind, audio, last_pt: None, last_level: None, last_keyframe_request: None });
                 debug!(participant = %p.id, mid = %media.mid, kind = ?media.kind, "track published");
                 out.work.push_back(Work::Publish { source: TrackKey { publisher: p.id, mid: media.mid }, kind: media.kind });
             }
-        }
         Event::RtpPacket(packet) => {
             let Some(mid) = p.mid_of(packet.header.ssrc) else {
                 out.stats.dropped.unroutable += 1;

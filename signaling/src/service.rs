@@ -252,11 +252,10 @@ async fn run_sfu_adapter(sfu: SfuHandle, mut commands: mpsc::UnboundedReceiver<S
                 translate(event, &mut sessions, &mut keys)
             }
         };
-        if let Some(notice) = notice {
-            if notices.send(Input::Sfu(notice)).await.is_err() {
+        if let Some(notice) = notice
+            && notices.send(Input::Sfu(notice)).await.is_err() {
                 return;
             }
-        }
     }
 }
 

@@ -70,11 +70,10 @@ pub async fn serve(mut socket: WebSocket, mut context: WsContext) {
             event = event => {
                 let Some(event) = event else { continue };
                 let removed = matches!(event, SfuEvent::Removed { .. });
-                if let Some(message) = translate(event) {
-                    if send(&mut socket, &message).await.is_err() {
+                if let Some(message) = translate(event)
+                    && send(&mut socket, &message).await.is_err() {
                         break;
                     }
-                }
                 if removed {
                     state = State::Idle;
                 }
@@ -106,11 +105,10 @@ pub async fn serve(mut socket: WebSocket, mut context: WsContext) {
                     Ok(message) => handle(&context.sfu, &mut state, message).await,
                     Err(e) => Some(error(ErrorCode::BadMessage, &e.to_string())),
                 };
-                if let Some(reply) = reply {
-                    if send(&mut socket, &reply).await.is_err() {
+                if let Some(reply) = reply
+                    && send(&mut socket, &reply).await.is_err() {
                         break;
                     }
-                }
             }
         }
     }
