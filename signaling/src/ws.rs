@@ -35,6 +35,8 @@ pub fn upgrade(ws: WebSocketUpgrade, peer: SocketAddr, context: WsContext) -> Re
     // Frames a bit over the limit still arrive, so they get a clear error
     // instead of a bare protocol failure; far bigger ones are cut off by tungstenite.
     ws.max_message_size(4 * MAX_FRAME_BYTES)
+        .read_buffer_size(4096)
+        .write_buffer_size(4096)
         .max_frame_size(4 * MAX_FRAME_BYTES)
         .on_upgrade(move |socket| serve(socket, context).instrument(info_span!("ws", %peer)))
 }
