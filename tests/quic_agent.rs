@@ -45,7 +45,7 @@ async fn agents_carry_a_wav_tone_and_sigterm_hangs_up() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let pid = callee.child.id();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?.success());
+    assert!(common::sigterm(pid)?);
     let signalled = Instant::now();
     callee.line(&format!("hung up call {call}"), PROMPT).await?;
     callee.line("stopped", PROMPT).await?;

@@ -32,8 +32,7 @@ async fn sigterm_tells_clients_and_exits_within_the_deadline() -> anyhow::Result
     assert_eq!(joined["type"], "joined", "{joined}");
 
     let pid = server.child.id();
-    let status = std::process::Command::new("sh").arg("-c").arg(format!("kill -TERM {pid}")).status()?;
-    assert!(status.success());
+    assert!(common::sigterm(pid)?);
     let signalled = Instant::now();
 
     let mut left = None;

@@ -117,7 +117,7 @@ async fn denoised_call_has_quieter_pauses_and_the_meters_show_it() -> anyhow::Re
     let floor_out = track["output"]["noise_floor_dbfs"].as_f64().context("output noise floor")?;
     assert!(floor_in - floor_out >= 6.0, "meters: noise floor {floor_in:.1} -> {floor_out:.1} dBFS: {track}");
 
-    assert!(std::process::Command::new("kill").args(["-TERM", &callee.child.id().to_string()]).status()?.success());
+    assert!(common::sigterm(callee.child.id())?);
     callee.line("stopped", PROMPT).await?;
     let _ = caller.child.kill();
 

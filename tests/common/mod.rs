@@ -102,6 +102,12 @@ impl Drop for Server {
     }
 }
 
+/// Sends SIGTERM with the shell's builtin `kill` (a fresh Debian may lack
+/// the procps `kill` binary); true if delivered.
+pub fn sigterm(pid: u32) -> std::io::Result<bool> {
+    Ok(Command::new("sh").arg("-c").arg(format!("kill -TERM {pid}")).status()?.success())
+}
+
 /// A minimal HTTP/1.1 GET over a fresh TCP connection; returns the body of a 200.
 pub async fn http_get(url: &str, bearer: Option<&str>) -> anyhow::Result<String> {
     let (status, body) = http_get_status(url, bearer).await?;
