@@ -1,0 +1,28 @@
+//! fleetcall-loadtest: drives realistic fleet load through the real
+//! protocols — QUIC control-plane devices (the signaling client SDK) or the
+//! browser WebSocket path, and str0m WebRTC peers sending Opus from a WAV
+//! file — and tells, in one report, what held and what did not.
+//!
+//! Layout: sans-IO pieces ([`peer`], [`ledger`], [`histogram`], [`audio`],
+//! [`scenario`], [`report`]) and thin async drivers ([`room`], [`calls`],
+//! [`idle`], [`janus`]) under one orchestrator ([`run`]).
+
+pub mod audio;
+pub mod calls;
+pub mod cli;
+pub mod context;
+pub mod control;
+pub mod histogram;
+pub mod http;
+pub mod idle;
+pub mod janus;
+pub mod ledger;
+pub mod media;
+pub mod outcome;
+pub mod peer;
+pub mod progress;
+pub mod report;
+pub mod room;
+pub mod run;
+pub mod scenario;
+pub mod server;
