@@ -234,19 +234,30 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     info!(timeout = ?config.shutdown_timeout, "shutting down");
+    // One deadline for the whole shutdown; what has not finished by then is
+    // cut off when the process exits.
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
     ready.store(false, Ordering::Relaxed);
     // Devices hear SERVER_SHUTDOWN on every call and their connections close;
     // browser sockets tell their clients and leave; then HTTP drains.
-    if tokio::time::timeout(config.shutdown_timeout, control.shutdown()).await.is_err() {
+    if tokio::time::timeout_at(deadline, control.shutdown()).await.is_err() {
         warn!("the control plane did not shut down in time");
     }
     let _ = shutdown_tx.send(true);
-    let _ = tokio::time::timeout(config.shutdown_timeout, quic_task).await;
-    handle.graceful_shutdown(Some(config.shutdown_timeout));
-    if tokio::time::timeout(config.shutdown_timeout + std::time::Duration::from_secs(1), server).await.is_err() {
-        warn!("HTTP connections did not drain in time");
+    handle.graceful_shutdown(Some(deadline.saturating_duration_since(tokio::time::Instant::now())));
+    if tokio::time::timeout_at(deadline, async {
+        let _ = quic_task.await;
+        let _ = server.await;
+    })
+    .await
+    .is_err()
+    {
+        warn!("connections did not drain in time");
     }
-    tokio::task::spawn_blocking(move || driver.shutdown()).await.context("stopping the media plane")?;
+    let media = tokio::task::spawn_blocking(move || driver.shutdown());
+    if tokio::time::timeout_at(deadline + std::time::Duration::from_secs(1), media).await.is_err() {
+        warn!("media workers did not stop in time");
+    }
     info!("stopped");
     Ok(())
 }
