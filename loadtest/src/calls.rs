@@ -171,7 +171,7 @@ pub async fn run(ctx: Arc<Ctx>, plan: PairPlan, mut stop: tokio::sync::watch::Re
                     match link.peer.send(now, frame) {
                         Sent::Rtp { timestamp, seq } => {
                             let payload = frame.payload.as_deref().unwrap_or_default();
-                            c.ledger.on_sent(now, m, timestamp, seq, payload, frame.voice);
+                            c.ledger.on_sent(now, m, timestamp, seq, payload, frame.voice, true);
                             Live::add(&ctx.live.sent, 1);
                         }
                         Sent::Dtx => {}

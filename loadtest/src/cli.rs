@@ -42,6 +42,9 @@ pub struct Args {
     /// Extra flag for the spawned server (repeat: --server-arg=--workers --server-arg=1).
     #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true, help_heading = "Target")]
     pub server_args: Vec<String>,
+    /// Run the spawned server on these CPUs only (a taskset list, e.g. 0).
+    #[arg(long, value_name = "LIST", requires = "spawn", help_heading = "Target")]
+    pub server_cpus: Option<String>,
     /// HTTP address of a running server (admin API, /metrics, /ws).
     #[arg(long, default_value = "http://127.0.0.1:8080", help_heading = "Target")]
     pub http: String,
@@ -339,7 +342,7 @@ async fn execute(args: &Args, scenario: &Scenario, command: String) -> anyhow::R
         reports.push(report);
     }
     let mut server = match &args.spawn {
-        Some(binary) => Server::spawn(binary, &args.server_args, args.data_dir.as_deref()).await?,
+        Some(binary) => Server::spawn(binary, &args.server_args, args.data_dir.as_deref(), args.server_cpus.as_deref()).await?,
         None => {
             let data_dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from("fleetcall-data"));
             Server::connect(&args.http, args.quic, &data_dir, args.admin_token.clone(), args.server_pid).await?

@@ -197,10 +197,14 @@ pub struct Media {
 /// Server and tool resources over the window.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Resources {
+    /// Seconds of the measurement window.
+    pub measured_s: Option<f64>,
     /// Where the server figures come from: `proc` or `metrics`.
     pub server_source: Option<String>,
     /// Server CPU, % of one core, over the window.
     pub server_cpu_pct: Option<f64>,
+    /// Of that, in the kernel (`/proc` only).
+    pub server_sys_pct: Option<f64>,
     /// Server resident memory at the end of the window, MB.
     pub server_rss_mb: Option<f64>,
     /// Largest resident memory seen, MB.
@@ -493,8 +497,9 @@ impl Report {
         let _ = writeln!(t, "\nresources over the window");
         let _ = writeln!(
             t,
-            "  server CPU {} of a core ({}), RSS {} MB (peak {} MB)",
+            "  server CPU {} of a core{} ({}), RSS {} MB (peak {} MB)",
             r.server_cpu_pct.map_or("n/a".into(), |v| format!("{v:.1} %")),
+            r.server_sys_pct.map_or(String::new(), |v| format!(", {v:.1} % in the kernel")),
             r.server_source.as_deref().unwrap_or("no source"),
             opt(r.server_rss_mb),
             opt(r.server_peak_rss_mb)
@@ -532,7 +537,9 @@ impl Report {
         }
         let l = &self.leak;
         let _ = writeln!(t);
-        if !l.checked {
+        if self.target == "janus" {
+            let _ = writeln!(t, "leak check: not applicable (Janus; the session and its rooms were destroyed)");
+        } else if !l.checked {
             let _ = writeln!(t, "leak check: not possible (the admin API did not answer)");
         } else if l.clean {
             let _ = writeln!(t, "leak check: clean {} s after the devices left", opt(l.clean_after_s));
@@ -565,9 +572,58 @@ fn resources(i: &Inputs<'_>) -> Resources {
     let mut res = Resources { tool_tick_late: i.result.tick_late.summary(), tool_threads: i.threads, ..Resources::default() };
     res.server_peak_rss_mb = (i.peak_rss > 0).then(|| mb(i.peak_rss as f64));
     let (Some(a), Some(b)) = (&i.marks.start, &i.marks.end) else { return res };
+    let f = window_figures(a, b);
+    res.measured_s = f.span;
+    res.server_source = f.source.map(str::to_owned);
+    res.server_cpu_pct = f.server_cpu_pct;
+    res.server_sys_pct = f.server_sys_pct;
+    res.server_rss_mb = f.server_rss_mb;
+    res.server_forwarded_packets = f.forwarded;
+    res.received_packets = f.received;
+    res.server_cpu_us_per_packet = f.cpu_us_per_packet;
+    res.streams_per_core = f.streams_per_core;
+    res.forwarded_streams = f.forwarded_streams;
+    res.tool_cpu_pct = f.tool_cpu_pct;
+    res
+}
+
+/// What two marks say about the window between them.
+#[derive(Debug, Clone, Default)]
+pub struct WindowFigures {
+    /// Seconds between the marks.
+    pub span: Option<f64>,
+    /// `proc` or `metrics`.
+    pub source: Option<&'static str>,
+    /// Server CPU, % of a core.
+    pub server_cpu_pct: Option<f64>,
+    /// Of that, kernel.
+    pub server_sys_pct: Option<f64>,
+    /// Server RSS at the end, MB.
+    pub server_rss_mb: Option<f64>,
+    /// The server's forwarded-packet counter over the window.
+    pub forwarded: Option<u64>,
+    /// Packets the devices received over the window.
+    pub received: u64,
+    /// Server CPU per forwarded (or, without the counter, delivered) packet, µs.
+    pub cpu_us_per_packet: Option<f64>,
+    /// Continuous streams per core at that cost.
+    pub streams_per_core: Option<f64>,
+    /// Streams forwarded, as 50 pps equivalents.
+    pub forwarded_streams: Option<f64>,
+    /// Tool CPU, % of a core.
+    pub tool_cpu_pct: Option<f64>,
+}
+
+/// Figures of the window between two marks.
+pub fn window_figures(a: &Mark, b: &Mark) -> WindowFigures {
+    let mut f = WindowFigures::default();
     let span = b.at.saturating_duration_since(a.at).as_secs_f64();
     if span <= 0.0 {
-        return res;
+        return f;
+    }
+    f.span = Some(round3(span));
+    if let (Some(x), Some(y)) = (a.server, b.server) {
+        f.server_sys_pct = Some(round1(100.0 * (y.sys_secs - x.sys_secs) / span));
     }
     let (cpu, rss, source) = match (a.server, b.server) {
         (Some(x), Some(y)) => (Some(y.cpu_secs - x.cpu_secs), Some(y.rss_bytes as f64), Some("proc")),
@@ -576,25 +632,25 @@ fn resources(i: &Inputs<'_>) -> Resources {
             _ => (None, None, None),
         },
     };
-    res.server_source = source.map(str::to_owned);
-    res.server_cpu_pct = cpu.map(|c| round1(100.0 * c / span));
-    res.server_rss_mb = rss.map(mb);
-    res.server_forwarded_packets = match (a.forwarded, b.forwarded) {
+    f.source = source;
+    f.server_cpu_pct = cpu.map(|c| round1(100.0 * c / span));
+    f.server_rss_mb = rss.map(mb);
+    f.forwarded = match (a.forwarded, b.forwarded) {
         (Some(x), Some(y)) => Some(y.saturating_sub(x)),
         _ => None,
     };
-    res.received_packets = b.received.saturating_sub(a.received);
-    let packets = res.server_forwarded_packets.unwrap_or(res.received_packets);
+    f.received = b.received.saturating_sub(a.received);
+    let packets = f.forwarded.unwrap_or(f.received);
     if let (Some(cpu), true) = (cpu, packets > 0) {
         let us = cpu * 1e6 / packets as f64;
-        res.server_cpu_us_per_packet = Some(round3(us));
-        res.streams_per_core = (us > 0.0).then(|| (1e6 / us / STREAM_PPS).round());
+        f.cpu_us_per_packet = Some(round3(us));
+        f.streams_per_core = (us > 0.0).then(|| (1e6 / us / STREAM_PPS).round());
     }
-    res.forwarded_streams = (packets > 0).then(|| round1(packets as f64 / span / STREAM_PPS));
+    f.forwarded_streams = (packets > 0).then(|| round1(packets as f64 / span / STREAM_PPS));
     if let (Some(x), Some(y)) = (a.tool, b.tool) {
-        res.tool_cpu_pct = Some(round1(100.0 * (y.cpu_secs - x.cpu_secs) / span));
+        f.tool_cpu_pct = Some(round1(100.0 * (y.cpu_secs - x.cpu_secs) / span));
     }
-    res
+    f
 }
 
 fn mb(bytes: f64) -> f64 {

@@ -137,6 +137,8 @@ struct Dev {
     fresh_sessions: u32,
     rejoin_at: Option<Instant>,
     stall_until: Option<Instant>,
+    /// The last packet it sent.
+    last_sent: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -197,6 +199,7 @@ pub async fn run(ctx: Arc<Ctx>, plan: RoomPlan, mut commands: mpsc::UnboundedRec
                 fresh_sessions: 0,
                 rejoin_at: None,
                 stall_until: None,
+                last_sent: None,
             }
         })
         .collect();
@@ -242,7 +245,7 @@ pub async fn run(ctx: Arc<Ctx>, plan: RoomPlan, mut commands: mpsc::UnboundedRec
             member = readable(&links, scan_from) => {
                 drop(links);
                 room.scan_from = member + 1;
-                room.on_readable(member, &mut buf);
+                room.on_readable(&mut buf);
             }
             () = sleep_until(deadline) => room.on_timeout(),
         }
@@ -397,8 +400,13 @@ impl Room {
         self.devs.iter().position(|d| d.phase == Phase::InCall && matches!(d.session, Session::Quic(_)))
     }
 
+    /// Whether another talker is sending right now (a join then measures
+    /// setup, not a talker's pause).
     fn talker_up(&self, except: Member) -> bool {
-        self.devs.iter().enumerate().any(|(i, d)| i != except && d.talker && d.media_up)
+        let now = Instant::now();
+        self.devs.iter().enumerate().any(|(i, d)| {
+            i != except && d.talker && d.media_up && d.last_sent.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_millis(100))
+        })
     }
 
     fn create_call(&mut self, m: Member, now: Instant) {
@@ -664,6 +672,7 @@ impl Room {
                 if Some(CallId(answer.call_id)) != self.call {
                     return;
                 }
+                tracing::debug!(device = %self.devs[m].id, since_join = ?self.devs[m].join_at.map(|(t, _)| now - t), "sdp answer");
                 if let Some(link) = &mut self.devs[m].link
                     && let Err(e) = link.peer.accept_answer(now, &answer.sdp) {
                         self.fail(m, format!("SDP answer: {e:#}"));
@@ -673,6 +682,7 @@ impl Room {
                 if Some(CallId(offer.call_id)) != self.call {
                     return;
                 }
+                tracing::debug!(device = %self.devs[m].id, since_join = ?self.devs[m].join_at.map(|(t, _)| now - t), "sdp offer");
                 let Some(link) = &mut self.devs[m].link else { return };
                 match link.peer.accept_offer(now, &offer.sdp) {
                     Ok(sdp) => {
@@ -800,11 +810,16 @@ impl Room {
 
     // ---- media ------------------------------------------------------------------------------
 
-    fn on_readable(&mut self, m: Member, buf: &mut [u8]) {
-        if let Some(link) = &mut self.devs[m].link {
-            link.drain_socket(buf);
+    /// A socket is readable: drains every device's socket (a forwarded
+    /// packet usually reaches several members of the room at once; checking
+    /// a socket that has nothing costs no system call).
+    fn on_readable(&mut self, buf: &mut [u8]) {
+        for m in 0..self.devs.len() {
+            let got = self.devs[m].link.as_mut().map_or(0, |link| link.drain_socket(buf));
+            if got > 0 {
+                self.peer_events(m);
+            }
         }
-        self.peer_events(m);
     }
 
     /// Handles what member `m`'s peer reported.
@@ -815,6 +830,7 @@ impl Room {
             let now = Instant::now();
             match event {
                 PeerEvent::Connected => {
+                    tracing::debug!(device = %self.devs[m].id, since_join = ?self.devs[m].join_at.map(|(t, _)| now - t), "media connected");
                     if !self.devs[m].media_up {
                         self.devs[m].media_up = true;
                         Live::add(&self.ctx.live.media_up, 1);
@@ -840,10 +856,11 @@ impl Room {
                         Match::Exact(s) | Match::Payload(s) | Match::Reencoded(s) => s,
                         Match::Own | Match::Unknown => continue,
                     };
-                    if !sent.talker {
+                    if !sent.speaker {
                         continue;
                     }
                     if let Some((at, eligible)) = self.devs[m].join_at.take() {
+                        tracing::debug!(device = %self.devs[m].id, since_join = ?(now - at), "first audio");
                         if eligible {
                             self.result.join_to_audio.record(now.saturating_duration_since(at));
                         }
@@ -901,7 +918,8 @@ impl Room {
                     // A payload exists: `send` returned Rtp.
                     let payload = frame.payload.as_deref().unwrap_or_default();
                     let talker = d.talker && frame.voice;
-                    self.ledger.on_sent(now, m, timestamp, seq, payload, talker);
+                    self.ledger.on_sent(now, m, timestamp, seq, payload, talker, d.talker);
+                    d.last_sent = Some(now);
                     Live::add(&self.ctx.live.sent, 1);
                 }
                 Sent::Dtx => {}

@@ -23,6 +23,9 @@ const PAGE_BYTES: u64 = 4096;
 pub struct ProcSample {
     /// User + system CPU seconds since the process started.
     pub cpu_secs: f64,
+    /// Of those, in the kernel (system calls; on loopback also the
+    /// delivery of the datagrams it sends to the receiving sockets).
+    pub sys_secs: f64,
     /// Resident memory.
     pub rss_bytes: u64,
 }
@@ -37,7 +40,7 @@ pub fn proc_sample(pid: u32) -> Option<ProcSample> {
     let stime: f64 = fields.get(12)?.parse().ok()?;
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let resident: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(ProcSample { cpu_secs: (utime + stime) / TICKS_PER_SEC, rss_bytes: resident * PAGE_BYTES })
+    Some(ProcSample { cpu_secs: (utime + stime) / TICKS_PER_SEC, sys_secs: stime / TICKS_PER_SEC, rss_bytes: resident * PAGE_BYTES })
 }
 
 /// Series of interest from `/metrics`.
@@ -122,7 +125,8 @@ impl Server {
 
     /// Starts `binary serve` on free loopback ports with `args` appended;
     /// its data directory is `data_dir` or a fresh one under the temp dir.
-    pub async fn spawn(binary: &Path, args: &[String], data_dir: Option<&Path>) -> anyhow::Result<Server> {
+    /// With `cpus` (a `taskset` list such as `0`), the server runs only there.
+    pub async fn spawn(binary: &Path, args: &[String], data_dir: Option<&Path>, cpus: Option<&str>) -> anyhow::Result<Server> {
         let http_port = free_port(false)?;
         let quic_port = free_port(true)?;
         let (dir, temp_dir) = match data_dir {
@@ -142,7 +146,12 @@ impl Server {
             dir.display().to_string(),
         ];
         full.extend(args.iter().cloned());
-        let child = start(binary, &full, &dir).await?;
+        let (binary, full) = match cpus {
+            // `taskset` execs the server: the pid stays the server's.
+            Some(cpus) => (PathBuf::from("taskset"), [vec!["-c".to_owned(), cpus.to_owned(), binary.display().to_string()], full].concat()),
+            None => (binary.to_owned(), full),
+        };
+        let child = start(&binary, &full, &dir).await?;
         let pid = child.id();
         let admin_token = std::fs::read_to_string(dir.join("admin-token")).context("the spawned server wrote no admin token")?.trim().to_owned();
         let mut server = Server {
@@ -151,7 +160,7 @@ impl Server {
             data_dir: dir,
             admin_token,
             pid: Some(pid),
-            spawned: Some(Spawned { child, binary: binary.to_owned(), args: full, temp_dir }),
+            spawned: Some(Spawned { child, binary, args: full, temp_dir }),
         };
         if let Err(e) = server.stats().await {
             server.stop();
@@ -178,7 +187,7 @@ impl Server {
     /// Stops a spawned server (SIGTERM, then SIGKILL); nothing otherwise.
     pub fn stop(&mut self) {
         if let Some(mut spawned) = self.spawned.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(spawned.child.id().to_string()).status();
+            sigterm(spawned.child.id());
             let deadline = Instant::now() + Duration::from_secs(8);
             while Instant::now() < deadline {
                 if matches!(spawned.child.try_wait(), Ok(Some(_))) {
@@ -274,7 +283,7 @@ async fn start(binary: &Path, args: &[String], dir: &Path) -> anyhow::Result<Chi
 
 /// SIGTERM, up to 10 s for a graceful exit, then SIGKILL.
 async fn terminate(child: &mut Child) {
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    sigterm(child.id());
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if matches!(child.try_wait(), Ok(Some(_))) {
@@ -284,6 +293,12 @@ async fn terminate(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// SIGTERM through the shell's builtin `kill` (a minimal system may lack
+/// the `kill` binary; there is no safe std API for signals).
+fn sigterm(pid: u32) {
+    let _ = Command::new("sh").arg("-c").arg(format!("kill -TERM {pid}")).status();
 }
 
 fn free_port(udp: bool) -> anyhow::Result<u16> {
