@@ -52,8 +52,11 @@ impl Clip {
         if samples.len() < FRAME_SAMPLES {
             bail!("the clip is shorter than one 20 ms frame");
         }
-        let mut encoder = Encoder::new(SampleRate::Hz48000, Channels::Mono, Application::Voip).context("Opus encoder")?;
-        encoder.set_encoder_ctl_request(OPUS_SET_DTX, i32::from(dtx)).context("setting Opus DTX")?;
+        let mut encoder = Encoder::new(SampleRate::Hz48000, Channels::Mono, Application::Voip)
+            .context("Opus encoder")?;
+        encoder
+            .set_encoder_ctl_request(OPUS_SET_DTX, i32::from(dtx))
+            .context("setting Opus DTX")?;
         let mut out = [0u8; 1500];
         let mut frames = Vec::with_capacity(samples.len() / FRAME_SAMPLES);
         for pcm in samples.chunks_exact(FRAME_SAMPLES) {
@@ -108,7 +111,10 @@ pub struct TalkPattern {
 
 impl TalkPattern {
     /// Talks all the time.
-    pub const CONTINUOUS: TalkPattern = TalkPattern { on_secs: 1.0, off_secs: 0.0 };
+    pub const CONTINUOUS: TalkPattern = TalkPattern {
+        on_secs: 1.0,
+        off_secs: 0.0,
+    };
 
     fn frames(secs: f64) -> u64 {
         (secs * 50.0).round().max(0.0) as u64
@@ -136,8 +142,21 @@ pub struct Mic {
 
 impl Mic {
     /// A microphone; `offset` (frames) keeps talkers of one room apart.
-    pub fn new(speech: Arc<Clip>, silence: Arc<Clip>, talker: bool, pattern: TalkPattern, offset: usize) -> Self {
-        Mic { speech, silence, talker, pattern, offset, n: 0 }
+    pub fn new(
+        speech: Arc<Clip>,
+        silence: Arc<Clip>,
+        talker: bool,
+        pattern: TalkPattern,
+        offset: usize,
+    ) -> Self {
+        Mic {
+            speech,
+            silence,
+            talker,
+            pattern,
+            offset,
+            n: 0,
+        }
     }
 
     /// Whether this device is one of its room's talkers.
@@ -159,7 +178,11 @@ impl Mic {
 
 /// RFC 6464 level of a frame, as str0m carries it (-127..=0 dBov).
 pub fn level_dbov(pcm: &[i16]) -> i8 {
-    let energy: f64 = pcm.iter().map(|&s| f64::from(s) * f64::from(s)).sum::<f64>() / pcm.len().max(1) as f64;
+    let energy: f64 = pcm
+        .iter()
+        .map(|&s| f64::from(s) * f64::from(s))
+        .sum::<f64>()
+        / pcm.len().max(1) as f64;
     if energy <= 0.0 {
         return -127;
     }
@@ -169,9 +192,14 @@ pub fn level_dbov(pcm: &[i16]) -> i8 {
 
 /// Loads a 48 kHz mono 16-bit PCM WAV file.
 pub fn read_wav(path: &Path) -> anyhow::Result<Vec<i16>> {
-    let reader = hound::WavReader::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let reader =
+        hound::WavReader::open(path).with_context(|| format!("opening {}", path.display()))?;
     let spec = reader.spec();
-    if spec.sample_rate != RATE || spec.channels != 1 || spec.bits_per_sample != 16 || spec.sample_format != hound::SampleFormat::Int {
+    if spec.sample_rate != RATE
+        || spec.channels != 1
+        || spec.bits_per_sample != 16
+        || spec.sample_format != hound::SampleFormat::Int
+    {
         bail!(
             "{}: need a 48000 Hz mono 16-bit PCM WAV file, got {} Hz, {} channel(s), {}-bit {:?}",
             path.display(),
@@ -181,7 +209,10 @@ pub fn read_wav(path: &Path) -> anyhow::Result<Vec<i16>> {
             spec.sample_format
         );
     }
-    let samples = reader.into_samples::<i16>().collect::<Result<Vec<_>, _>>().with_context(|| format!("reading {}", path.display()))?;
+    let samples = reader
+        .into_samples::<i16>()
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading {}", path.display()))?;
     if samples.len() < FRAME_SAMPLES {
         bail!("{}: shorter than one 20 ms frame", path.display());
     }
@@ -190,8 +221,14 @@ pub fn read_wav(path: &Path) -> anyhow::Result<Vec<i16>> {
 
 /// Writes 48 kHz mono 16-bit PCM.
 pub fn write_wav(path: &Path, samples: &[i16]) -> anyhow::Result<()> {
-    let spec = hound::WavSpec { channels: 1, sample_rate: RATE, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
-    let mut writer = hound::WavWriter::create(path, spec).with_context(|| format!("creating {}", path.display()))?;
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: RATE,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut writer = hound::WavWriter::create(path, spec)
+        .with_context(|| format!("creating {}", path.display()))?;
     for &s in samples {
         writer.write_sample(s)?;
     }
@@ -204,7 +241,13 @@ pub fn write_wav(path: &Path, samples: &[i16]) -> anyhow::Result<()> {
 /// phrases for DTX), optionally over steady room noise at about -40 dBFS.
 /// Deterministic: the same samples on every run.
 pub fn default_speech(noise: bool) -> Vec<i16> {
-    const VOWELS: [(f32, f32, f32); 5] = [(730.0, 1090.0, 2440.0), (270.0, 2290.0, 3010.0), (300.0, 870.0, 2240.0), (530.0, 1840.0, 2480.0), (570.0, 840.0, 2410.0)];
+    const VOWELS: [(f32, f32, f32); 5] = [
+        (730.0, 1090.0, 2440.0),
+        (270.0, 2290.0, 3010.0),
+        (300.0, 870.0, 2240.0),
+        (530.0, 1840.0, 2480.0),
+        (570.0, 840.0, 2410.0),
+    ];
     let total = 8 * RATE as usize;
     let mut out = vec![0f32; total];
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
@@ -249,7 +292,11 @@ pub fn default_speech(noise: bool) -> Vec<i16> {
                 for k in 1..=harmonics {
                     let f = pitch * k as f32;
                     let formant = |fc: f32, bw: f32| 1.0 / (1.0 + ((f - fc) / bw).powi(2));
-                    let amp = (formant(f1, 90.0) + 0.7 * formant(f2, 110.0) + 0.4 * formant(f3, 150.0) + 0.02) / (k as f32).sqrt();
+                    let amp = (formant(f1, 90.0)
+                        + 0.7 * formant(f2, 110.0)
+                        + 0.4 * formant(f3, 150.0)
+                        + 0.02)
+                        / (k as f32).sqrt();
                     v += amp * (phase * k as f32).sin();
                 }
                 out[t + i] += 0.12 * gain * env * v;
@@ -269,7 +316,9 @@ pub fn default_speech(noise: bool) -> Vec<i16> {
     }
     let peak = out.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
     let scale = 0.5 * 32767.0 / peak;
-    out.iter().map(|v| (v * scale).round().clamp(-32768.0, 32767.0) as i16).collect()
+    out.iter()
+        .map(|v| (v * scale).round().clamp(-32768.0, 32767.0) as i16)
+        .collect()
 }
 
 /// A small deterministic generator for the synthetic clip.
@@ -300,11 +349,15 @@ mod tests {
         let clip = Clip::encode(&samples).unwrap();
         assert_eq!(clip.len(), 400);
         let sent = clip.sent_ratio();
-        assert!(sent > 0.4 && sent < 0.95, "speech is sent, pauses are DTX: {sent}");
+        assert!(
+            sent > 0.4 && sent < 0.95,
+            "speech is sent, pauses are DTX: {sent}"
+        );
         let loud = (0..clip.len()).filter(|&i| clip.frame(i).voice).count();
         assert!(loud > 100, "voiced frames: {loud}");
         // Every frame that is sent and marked as voice carries a real packet.
-        assert!((0..clip.len()).all(|i| !clip.frame(i).voice || clip.frame(i).payload.as_ref().is_some_and(|p| p.len() > 10)));
+        assert!((0..clip.len()).all(|i| !clip.frame(i).voice
+            || clip.frame(i).payload.as_ref().is_some_and(|p| p.len() > 10)));
     }
 
     #[test]
@@ -313,32 +366,67 @@ mod tests {
         let noisy = Clip::encode(&default_speech(true)).unwrap();
         assert!(noisy.sent_ratio() >= quiet.sent_ratio());
         let min_level = |c: &Clip| (0..c.len()).map(|i| c.frame(i).level).min().unwrap();
-        assert!(min_level(&noisy) > -70, "noise never falls silent: {}", min_level(&noisy));
+        assert!(
+            min_level(&noisy) > -70,
+            "noise never falls silent: {}",
+            min_level(&noisy)
+        );
         assert_eq!(min_level(&quiet), -127);
     }
 
     #[test]
     fn silence_is_mostly_dtx() {
         let silence = Clip::silence().unwrap();
-        let sent = (0..silence.len()).filter(|&i| silence.frame(i).payload.is_some()).count();
-        assert!(sent > 0 && sent <= 15, "comfort noise about every 400 ms: {sent} of 100");
-        assert!((0..silence.len()).all(|i| silence.frame(i).level == -127 && !silence.frame(i).voice));
+        let sent = (0..silence.len())
+            .filter(|&i| silence.frame(i).payload.is_some())
+            .count();
+        assert!(
+            sent > 0 && sent <= 15,
+            "comfort noise about every 400 ms: {sent} of 100"
+        );
+        assert!(
+            (0..silence.len()).all(|i| silence.frame(i).level == -127 && !silence.frame(i).voice)
+        );
     }
 
     #[test]
     fn talk_pattern_and_mic_offsets() {
-        let p = TalkPattern { on_secs: 0.1, off_secs: 0.06 };
+        let p = TalkPattern {
+            on_secs: 0.1,
+            off_secs: 0.06,
+        };
         let talking: Vec<bool> = (0..10).map(|n| p.talking(n)).collect();
-        assert_eq!(talking, [true, true, true, true, true, false, false, false, true, true]);
+        assert_eq!(
+            talking,
+            [
+                true, true, true, true, true, false, false, false, true, true
+            ]
+        );
         assert!(TalkPattern::CONTINUOUS.talking(12345));
         let speech = Arc::new(Clip::encode(&default_speech(false)).unwrap());
         let silence = Arc::new(Clip::silence().unwrap());
-        let mut a = Mic::new(speech.clone(), silence.clone(), true, TalkPattern::CONTINUOUS, 0);
-        let mut b = Mic::new(speech.clone(), silence.clone(), true, TalkPattern::CONTINUOUS, 7);
+        let mut a = Mic::new(
+            speech.clone(),
+            silence.clone(),
+            true,
+            TalkPattern::CONTINUOUS,
+            0,
+        );
+        let mut b = Mic::new(
+            speech.clone(),
+            silence.clone(),
+            true,
+            TalkPattern::CONTINUOUS,
+            7,
+        );
         for _ in 0..7 {
             a.next_frame();
         }
-        assert_eq!(a.next_frame().payload, b.next_frame().payload, "offsets shift the clip");
+        assert_eq!(
+            a.next_frame().payload,
+            b.next_frame().payload,
+            "offsets shift the clip"
+        );
         let mut quiet = Mic::new(speech, silence, false, TalkPattern::CONTINUOUS, 0);
         assert!(!quiet.is_talker());
         assert!((0..100).all(|_| !quiet.next_frame().voice));
@@ -346,22 +434,38 @@ mod tests {
 
     #[test]
     fn wav_round_trip_and_refusals() {
-        let dir = std::env::temp_dir().join(format!("fleetcall-loadtest-audio-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("fleetcall-loadtest-audio-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let good = dir.join("good.wav");
         write_wav(&good, &default_speech(true)[..RATE as usize]).unwrap();
         assert_eq!(read_wav(&good).unwrap().len(), RATE as usize);
         let short = dir.join("short.wav");
         write_wav(&short, &[0; 100]).unwrap();
-        assert!(read_wav(&short).unwrap_err().to_string().contains("shorter"));
+        assert!(
+            read_wav(&short)
+                .unwrap_err()
+                .to_string()
+                .contains("shorter")
+        );
         let stereo = dir.join("stereo.wav");
-        let spec = hound::WavSpec { channels: 2, sample_rate: RATE, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+        let spec = hound::WavSpec {
+            channels: 2,
+            sample_rate: RATE,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
         let mut w = hound::WavWriter::create(&stereo, spec).unwrap();
         for _ in 0..4000 {
             w.write_sample(0i16).unwrap();
         }
         w.finalize().unwrap();
-        assert!(read_wav(&stereo).unwrap_err().to_string().contains("2 channel"));
+        assert!(
+            read_wav(&stereo)
+                .unwrap_err()
+                .to_string()
+                .contains("2 channel")
+        );
         assert!(read_wav(&dir.join("missing.wav")).is_err());
         let _ = std::fs::remove_dir_all(dir);
     }

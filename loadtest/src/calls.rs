@@ -48,7 +48,10 @@ pub struct PairPlan {
 
 #[derive(Debug)]
 enum Ctl {
-    Registered(Result<(Client, mpsc::UnboundedReceiver<ClientEvent>), String>, Duration),
+    Registered(
+        Result<(Client, mpsc::UnboundedReceiver<ClientEvent>), String>,
+        Duration,
+    ),
     Event(ClientEvent),
     Invited(Result<CallId, String>),
     Failed(String),
@@ -78,7 +81,11 @@ struct Call {
 }
 
 /// Runs a pair until `stop` fires; returns what it measured.
-pub async fn run(ctx: Arc<Ctx>, plan: PairPlan, mut stop: tokio::sync::watch::Receiver<bool>) -> GroupResult {
+pub async fn run(
+    ctx: Arc<Ctx>,
+    plan: PairPlan,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> GroupResult {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut result = GroupResult::default();
     let mut rng = StdRng::seed_from_u64(plan.seed);
@@ -87,7 +94,13 @@ pub async fn run(ctx: Arc<Ctx>, plan: PairPlan, mut stop: tokio::sync::watch::Re
         .map(|m| Dev {
             id: format!("{name}-{m}"),
             client: None,
-            mic: Mic::new(ctx.speech_variant(m), ctx.silence.clone(), true, ctx.talk, 0),
+            mic: Mic::new(
+                ctx.speech_variant(m),
+                ctx.silence.clone(),
+                true,
+                ctx.talk,
+                0,
+            ),
             link: None,
             media_up: false,
             waiting_audio: false,
@@ -129,7 +142,11 @@ pub async fn run(ctx: Arc<Ctx>, plan: PairPlan, mut stop: tokio::sync::watch::Re
                 deadline = deadline.min(t);
             }
         }
-        let links: Vec<(usize, &Link)> = devs.iter().enumerate().filter_map(|(m, d)| d.link.as_ref().map(|l| (m, l))).collect();
+        let links: Vec<(usize, &Link)> = devs
+            .iter()
+            .enumerate()
+            .filter_map(|(m, d)| d.link.as_ref().map(|l| (m, l)))
+            .collect();
         tokio::select! {
             biased;
             _ = stop.changed() => break,
@@ -234,9 +251,10 @@ pub async fn run(ctx: Arc<Ctx>, plan: PairPlan, mut stop: tokio::sync::watch::Re
     }
     // The end: hang up a call in progress, close both clients.
     if let Some(c) = &call
-        && let (Some(id), Some(client)) = (c.id, &devs[0].client) {
-            let _ = tokio::time::timeout(Duration::from_secs(3), client.hangup(id)).await;
-        }
+        && let (Some(id), Some(client)) = (c.id, &devs[0].client)
+    {
+        let _ = tokio::time::timeout(Duration::from_secs(3), client.hangup(id)).await;
+    }
     end_call(&ctx, &mut devs, &mut call, &mut result);
     for d in &mut devs {
         if let Some(client) = d.client.take() {
@@ -261,8 +279,16 @@ fn spawn_request(
     });
 }
 
-fn place_call(ctx: &Ctx, tx: &mpsc::UnboundedSender<(usize, Ctl)>, devs: &mut [Dev], call: &mut Option<Call>, result: &mut GroupResult) {
-    let Some(client) = &devs[0].client else { return };
+fn place_call(
+    ctx: &Ctx,
+    tx: &mpsc::UnboundedSender<(usize, Ctl)>,
+    devs: &mut [Dev],
+    call: &mut Option<Call>,
+    result: &mut GroupResult,
+) {
+    let Some(client) = &devs[0].client else {
+        return;
+    };
     let now = Instant::now();
     result.calls_placed += 1;
     *call = Some(Call {
@@ -314,10 +340,15 @@ fn on_event(
             c.id.get_or_insert(CallId(state.call_id));
             if m == 0 && state.phase == CallPhase::Ringing as i32 && !c.ringing_seen {
                 c.ringing_seen = true;
-                result.invite_to_ringing.record(now.saturating_duration_since(c.invited_at));
+                result
+                    .invite_to_ringing
+                    .record(now.saturating_duration_since(c.invited_at));
             }
             let me = &devs[m].id;
-            let joining = state.participants.iter().any(|p| p.device_id == *me && p.status == ParticipantStatus::Joining as i32);
+            let joining = state
+                .participants
+                .iter()
+                .any(|p| p.device_id == *me && p.status == ParticipantStatus::Joining as i32);
             if joining && devs[m].link.is_none() {
                 let mut rng = rand::rng();
                 use rand::RngExt as _;
@@ -327,49 +358,92 @@ fn on_event(
                         Ok(offer) => {
                             devs[m].link = Some(link);
                             if let Some(client) = &devs[m].client {
-                                spawn_request(tx, m, "sdp offer", client.sdp_offer(CallId(state.call_id), 1, offer));
+                                spawn_request(
+                                    tx,
+                                    m,
+                                    "sdp offer",
+                                    client.sdp_offer(CallId(state.call_id), 1, offer),
+                                );
                             }
                         }
-                        Err(e) => result.failures.push(&ctx.live, format!("{}: offer: {e:#}", devs[m].id)),
+                        Err(e) => result
+                            .failures
+                            .push(&ctx.live, format!("{}: offer: {e:#}", devs[m].id)),
                     },
-                    Err(e) => result.failures.push(&ctx.live, format!("{}: media: {e:#}", devs[m].id)),
+                    Err(e) => result
+                        .failures
+                        .push(&ctx.live, format!("{}: media: {e:#}", devs[m].id)),
                 }
             }
         }
         ClientEvent::SdpAnswer(answer) => {
             if let Some(link) = &mut devs[m].link
-                && let Err(e) = link.peer.accept_answer(now, &answer.sdp) {
-                    result.failures.push(&ctx.live, format!("{}: SDP answer: {e:#}", devs[m].id));
-                }
+                && let Err(e) = link.peer.accept_answer(now, &answer.sdp)
+            {
+                result
+                    .failures
+                    .push(&ctx.live, format!("{}: SDP answer: {e:#}", devs[m].id));
+            }
         }
         ClientEvent::SdpOffer(offer) => {
-            let Some(link) = &mut devs[m].link else { return };
+            let Some(link) = &mut devs[m].link else {
+                return;
+            };
             match link.peer.accept_offer(now, &offer.sdp) {
                 Ok(sdp) => {
                     if let Some(client) = &devs[m].client {
-                        spawn_request(tx, m, "sdp answer", client.sdp_answer(CallId(offer.call_id), offer.revision, sdp));
+                        spawn_request(
+                            tx,
+                            m,
+                            "sdp answer",
+                            client.sdp_answer(CallId(offer.call_id), offer.revision, sdp),
+                        );
                     }
                 }
-                Err(e) => result.failures.push(&ctx.live, format!("{}: SDP offer: {e:#}", devs[m].id)),
+                Err(e) => result
+                    .failures
+                    .push(&ctx.live, format!("{}: SDP offer: {e:#}", devs[m].id)),
             }
         }
         ClientEvent::CallEnded(ended)
-            if call.as_ref().and_then(|c| c.id).is_some_and(|id| id.0 == ended.call_id) => {
-                let expected = call.as_ref().is_some_and(|c| c.accepted_at.is_some() && c.hangup_at.is_none());
-                if !expected {
-                    result.failures.push(&ctx.live, format!("{}: call ended early: reason {} by {}", devs[m].id, ended.reason, ended.by));
-                }
-                end_call(ctx, devs, call, result);
+            if call
+                .as_ref()
+                .and_then(|c| c.id)
+                .is_some_and(|id| id.0 == ended.call_id) =>
+        {
+            let expected = call
+                .as_ref()
+                .is_some_and(|c| c.accepted_at.is_some() && c.hangup_at.is_none());
+            if !expected {
+                result.failures.push(
+                    &ctx.live,
+                    format!(
+                        "{}: call ended early: reason {} by {}",
+                        devs[m].id, ended.reason, ended.by
+                    ),
+                );
             }
+            end_call(ctx, devs, call, result);
+        }
         _ => {}
     }
     peer_events(ctx, devs, m, call, result);
 }
 
-fn peer_events(ctx: &Ctx, devs: &mut [Dev], m: usize, call: &mut Option<Call>, result: &mut GroupResult) {
+fn peer_events(
+    ctx: &Ctx,
+    devs: &mut [Dev],
+    m: usize,
+    call: &mut Option<Call>,
+    result: &mut GroupResult,
+) {
     loop {
-        let Some(link) = &mut devs[m].link else { return };
-        let Some(event) = link.peer.poll_event() else { return };
+        let Some(link) = &mut devs[m].link else {
+            return;
+        };
+        let Some(event) = link.peer.poll_event() else {
+            return;
+        };
         let now = Instant::now();
         match event {
             PeerEvent::Connected => {
@@ -384,17 +458,27 @@ fn peer_events(ctx: &Ctx, devs: &mut [Dev], m: usize, call: &mut Option<Call>, r
                     Live::sub(&ctx.live.media_up, 1);
                 }
             }
-            PeerEvent::Failed(reason) => result.failures.push(&ctx.live, format!("{}: media failed: {reason}", devs[m].id)),
+            PeerEvent::Failed(reason) => result
+                .failures
+                .push(&ctx.live, format!("{}: media failed: {reason}", devs[m].id)),
             PeerEvent::Packet(packet) => {
                 Live::add(&ctx.live.received, 1);
                 let Some(c) = call.as_mut() else { continue };
-                let found = c.ledger.on_received(now, m, packet.timestamp, &packet.payload);
-                if matches!(found, Match::Exact(_) | Match::Payload(_) | Match::Reencoded(_)) && devs[m].waiting_audio
-                    && let Some(accepted) = c.accepted_at {
-                        devs[m].waiting_audio = false;
-                        result.answer_to_audio.record(now.saturating_duration_since(accepted));
-                        c.ledger.start_counting(m, now);
-                    }
+                let found = c
+                    .ledger
+                    .on_received(now, m, packet.timestamp, &packet.payload);
+                if matches!(
+                    found,
+                    Match::Exact(_) | Match::Payload(_) | Match::Reencoded(_)
+                ) && devs[m].waiting_audio
+                    && let Some(accepted) = c.accepted_at
+                {
+                    devs[m].waiting_audio = false;
+                    result
+                        .answer_to_audio
+                        .record(now.saturating_duration_since(accepted));
+                    c.ledger.start_counting(m, now);
+                }
             }
         }
     }
@@ -402,9 +486,10 @@ fn peer_events(ctx: &Ctx, devs: &mut [Dev], m: usize, call: &mut Option<Call>, r
 
 fn end_call(ctx: &Ctx, devs: &mut [Dev], call: &mut Option<Call>, result: &mut GroupResult) {
     if let Some(mut c) = call.take()
-        && c.accepted_at.is_some() {
-            result.add_media(c.ledger.totals(|_, _| true));
-        }
+        && c.accepted_at.is_some()
+    {
+        result.add_media(c.ledger.totals(|_, _| true));
+    }
     for d in devs.iter_mut() {
         d.link = None;
         d.waiting_audio = false;

@@ -40,7 +40,12 @@ pub struct Args {
     #[arg(long, value_name = "FLEETCALL_BIN", help_heading = "Target")]
     pub spawn: Option<PathBuf>,
     /// Extra flag for the spawned server (repeat: --server-arg=--workers --server-arg=1).
-    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true, help_heading = "Target")]
+    #[arg(
+        long = "server-arg",
+        value_name = "ARG",
+        allow_hyphen_values = true,
+        help_heading = "Target"
+    )]
     pub server_args: Vec<String>,
     /// Run the spawned server on these CPUs only (a taskset list, e.g. 0).
     #[arg(long, value_name = "LIST", requires = "spawn", help_heading = "Target")]
@@ -189,7 +194,8 @@ impl Args {
     pub fn scenario(&self) -> anyhow::Result<Scenario> {
         let mut s = match &self.scenario {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
                 Scenario::from_toml(&text).with_context(|| format!("{}", path.display()))?
             }
             None => Scenario::default(),
@@ -259,7 +265,11 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
-    let command = argv.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+    let command = argv
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
     let args = match Args::try_parse_from(&argv) {
         Ok(args) => args,
         Err(e) => {
@@ -268,8 +278,12 @@ where
             return code;
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     if let Some(path) = &args.write_wav {
         return match crate::audio::write_wav(path, &crate::audio::default_speech(args.noise)) {
             Ok(()) => {
@@ -296,8 +310,16 @@ where
             return EXIT_USAGE;
         }
     };
-    let threads = if scenario.threads > 0 { scenario.threads } else { std::thread::available_parallelism().map_or(2, |n| n.get()) };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
+    let threads = if scenario.threads > 0 {
+        scenario.threads
+    } else {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fleetcall-loadtest: starting the runtime: {e}");
@@ -334,7 +356,8 @@ async fn execute(args: &Args, scenario: &Scenario, command: String) -> anyhow::R
         emit(args, &report);
         if !args.compare {
             if let Some(path) = &args.out {
-                std::fs::write(path, report::to_json(&report)).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(path, report::to_json(&report))
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
             reports.push(report);
             return Ok(reports);
@@ -342,10 +365,28 @@ async fn execute(args: &Args, scenario: &Scenario, command: String) -> anyhow::R
         reports.push(report);
     }
     let mut server = match &args.spawn {
-        Some(binary) => Server::spawn(binary, &args.server_args, args.data_dir.as_deref(), args.server_cpus.as_deref()).await?,
+        Some(binary) => {
+            Server::spawn(
+                binary,
+                &args.server_args,
+                args.data_dir.as_deref(),
+                args.server_cpus.as_deref(),
+            )
+            .await?
+        }
         None => {
-            let data_dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from("fleetcall-data"));
-            Server::connect(&args.http, args.quic, &data_dir, args.admin_token.clone(), args.server_pid).await?
+            let data_dir = args
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("fleetcall-data"));
+            Server::connect(
+                &args.http,
+                args.quic,
+                &data_dir,
+                args.admin_token.clone(),
+                args.server_pid,
+            )
+            .await?
         }
     };
     let report = run(scenario, &mut server, &options).await;
@@ -353,16 +394,18 @@ async fn execute(args: &Args, scenario: &Scenario, command: String) -> anyhow::R
     let report = report?;
     emit(args, &report);
     if args.compare
-        && let Some(janus) = reports.first() {
-            let text = crate::janus::compare(janus, &report);
-            if args.json {
-                eprint!("{text}");
-            } else {
-                print!("{text}");
-            }
+        && let Some(janus) = reports.first()
+    {
+        let text = crate::janus::compare(janus, &report);
+        if args.json {
+            eprint!("{text}");
+        } else {
+            print!("{text}");
         }
+    }
     if let Some(path) = &args.out {
-        std::fs::write(path, report::to_json(&report)).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, report::to_json(&report))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     reports.push(report);
     Ok(reports)
@@ -382,7 +425,9 @@ fn emit(args: &Args, report: &Report) {
 /// Refuses runs that would exhaust the open-file limit (a socket per
 /// device's media, one per QUIC connection).
 fn check_file_limit(s: &Scenario) -> anyhow::Result<()> {
-    let needed = 2 * s.devices() + 64;
+    // Room and call devices: a control connection and a media socket; idle
+    // devices: the control connection.
+    let needed = 2 * (s.devices() - s.idle.devices) + s.idle.devices + 64;
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
     let soft = limits
         .lines()
@@ -390,8 +435,12 @@ fn check_file_limit(s: &Scenario) -> anyhow::Result<()> {
         .and_then(|l| l.split_whitespace().nth(3))
         .and_then(|v| v.parse::<usize>().ok());
     if let Some(soft) = soft
-        && needed > soft {
-            anyhow::bail!("{} devices need about {needed} open files; the limit is {soft} (raise it with ulimit -n)", s.devices());
-        }
+        && needed > soft
+    {
+        anyhow::bail!(
+            "{} devices need about {needed} open files; the limit is {soft} (raise it with ulimit -n)",
+            s.devices()
+        );
+    }
     Ok(())
 }

@@ -50,13 +50,19 @@ impl Ctx {
 
 /// Encodes `variants` versions of the samples, each 3 % quieter than the
 /// one before (distinct Opus payloads, same speech).
-pub fn speech_variants(samples: &[i16], variants: usize, dtx: bool) -> anyhow::Result<Vec<Arc<Clip>>> {
+pub fn speech_variants(
+    samples: &[i16],
+    variants: usize,
+    dtx: bool,
+) -> anyhow::Result<Vec<Arc<Clip>>> {
     (0..variants.max(1))
         .map(|v| {
             let gain = 0.97f32.powi(v as i32);
-            let scaled: Vec<i16> = samples.iter().map(|&s| (f32::from(s) * gain).round() as i16).collect();
+            let scaled: Vec<i16> = samples
+                .iter()
+                .map(|&s| (f32::from(s) * gain).round() as i16)
+                .collect();
             Ok(Arc::new(Clip::encode_with(&scaled, dtx)?))
         })
         .collect()
 }
-

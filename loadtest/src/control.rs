@@ -32,27 +32,46 @@ impl Enroller {
     pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
         let pki_dir = data_dir.join("pki");
         if !pki_dir.join("ca.pem").exists() {
-            anyhow::bail!("{}: no CA here; --data-dir must be the server's data directory (on this machine)", pki_dir.display());
+            anyhow::bail!(
+                "{}: no CA here; --data-dir must be the server's data directory (on this machine)",
+                pki_dir.display()
+            );
         }
         let pki = Pki::open_or_init(&pki_dir, &[]).context("opening the server's CA")?;
-        Ok(Enroller { pki, dir: data_dir.join("loadtest-devices") })
+        Ok(Enroller {
+            pki,
+            dir: data_dir.join("loadtest-devices"),
+        })
     }
 
     /// The identity of `id`: issued now, or the one issued before.
     pub fn identity(&self, id: &str) -> anyhow::Result<DeviceFiles> {
-        let files = DeviceFiles { cert: self.dir.join(format!("{id}.pem")), key: self.dir.join(format!("{id}.key")), ca: self.dir.join("ca.pem") };
+        let files = DeviceFiles {
+            cert: self.dir.join(format!("{id}.pem")),
+            key: self.dir.join(format!("{id}.key")),
+            ca: self.dir.join("ca.pem"),
+        };
         if files.cert.exists() && files.key.exists() && files.ca.exists() {
             return Ok(files);
         }
         let _ = std::fs::remove_file(&files.cert);
         let _ = std::fs::remove_file(&files.key);
-        self.pki.enroll(id, &self.dir).with_context(|| format!("enrolling {id}"))
+        self.pki
+            .enroll(id, &self.dir)
+            .with_context(|| format!("enrolling {id}"))
     }
 }
 
 /// Client settings for a simulated device.
-pub fn client_config(server: SocketAddr, files: &DeviceFiles, bind_ip: IpAddr, fleet_backoff: bool) -> anyhow::Result<ClientConfig> {
-    let mut config = ClientConfig::from_files(server, "localhost", &files.ca, &files.cert, &files.key).context("device identity")?;
+pub fn client_config(
+    server: SocketAddr,
+    files: &DeviceFiles,
+    bind_ip: IpAddr,
+    fleet_backoff: bool,
+) -> anyhow::Result<ClientConfig> {
+    let mut config =
+        ClientConfig::from_files(server, "localhost", &files.ca, &files.cert, &files.key)
+            .context("device identity")?;
     config.bind = SocketAddr::new(bind_ip, 0);
     config.core.software_version = concat!("fleetcall-loadtest/", env!("CARGO_PKG_VERSION")).into();
     config.connect_timeout = Duration::from_secs(10);
@@ -83,11 +102,18 @@ pub enum WsEvent {
 
 impl WsSession {
     /// Connects to `url` (`ws://host/ws`); events go to `events` as `(tag, event)`.
-    pub async fn connect<T: Copy + Send + 'static>(url: &str, tag: T, events: mpsc::UnboundedSender<(T, WsEvent)>) -> anyhow::Result<WsSession> {
-        let (socket, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url))
-            .await
-            .with_context(|| format!("{url}: no WebSocket handshake within 10 s"))?
-            .with_context(|| format!("connecting to {url}"))?;
+    pub async fn connect<T: Copy + Send + 'static>(
+        url: &str,
+        tag: T,
+        events: mpsc::UnboundedSender<(T, WsEvent)>,
+    ) -> anyhow::Result<WsSession> {
+        let (socket, _) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(url),
+        )
+        .await
+        .with_context(|| format!("{url}: no WebSocket handshake within 10 s"))?
+        .with_context(|| format!("connecting to {url}"))?;
         let (mut sink, mut stream) = socket.split();
         let (out, mut out_rx) = mpsc::unbounded_channel::<ClientMessage>();
         let writer = tokio::spawn(async move {
@@ -104,15 +130,19 @@ impl WsSession {
         let reader = tokio::spawn(async move {
             let reason = loop {
                 match stream.next().await {
-                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerMessage>(&text) {
-                        Ok(message) => {
-                            if events.send((tag, WsEvent::Message(message))).is_err() {
-                                return;
+                    Some(Ok(Message::Text(text))) => {
+                        match serde_json::from_str::<ServerMessage>(&text) {
+                            Ok(message) => {
+                                if events.send((tag, WsEvent::Message(message))).is_err() {
+                                    return;
+                                }
                             }
+                            Err(e) => tracing::debug!(error = %e, "unknown server message skipped"),
                         }
-                        Err(e) => tracing::debug!(error = %e, "unknown server message skipped"),
-                    },
-                    Some(Ok(Message::Close(frame))) => break format!("closed by the server: {frame:?}"),
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        break format!("closed by the server: {frame:?}");
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => break format!("socket error: {e}"),
                     None => break "socket closed".to_owned(),
@@ -120,7 +150,10 @@ impl WsSession {
             };
             let _ = events.send((tag, WsEvent::Closed(reason)));
         });
-        Ok(WsSession { out, tasks: [writer, reader] })
+        Ok(WsSession {
+            out,
+            tasks: [writer, reader],
+        })
     }
 
     /// Queues a message.
@@ -147,14 +180,21 @@ impl Drop for WsSession {
 
 /// The local IP that routes to `server` (no packet is sent).
 pub fn route_to(server: SocketAddr) -> std::io::Result<IpAddr> {
-    let any: SocketAddr = if server.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    let any: SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
     let socket = std::net::UdpSocket::bind(any)?;
     socket.connect(server)?;
     Ok(socket.local_addr()?.ip())
 }
 
 /// Enrolls (or reuses) a device identity and registers it with the SDK.
-pub async fn register(ctx: &Ctx, id: &str) -> Result<(Client, mpsc::UnboundedReceiver<ClientEvent>), String> {
+pub async fn register(
+    ctx: &Ctx,
+    id: &str,
+) -> Result<(Client, mpsc::UnboundedReceiver<ClientEvent>), String> {
     let enroller = ctx.enroller.clone().ok_or("no CA to enroll devices with")?;
     let id_owned = id.to_owned();
     let (server, bind_ip, fleet_backoff) = (ctx.quic, ctx.bind_ip, ctx.fleet_backoff);

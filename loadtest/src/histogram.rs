@@ -25,7 +25,13 @@ pub struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        Histogram { counts: vec![0; BUCKETS], count: 0, sum_us: 0.0, min_us: f64::INFINITY, max_us: 0.0 }
+        Histogram {
+            counts: vec![0; BUCKETS],
+            count: 0,
+            sum_us: 0.0,
+            min_us: f64::INFINITY,
+            max_us: 0.0,
+        }
     }
 }
 
@@ -141,7 +147,10 @@ mod tests {
         }
         for (q, truth) in [(0.5, 5_000.0), (0.95, 9_500.0), (0.99, 9_900.0)] {
             let got = h.quantile_us(q).unwrap();
-            assert!((got - truth).abs() / truth < 0.025, "q{q}: {got} vs {truth}");
+            assert!(
+                (got - truth).abs() / truth < 0.025,
+                "q{q}: {got} vs {truth}"
+            );
         }
         assert_eq!(h.quantile_us(1.0), Some(10_000.0), "the max is exact");
         assert_eq!(h.quantile_us(0.0), Some(1.0), "the min is exact");
@@ -163,7 +172,15 @@ mod tests {
         b.record_us(1e18);
         a.merge(&b);
         assert_eq!(a.count(), 4);
-        assert_eq!(a.quantile_us(0.25), Some(1.0), "the first bucket holds everything up to 1 µs");
-        assert_eq!(a.quantile_us(1.0), Some(1e18), "huge values keep their exact max");
+        assert_eq!(
+            a.quantile_us(0.25),
+            Some(1.0),
+            "the first bucket holds everything up to 1 µs"
+        );
+        assert_eq!(
+            a.quantile_us(1.0),
+            Some(1e18),
+            "huge values keep their exact max"
+        );
     }
 }

@@ -13,8 +13,17 @@ use crate::control::register;
 use crate::outcome::{GroupResult, Live};
 
 /// Registers one device per start time, keeps them until `stop`, closes them.
-pub async fn run(ctx: Arc<Ctx>, first: usize, starts: Vec<Instant>, mut stop: watch::Receiver<bool>) -> GroupResult {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<(Client, mpsc::UnboundedReceiver<ClientEvent>), String>, f64)>();
+pub async fn run(
+    ctx: Arc<Ctx>,
+    first: usize,
+    starts: Vec<Instant>,
+    mut stop: watch::Receiver<bool>,
+) -> GroupResult {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(
+        usize,
+        Result<(Client, mpsc::UnboundedReceiver<ClientEvent>), String>,
+        f64,
+    )>();
     let count = starts.len();
     for (i, start) in starts.into_iter().enumerate() {
         let (ctx, tx) = (ctx.clone(), tx.clone());

@@ -39,12 +39,26 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(40);
 
 /// Runs the audio-room scenario against Janus' VideoRoom at `url`
 /// (`http://host:8088/janus`); `pid`: Janus' process, for its CPU.
-pub async fn run(scenario: &Scenario, url: &str, pid: Option<u32>, options: &RunOptions) -> anyhow::Result<Report> {
+pub async fn run(
+    scenario: &Scenario,
+    url: &str,
+    pid: Option<u32>,
+    options: &RunOptions,
+) -> anyhow::Result<Report> {
     let url = url.trim_end_matches('/').to_owned();
-    let info = http::request("GET", &format!("{url}/info"), None, None, Duration::from_secs(3))
-        .await
-        .with_context(|| format!("Janus is not reachable at {url} (start it with loadtest/bench/janus.sh)"))?;
-    let info: Value = serde_json::from_str(&info.body).with_context(|| format!("{url}/info is not Janus"))?;
+    let info = http::request(
+        "GET",
+        &format!("{url}/info"),
+        None,
+        None,
+        Duration::from_secs(3),
+    )
+    .await
+    .with_context(|| {
+        format!("Janus is not reachable at {url} (start it with loadtest/bench/janus.sh)")
+    })?;
+    let info: Value =
+        serde_json::from_str(&info.body).with_context(|| format!("{url}/info is not Janus"))?;
     if info["plugins"].get("janus.plugin.videoroom").is_none() {
         bail!("{url}: Janus has no VideoRoom plugin loaded");
     }
@@ -52,18 +66,28 @@ pub async fn run(scenario: &Scenario, url: &str, pid: Option<u32>, options: &Run
         proc_sample(pid).with_context(|| format!("no process {pid} to read Janus' CPU from"))?;
     }
     let seed = scenario.seed.unwrap_or_else(rand::random);
-    eprintln!("fleetcall-loadtest: seed {seed} (rerun with --seed {seed}), target Janus {} at {url}", info["version_string"].as_str().unwrap_or("?"));
+    eprintln!(
+        "fleetcall-loadtest: seed {seed} (rerun with --seed {seed}), target Janus {} at {url}",
+        info["version_string"].as_str().unwrap_or("?")
+    );
     let host: SocketAddr = {
-        let rest = url.strip_prefix("http://").context("Janus URL must be http://")?;
+        let rest = url
+            .strip_prefix("http://")
+            .context("Janus URL must be http://")?;
         let hostport = rest.split('/').next().unwrap_or(rest);
-        tokio::net::lookup_host(hostport).await?.next().with_context(|| format!("resolving {hostport}"))?
+        tokio::net::lookup_host(hostport)
+            .await?
+            .next()
+            .with_context(|| format!("resolving {hostport}"))?
     };
     let bind_ip: IpAddr = match options.bind_ip {
         Some(ip) => ip,
         None => crate::control::route_to(host)?,
     };
     if bind_ip.is_loopback() {
-        bail!("Janus 1.1.2 gathers no loopback candidates: run it in a namespace (loadtest/bench/janus.sh) and bind a non-loopback IP");
+        bail!(
+            "Janus 1.1.2 gathers no loopback candidates: run it in a namespace (loadtest/bench/janus.sh) and bind a non-loopback IP"
+        );
     }
 
     let samples = match &scenario.wav {
@@ -71,11 +95,15 @@ pub async fn run(scenario: &Scenario, url: &str, pid: Option<u32>, options: &Run
         None => default_speech(scenario.noise),
     };
     let (variants, dtx) = (scenario.rooms.talkers.max(1), scenario.dtx);
-    let speech = tokio::task::spawn_blocking(move || speech_variants(&samples, variants, dtx)).await??;
+    let speech =
+        tokio::task::spawn_blocking(move || speech_variants(&samples, variants, dtx)).await??;
     let t0 = Instant::now() + Duration::from_millis(200);
     let ramp_end = t0 + Duration::from_secs_f64(scenario.ramp_secs());
     let duration = Duration::from_secs_f64(scenario.duration_secs);
-    let window = (ramp_end + Duration::from_secs_f64(scenario.settle_secs), ramp_end + duration);
+    let window = (
+        ramp_end + Duration::from_secs_f64(scenario.settle_secs),
+        ramp_end + duration,
+    );
     let live = Arc::new(Live::default());
     let ctx = Arc::new(Ctx {
         factory: PeerFactory::new()?,
@@ -103,8 +131,18 @@ pub async fn run(scenario: &Scenario, url: &str, pid: Option<u32>, options: &Run
                 t0 + Duration::from_secs_f64((slot - 1) as f64 / scenario.ramp_per_sec)
             })
             .collect();
-        let plan = Plan { room: base_room + index as u64, index, talkers: scenario.rooms.talkers, starts };
-        tasks.push(tokio::spawn(run_room(ctx.clone(), plan, url.clone(), stop_rx.clone())));
+        let plan = Plan {
+            room: base_room + index as u64,
+            index,
+            talkers: scenario.rooms.talkers,
+            starts,
+        };
+        tasks.push(tokio::spawn(run_room(
+            ctx.clone(),
+            plan,
+            url.clone(),
+            stop_rx.clone(),
+        )));
     }
 
     let end = ramp_end + duration;
@@ -120,7 +158,11 @@ pub async fn run(scenario: &Scenario, url: &str, pid: Option<u32>, options: &Run
         if marks.start.is_none() && now >= window.0 {
             marks.start = Some(Mark::take_process(pid, &live));
         }
-        let wake = if marks.start.is_none() { window.0.min(end) } else { end };
+        let wake = if marks.start.is_none() {
+            window.0.min(end)
+        } else {
+            end
+        };
         tokio::select! {
             _ = sampler.tick() => {
                 let sample = pid.and_then(proc_sample);
@@ -139,12 +181,16 @@ pub async fn run(scenario: &Scenario, url: &str, pid: Option<u32>, options: &Run
     for task in tasks {
         match task.await {
             Ok(r) => result.merge(r),
-            Err(e) => result.failures.push(&live, format!("a room task failed: {e}")),
+            Err(e) => result
+                .failures
+                .push(&live, format!("a room task failed: {e}")),
         }
     }
     let finished = Instant::now();
     progress.finish();
-    Ok(report(scenario, seed, options, bind_ip, t0, ramp_end, window, finished, result, marks, peak_rss))
+    Ok(report(
+        scenario, seed, options, bind_ip, t0, ramp_end, window, finished, result, marks, peak_rss,
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -162,7 +208,11 @@ fn report(
     peak_rss: u64,
 ) -> Report {
     let m = &result.media;
-    let mut resources = Resources { tool_tick_late: result.tick_late.summary(), tool_threads: tokio::runtime::Handle::current().metrics().num_workers(), ..Resources::default() };
+    let mut resources = Resources {
+        tool_tick_late: result.tick_late.summary(),
+        tool_threads: tokio::runtime::Handle::current().metrics().num_workers(),
+        ..Resources::default()
+    };
     resources.server_peak_rss_mb = (peak_rss > 0).then(|| (peak_rss as f64 / 1e5).round() / 10.0);
     if let (Some(a), Some(b)) = (&marks.start, &marks.end) {
         let figures = crate::report::window_figures(a, b);
@@ -192,12 +242,18 @@ fn report(
         registered: result.ws_connect.count(),
         failures: result.failures.count,
         failure_samples: result.failures.samples.clone(),
-        latency: Latencies { audio_e2e: m.latency.summary(), join_to_first_audio: result.join_to_audio.summary(), ..Latencies::default() },
+        retries: result.retries,
+        latency: Latencies {
+            audio_e2e: m.latency.summary(),
+            join_to_first_audio: result.join_to_audio.summary(),
+            ..Latencies::default()
+        },
         media: Media {
             streams: m.streams,
             expected: m.expected,
             delivered: m.delivered,
-            loss: (m.expected > 0).then(|| ((1.0 - m.delivered as f64 / m.expected as f64) * 1e6).round() / 1e6),
+            loss: (m.expected > 0)
+                .then(|| ((1.0 - m.delivered as f64 / m.expected as f64) * 1e6).round() / 1e6),
             worst_stream_loss: (m.worst_stream_loss * 1e6).round() / 1e6,
             streams_over_1pct: m.streams_over_1pct,
             jitter: m.jitter.summary(),
@@ -227,7 +283,11 @@ fn report(
 pub fn compare(janus: &Report, fleetcall: &Report) -> String {
     let mut t = String::new();
     let _ = writeln!(t, "\nside by side, same scenario, one run (Janus first)");
-    let _ = writeln!(t, "{:<44} {:>14} {:>14} {:>12}", "", "janus", "fleetcall", "janus/fc");
+    let _ = writeln!(
+        t,
+        "{:<44} {:>14} {:>14} {:>12}",
+        "", "janus", "fleetcall", "janus/fc"
+    );
     let row = |t: &mut String, name: &str, a: Option<f64>, b: Option<f64>, digits: usize| {
         let f = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.digits$}"));
         let ratio = match (a, b) {
@@ -237,23 +297,82 @@ pub fn compare(janus: &Report, fleetcall: &Report) -> String {
         let _ = writeln!(t, "{name:<44} {:>14} {:>14} {:>12}", f(a), f(b), ratio);
     };
     let (j, f) = (&janus.resources, &fleetcall.resources);
-    row(&mut t, "server CPU, % of one core", j.server_cpu_pct, f.server_cpu_pct, 1);
-    row(&mut t, "packets delivered to the devices (window)", Some(j.received_packets as f64), Some(f.received_packets as f64), 0);
+    row(
+        &mut t,
+        "server CPU, % of one core",
+        j.server_cpu_pct,
+        f.server_cpu_pct,
+        1,
+    );
+    row(
+        &mut t,
+        "packets delivered to the devices (window)",
+        Some(j.received_packets as f64),
+        Some(f.received_packets as f64),
+        0,
+    );
     let per = |r: &Resources| match (r.server_cpu_pct, r.measured_s) {
-        (Some(cpu), Some(span)) if r.received_packets > 0 => Some(cpu / 100.0 * span * 1e6 / r.received_packets as f64),
+        (Some(cpu), Some(span)) if r.received_packets > 0 => {
+            Some(cpu / 100.0 * span * 1e6 / r.received_packets as f64)
+        }
         _ => None,
     };
     let (pj, pf) = (per(j), per(f));
     row(&mut t, "server CPU per delivered packet, µs", pj, pf, 2);
     let spc = |us: Option<f64>| us.filter(|v| *v > 0.0).map(|us| 1e6 / us / 50.0);
-    row(&mut t, "continuous streams per core (50 pps)", spc(pj), spc(pf), 0);
-    row(&mut t, "talker-stream loss, %", janus.media.loss.map(|l| l * 100.0), fleetcall.media.loss.map(|l| l * 100.0), 3);
-    row(&mut t, "worst stream loss, %", Some(janus.media.worst_stream_loss * 100.0), Some(fleetcall.media.worst_stream_loss * 100.0), 3);
-    row(&mut t, "audio end to end p50, ms", janus.latency.audio_e2e.p50_ms, fleetcall.latency.audio_e2e.p50_ms, 2);
-    row(&mut t, "audio end to end p99, ms", janus.latency.audio_e2e.p99_ms, fleetcall.latency.audio_e2e.p99_ms, 2);
-    row(&mut t, "server RSS, MB", j.server_rss_mb, f.server_rss_mb, 1);
-    row(&mut t, "tool CPU, % of one core", j.tool_cpu_pct, f.tool_cpu_pct, 1);
-    let _ = writeln!(t, "(per delivered packet: packets the devices received in the window, from either server; the ratio > 1 means Janus costs more)");
+    row(
+        &mut t,
+        "continuous streams per core (50 pps)",
+        spc(pj),
+        spc(pf),
+        0,
+    );
+    row(
+        &mut t,
+        "talker-stream loss, %",
+        janus.media.loss.map(|l| l * 100.0),
+        fleetcall.media.loss.map(|l| l * 100.0),
+        3,
+    );
+    row(
+        &mut t,
+        "worst stream loss, %",
+        Some(janus.media.worst_stream_loss * 100.0),
+        Some(fleetcall.media.worst_stream_loss * 100.0),
+        3,
+    );
+    row(
+        &mut t,
+        "audio end to end p50, ms",
+        janus.latency.audio_e2e.p50_ms,
+        fleetcall.latency.audio_e2e.p50_ms,
+        2,
+    );
+    row(
+        &mut t,
+        "audio end to end p99, ms",
+        janus.latency.audio_e2e.p99_ms,
+        fleetcall.latency.audio_e2e.p99_ms,
+        2,
+    );
+    row(
+        &mut t,
+        "server RSS, MB",
+        j.server_rss_mb,
+        f.server_rss_mb,
+        1,
+    );
+    row(
+        &mut t,
+        "tool CPU, % of one core",
+        j.tool_cpu_pct,
+        f.tool_cpu_pct,
+        1,
+    );
+    let _ = writeln!(
+        t,
+        "(per delivered packet: packets the devices received in the window, from either server; the ratio > 1 means Janus costs more)"
+    );
     t
 }
 
@@ -310,8 +429,16 @@ struct JRoom {
 }
 
 async fn post(url: &str, body: Value) -> anyhow::Result<Value> {
-    let response = http::request("POST", url, None, Some(&body.to_string()), Duration::from_secs(10)).await?;
-    let value: Value = serde_json::from_str(&response.body).with_context(|| format!("{url}: not JSON: {}", response.body))?;
+    let response = http::request(
+        "POST",
+        url,
+        None,
+        Some(&body.to_string()),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let value: Value = serde_json::from_str(&response.body)
+        .with_context(|| format!("{url}: not JSON: {}", response.body))?;
     if value["janus"] == "error" {
         bail!("{url}: {}", value["error"]);
     }
@@ -325,12 +452,19 @@ fn transaction() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-async fn run_room(ctx: Arc<Ctx>, plan: Plan, url: String, mut stop: watch::Receiver<bool>) -> GroupResult {
+async fn run_room(
+    ctx: Arc<Ctx>,
+    plan: Plan,
+    url: String,
+    mut stop: watch::Receiver<bool>,
+) -> GroupResult {
     let mut result = GroupResult::default();
     let session = match setup_room(&url, plan.room, plan.starts.len()).await {
         Ok(session) => session,
         Err(e) => {
-            result.failures.push(&ctx.live, format!("janus room {}: {e:#}", plan.index));
+            result
+                .failures
+                .push(&ctx.live, format!("janus room {}: {e:#}", plan.index));
             return result;
         }
     };
@@ -361,7 +495,13 @@ async fn run_room(ctx: Arc<Ctx>, plan: Plan, url: String, mut stop: watch::Recei
             JDev {
                 id: format!("{}-j{}-{m}", ctx.prefix, plan.index),
                 talker,
-                mic: Mic::new(ctx.speech_variant(m.min(plan.talkers.saturating_sub(1))), ctx.silence.clone(), talker, ctx.talk, m * 37),
+                mic: Mic::new(
+                    ctx.speech_variant(m.min(plan.talkers.saturating_sub(1))),
+                    ctx.silence.clone(),
+                    talker,
+                    ctx.talk,
+                    m * 37,
+                ),
                 started: false,
                 pub_handle: None,
                 sub_handle: None,
@@ -400,7 +540,12 @@ async fn run_room(ctx: Arc<Ctx>, plan: Plan, url: String, mut stop: watch::Recei
             .devs
             .iter()
             .enumerate()
-            .flat_map(|(m, d)| [d.pub_link.as_ref().map(|l| (2 * m, l)), d.sub_link.as_ref().map(|l| (2 * m + 1, l))])
+            .flat_map(|(m, d)| {
+                [
+                    d.pub_link.as_ref().map(|l| (2 * m, l)),
+                    d.sub_link.as_ref().map(|l| (2 * m + 1, l)),
+                ]
+            })
             .flatten()
             .collect();
         tokio::select! {
@@ -422,13 +567,21 @@ async fn run_room(ctx: Arc<Ctx>, plan: Plan, url: String, mut stop: watch::Recei
     }
     poller.abort();
     // Destroying the session hangs up every handle.
-    let _ = post(&format!("{}/{}", room.url, room.session), json!({"janus": "destroy", "transaction": transaction()})).await;
+    let _ = post(
+        &format!("{}/{}", room.url, room.session),
+        json!({"janus": "destroy", "transaction": transaction()}),
+    )
+    .await;
     room.finish()
 }
 
 /// Creates a session and the room; returns the session.
 async fn setup_room(url: &str, room: u64, publishers: usize) -> anyhow::Result<u64> {
-    let created = post(url, json!({"janus": "create", "transaction": transaction()})).await?;
+    let created = post(
+        url,
+        json!({"janus": "create", "transaction": transaction()}),
+    )
+    .await?;
     let session = created["data"]["id"].as_u64().context("no session id")?;
     let attached = post(&format!("{url}/{session}"), json!({"janus": "attach", "plugin": "janus.plugin.videoroom", "transaction": transaction()})).await?;
     let handle = attached["data"]["id"].as_u64().context("no handle id")?;
@@ -489,7 +642,8 @@ impl JRoom {
         let url = self.handle_url(handle);
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            let mut request = json!({"janus": "message", "transaction": transaction(), "body": body});
+            let mut request =
+                json!({"janus": "message", "transaction": transaction(), "body": body});
             if let Some(jsep) = jsep {
                 request["jsep"] = jsep;
             }
@@ -525,7 +679,13 @@ impl JRoom {
 
     fn new_link(&mut self, m: Member) -> anyhow::Result<Link> {
         let ts_base = (rand::random::<u32>() / FRAME_TICKS) * FRAME_TICKS + m as u32;
-        Link::bind(&self.ctx.factory, self.ctx.bind_ip, Instant::now(), ts_base, rand::random())
+        Link::bind(
+            &self.ctx.factory,
+            self.ctx.bind_ip,
+            Instant::now(),
+            ts_base,
+            rand::random(),
+        )
     }
 
     fn on_ctl(&mut self, ctl: JCtl) {
@@ -552,7 +712,11 @@ impl JRoom {
             JCtl::Attached(m, Role::Sub, Ok(handle)) => {
                 self.handles.insert(handle, (m, Role::Sub));
                 self.devs[m].sub_handle = Some(handle);
-                let streams: Vec<Value> = (0..self.devs.len()).filter(|&o| o != m).filter_map(|o| self.devs[o].feed).map(|f| json!({"feed": f})).collect();
+                let streams: Vec<Value> = (0..self.devs.len())
+                    .filter(|&o| o != m)
+                    .filter_map(|o| self.devs[o].feed)
+                    .map(|f| json!({"feed": f}))
+                    .collect();
                 self.devs[m].subscribed_at = Some(now);
                 self.message(m, handle, json!({"request": "join", "ptype": "subscriber", "room": self.plan.room, "streams": streams}), None);
             }
@@ -566,7 +730,9 @@ impl JRoom {
     }
 
     fn on_event(&mut self, event: &Value, now: Instant) {
-        let Some(&(m, role)) = event["sender"].as_u64().and_then(|h| self.handles.get(&h)) else { return };
+        let Some(&(m, role)) = event["sender"].as_u64().and_then(|h| self.handles.get(&h)) else {
+            return;
+        };
         if event["janus"] == "webrtcup" && role == Role::Pub {
             // Janus takes a feed for subscriptions once its PeerConnection is up.
             self.devs[m].pub_up = true;
@@ -579,15 +745,18 @@ impl JRoom {
             (Role::Pub, Some("joined")) => {
                 self.devs[m].feed = data["id"].as_u64();
                 if let (Some(sdp), Some(link)) = (jsep["sdp"].as_str(), &mut self.devs[m].pub_link)
-                    && let Err(e) = link.peer.accept_answer(now, sdp) {
-                        self.fail(m, format!("publisher answer: {e:#}"));
-                    }
+                    && let Err(e) = link.peer.accept_answer(now, sdp)
+                {
+                    self.fail(m, format!("publisher answer: {e:#}"));
+                }
                 Live::add(&self.ctx.live.registered, 1);
                 self.result.ws_connect.record(Duration::ZERO);
                 self.maybe_subscribe();
             }
             (Role::Sub, Some("attached" | "updated")) => {
-                let Some(sdp) = jsep["sdp"].as_str() else { return };
+                let Some(sdp) = jsep["sdp"].as_str() else {
+                    return;
+                };
                 let answer = self.new_link(m).and_then(|mut link| {
                     let answer = link.peer.accept_offer(now, sdp)?;
                     self.devs[m].sub_link = Some(link);
@@ -595,13 +764,20 @@ impl JRoom {
                 });
                 match (answer, self.devs[m].sub_handle) {
                     (Ok(answer), Some(handle)) => {
-                        self.message(m, handle, json!({"request": "start"}), Some(json!({"type": "answer", "sdp": answer})));
+                        self.message(
+                            m,
+                            handle,
+                            json!({"request": "start"}),
+                            Some(json!({"type": "answer", "sdp": answer})),
+                        );
                     }
                     (Err(e), _) => self.fail(m, format!("subscriber answer: {e:#}")),
                     _ => {}
                 }
             }
-            (_, Some("event")) if data.get("error").is_some() => self.fail(m, format!("janus: {}", data["error"])),
+            (_, Some("event")) if data.get("error").is_some() => {
+                self.fail(m, format!("janus: {}", data["error"]))
+            }
             _ => {}
         }
         self.peer_events(m);
@@ -633,19 +809,31 @@ impl JRoom {
 
     fn peer_events(&mut self, m: Member) {
         let now = Instant::now();
-        while let Some(event) = self.devs[m].pub_link.as_mut().and_then(|l| l.peer.poll_event()) {
+        while let Some(event) = self.devs[m]
+            .pub_link
+            .as_mut()
+            .and_then(|l| l.peer.poll_event())
+        {
             match event {
                 PeerEvent::Connected => self.devs[m].sending = true,
                 PeerEvent::Disconnected => self.devs[m].sending = false,
-                PeerEvent::Failed(reason) => self.fail(m, format!("publisher media failed: {reason}")),
+                PeerEvent::Failed(reason) => {
+                    self.fail(m, format!("publisher media failed: {reason}"))
+                }
                 PeerEvent::Packet(_) => {}
             }
         }
-        while let Some(event) = self.devs[m].sub_link.as_mut().and_then(|l| l.peer.poll_event()) {
+        while let Some(event) = self.devs[m]
+            .sub_link
+            .as_mut()
+            .and_then(|l| l.peer.poll_event())
+        {
             match event {
                 PeerEvent::Packet(packet) => {
                     Live::add(&self.ctx.live.received, 1);
-                    let found = self.ledger.on_received(now, m, packet.timestamp, &packet.payload);
+                    let found = self
+                        .ledger
+                        .on_received(now, m, packet.timestamp, &packet.payload);
                     let sent = match found {
                         Match::Exact(s) | Match::Payload(s) | Match::Reencoded(s) => s,
                         Match::Own | Match::Unknown => continue,
@@ -653,12 +841,16 @@ impl JRoom {
                     if sent.speaker && !self.devs[m].heard {
                         self.devs[m].heard = true;
                         if let Some(at) = self.devs[m].subscribed_at {
-                            self.result.join_to_audio.record(now.saturating_duration_since(at));
+                            self.result
+                                .join_to_audio
+                                .record(now.saturating_duration_since(at));
                         }
                         self.ledger.start_counting(m, now + RX_SETTLE);
                     }
                 }
-                PeerEvent::Failed(reason) => self.fail(m, format!("subscriber media failed: {reason}")),
+                PeerEvent::Failed(reason) => {
+                    self.fail(m, format!("subscriber media failed: {reason}"))
+                }
                 PeerEvent::Connected | PeerEvent::Disconnected => {}
             }
         }
@@ -666,10 +858,14 @@ impl JRoom {
 
     fn on_tick(&mut self, scheduled: Instant) {
         let now = Instant::now();
-        self.result.tick_late.record(now.saturating_duration_since(scheduled));
+        self.result
+            .tick_late
+            .record(now.saturating_duration_since(scheduled));
         for m in 0..self.devs.len() {
             let d = &mut self.devs[m];
-            let Some(link) = &mut d.pub_link else { continue };
+            let Some(link) = &mut d.pub_link else {
+                continue;
+            };
             if !d.sending {
                 continue;
             }
@@ -677,7 +873,15 @@ impl JRoom {
             match link.peer.send(now, frame) {
                 Sent::Rtp { timestamp, seq } => {
                     let payload = frame.payload.as_deref().unwrap_or_default();
-                    self.ledger.on_sent(now, m, timestamp, seq, payload, d.talker && frame.voice, d.talker);
+                    self.ledger.on_sent(
+                        now,
+                        m,
+                        timestamp,
+                        seq,
+                        payload,
+                        d.talker && frame.voice,
+                        d.talker,
+                    );
                     Live::add(&self.ctx.live.sent, 1);
                 }
                 Sent::Dtx => {}

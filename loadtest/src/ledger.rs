@@ -159,7 +159,13 @@ impl Ledger {
             by_ts: HashMap::new(),
             by_hash: HashMap::new(),
             expiry: VecDeque::new(),
-            senders: vec![Sender { counted: true, ..Sender::default() }; members],
+            senders: vec![
+                Sender {
+                    counted: true,
+                    ..Sender::default()
+                };
+                members
+            ],
             receivers: vec![Receiver::default(); members],
             pairs: HashMap::new(),
             totals: LedgerTotals::default(),
@@ -167,7 +173,8 @@ impl Ledger {
     }
 
     fn bucket_of(&self, at: Instant) -> Option<usize> {
-        (at >= self.window.0 && at < self.window.1).then(|| (at.duration_since(self.window.0).as_nanos() / BUCKET.as_nanos()) as usize)
+        (at >= self.window.0 && at < self.window.1)
+            .then(|| (at.duration_since(self.window.0).as_nanos() / BUCKET.as_nanos()) as usize)
     }
 
     /// The first bucket boundary at or after `at`, within the window.
@@ -175,7 +182,10 @@ impl Ledger {
         if at <= self.window.0 {
             return self.window.0;
         }
-        let n = at.duration_since(self.window.0).as_nanos().div_ceil(BUCKET.as_nanos());
+        let n = at
+            .duration_since(self.window.0)
+            .as_nanos()
+            .div_ceil(BUCKET.as_nanos());
         (self.window.0 + BUCKET * n as u32).min(self.window.1)
     }
 
@@ -191,20 +201,44 @@ impl Ledger {
     /// A member sent a frame; `talker`: speech counted for loss and latency;
     /// `speaker`: the member is one of the talkers.
     #[allow(clippy::too_many_arguments)]
-    pub fn on_sent(&mut self, now: Instant, sender: Member, timestamp: u32, seq: u64, payload: &[u8], talker: bool, speaker: bool) {
+    pub fn on_sent(
+        &mut self,
+        now: Instant,
+        sender: Member,
+        timestamp: u32,
+        seq: u64,
+        payload: &[u8],
+        talker: bool,
+        speaker: bool,
+    ) {
         self.expire(now);
         let hash = fnv1a(payload);
-        let sent = SentRef { sender, at: now, talker, speaker, seq, hash };
+        let sent = SentRef {
+            sender,
+            at: now,
+            talker,
+            speaker,
+            seq,
+            hash,
+        };
         self.by_ts.insert(timestamp, sent);
         // Only speech is unique enough to be recognised by its bytes (the
         // comfort noise of silent devices repeats).
         if talker {
-            self.by_hash.entry(hash).and_modify(|e| *e = None).or_insert(Some(sent));
+            self.by_hash
+                .entry(hash)
+                .and_modify(|e| *e = None)
+                .or_insert(Some(sent));
         }
         self.expiry.push_back((now, timestamp, hash));
         self.totals.sent += 1;
         let bucket = self.bucket_of(now);
-        let buckets = self.window.1.saturating_duration_since(self.window.0).as_nanos().div_ceil(BUCKET.as_nanos()) as usize;
+        let buckets = self
+            .window
+            .1
+            .saturating_duration_since(self.window.0)
+            .as_nanos()
+            .div_ceil(BUCKET.as_nanos()) as usize;
         if let Some(s) = self.senders.get_mut(sender) {
             s.sent += 1;
             if let (true, true, Some(b)) = (talker, s.counted, bucket) {
@@ -239,7 +273,13 @@ impl Ledger {
     }
 
     /// A member received a packet at `arrival`.
-    pub fn on_received(&mut self, arrival: Instant, receiver: Member, timestamp: u32, payload: &[u8]) -> Match {
+    pub fn on_received(
+        &mut self,
+        arrival: Instant,
+        receiver: Member,
+        timestamp: u32,
+        payload: &[u8],
+    ) -> Match {
         self.totals.received += 1;
         let hash = fnv1a(payload);
         let by_hash = match self.by_hash.get(&hash) {
@@ -279,7 +319,11 @@ impl Ledger {
         if !sent.talker {
             return found;
         }
-        let counting = self.receivers.get(receiver).and_then(|r| r.open).is_some_and(|open| sent.at >= open && sent.at < self.window.1);
+        let counting = self
+            .receivers
+            .get(receiver)
+            .and_then(|r| r.open)
+            .is_some_and(|open| sent.at >= open && sent.at < self.window.1);
         let pair = self.pairs.entry((receiver, sent.sender)).or_default();
         if counting {
             pair.seg_received += 1;
@@ -291,12 +335,15 @@ impl Ledger {
         if let Some((last_arrival, last_sent)) = pair.last {
             // Packets out of order do not move the estimate.
             if arrival >= last_arrival && sent.at >= last_sent {
-                let d = (arrival - last_arrival).as_secs_f64() - (sent.at - last_sent).as_secs_f64();
+                let d =
+                    (arrival - last_arrival).as_secs_f64() - (sent.at - last_sent).as_secs_f64();
                 pair.jitter += (d.abs() - pair.jitter) / 16.0;
             }
         }
         pair.last = Some((arrival, sent.at));
-        self.totals.latency.record(arrival.saturating_duration_since(sent.at));
+        self.totals
+            .latency
+            .record(arrival.saturating_duration_since(sent.at));
         found
     }
 
@@ -305,9 +352,11 @@ impl Ledger {
     pub fn start_counting(&mut self, r: Member, at: Instant) {
         let start = self.ceil(at);
         if let Some(rx) = self.receivers.get_mut(r)
-            && rx.open.is_none() && start < self.window.1 {
-                rx.open = Some(start);
-            }
+            && rx.open.is_none()
+            && start < self.window.1
+        {
+            rx.open = Some(start);
+        }
     }
 
     /// Member `r` stops listening at `now` (leaves, fault): its open segment
@@ -318,7 +367,9 @@ impl Ledger {
     }
 
     fn close(&mut self, r: Member, cut: Instant) {
-        let Some(start) = self.receivers.get_mut(r).and_then(|rx| rx.open.take()) else { return };
+        let Some(start) = self.receivers.get_mut(r).and_then(|rx| rx.open.take()) else {
+            return;
+        };
         for ((receiver, _), pair) in self.pairs.iter_mut() {
             if *receiver != r {
                 continue;
@@ -354,13 +405,20 @@ impl Ledger {
 
     /// Talker packets of `s` in [start, end).
     fn sent_between(&self, s: Member, start: Instant, end: Instant) -> u64 {
-        let Some(sender) = self.senders.get(s) else { return 0 };
+        let Some(sender) = self.senders.get(s) else {
+            return 0;
+        };
         if sender.buckets.is_empty() {
             return 0;
         }
-        let b0 = (start.saturating_duration_since(self.window.0).as_nanos() / BUCKET.as_nanos()) as usize;
-        let b1 = (end.saturating_duration_since(self.window.0).as_nanos() / BUCKET.as_nanos()) as usize;
-        sender.buckets[b0.min(sender.buckets.len())..b1.min(sender.buckets.len())].iter().map(|&n| u64::from(n)).sum()
+        let b0 = (start.saturating_duration_since(self.window.0).as_nanos() / BUCKET.as_nanos())
+            as usize;
+        let b1 =
+            (end.saturating_duration_since(self.window.0).as_nanos() / BUCKET.as_nanos()) as usize;
+        sender.buckets[b0.min(sender.buckets.len())..b1.min(sender.buckets.len())]
+            .iter()
+            .map(|&n| u64::from(n))
+            .sum()
     }
 
     /// Closes every open segment at the end of the window and sums up;
@@ -375,7 +433,11 @@ impl Ledger {
         let members = self.senders.len();
         for talker in 0..members {
             for receiver in (0..members).filter(|&r| r != talker && hears(r, talker)) {
-                let expected: u64 = self.receivers[receiver].segments.iter().map(|&(a, b)| self.sent_between(talker, a, b)).sum();
+                let expected: u64 = self.receivers[receiver]
+                    .segments
+                    .iter()
+                    .map(|&(a, b)| self.sent_between(talker, a, b))
+                    .sum();
                 if expected == 0 {
                     continue;
                 }
@@ -430,16 +492,27 @@ mod tests {
             l.on_sent(at, 0, ts, i, &payload, true, true);
             // 1 gets everything 5 ms later; 2 loses every 10th frame and
             // gets the rest through a timestamp-rewriting path 8 ms later.
-            assert!(matches!(l.on_received(at + ms(5), 1, ts, &payload), Match::Exact(s) if s.sender == 0));
+            assert!(
+                matches!(l.on_received(at + ms(5), 1, ts, &payload), Match::Exact(s) if s.sender == 0)
+            );
             if i % 10 != 0 {
-                assert!(matches!(l.on_received(at + ms(8), 2, ts + 7, &payload), Match::Payload(_)));
+                assert!(matches!(
+                    l.on_received(at + ms(8), 2, ts + 7, &payload),
+                    Match::Payload(_)
+                ));
             }
         }
         // Own audio and garbage are flagged.
         l.on_sent(t0 + ms(1200), 1, 5, 0, b"xyz", false, false);
         assert_eq!(l.on_received(t0 + ms(1201), 1, 5, b"xyz"), Match::Own);
-        assert_eq!(l.on_received(t0 + ms(1201), 1, 12345, b"nothing"), Match::Unknown);
-        assert!(matches!(l.on_received(t0 + ms(1202), 2, 5, b"re-encoded"), Match::Reencoded(_)));
+        assert_eq!(
+            l.on_received(t0 + ms(1201), 1, 12345, b"nothing"),
+            Match::Unknown
+        );
+        assert!(matches!(
+            l.on_received(t0 + ms(1202), 2, 5, b"re-encoded"),
+            Match::Reencoded(_)
+        ));
 
         let totals = l.totals(|_, _| true);
         // Window [100, 1100) ms holds frames 5..=54: 50 frames.
@@ -453,7 +526,10 @@ mod tests {
         assert_eq!((totals.own, totals.unknown, totals.reencoded), (1, 1, 1));
         let lat = totals.latency.summary();
         assert_eq!(lat.count, 114);
-        assert!(lat.p50_ms.unwrap() >= 4.9 && lat.max_ms.unwrap() <= 8.001, "{lat:?}");
+        assert!(
+            lat.p50_ms.unwrap() >= 4.9 && lat.max_ms.unwrap() <= 8.001,
+            "{lat:?}"
+        );
         // Constant delay: no jitter.
         assert!(totals.jitter.summary().max_ms.unwrap() < 0.01);
     }
@@ -511,7 +587,11 @@ mod tests {
         l2.start_counting(1, t0);
         l2.disturb(0, t0);
         l2.on_sent(t0 + ms(10), 0, 0, 0, b"a", true, true);
-        assert_eq!(l2.totals(|_, _| true).streams, 0, "a struck talker's packets do not count");
+        assert_eq!(
+            l2.totals(|_, _| true).streams,
+            0,
+            "a struck talker's packets do not count"
+        );
     }
 
     #[test]
@@ -520,12 +600,24 @@ mod tests {
         let mut l = Ledger::new(3, (t0, t0 + ms(10_000)));
         l.on_sent(t0, 0, 0, 0, b"cn", true, true);
         l.on_sent(t0, 1, 1, 0, b"cn", true, true);
-        assert_eq!(l.on_received(t0, 2, 999, b"cn"), Match::Unknown, "two senders, one payload");
+        assert_eq!(
+            l.on_received(t0, 2, 999, b"cn"),
+            Match::Unknown,
+            "two senders, one payload"
+        );
         l.on_sent(t0, 0, 7, 1, b"noise", false, false);
-        assert_eq!(l.on_received(t0, 2, 8, b"noise"), Match::Unknown, "comfort noise is matched by timestamp only");
+        assert_eq!(
+            l.on_received(t0, 2, 8, b"noise"),
+            Match::Unknown,
+            "comfort noise is matched by timestamp only"
+        );
         assert!(matches!(l.on_received(t0, 2, 1, b"cn"), Match::Exact(s) if s.sender == 1));
         l.on_sent(t0 + ms(5000), 0, 960, 1, b"late", true, true);
-        assert_eq!(l.on_received(t0 + ms(5000), 2, 0, b"cn"), Match::Unknown, "expired");
+        assert_eq!(
+            l.on_received(t0 + ms(5000), 2, 0, b"cn"),
+            Match::Unknown,
+            "expired"
+        );
         assert_eq!(l.sent_by(0), 3);
         assert_eq!(l.by_ts.len(), 1);
         assert!(l.by_hash.len() <= 1);

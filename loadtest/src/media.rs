@@ -28,13 +28,25 @@ pub struct Link {
 
 impl Link {
     /// Binds a socket on `ip` and creates the peer on it.
-    pub fn bind(factory: &PeerFactory, ip: IpAddr, now: Instant, ts_base: u32, seq_base: u16) -> anyhow::Result<Link> {
-        let std_socket = std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).with_context(|| format!("binding a media socket on {ip}"))?;
+    pub fn bind(
+        factory: &PeerFactory,
+        ip: IpAddr,
+        now: Instant,
+        ts_base: u32,
+        seq_base: u16,
+    ) -> anyhow::Result<Link> {
+        let std_socket = std::net::UdpSocket::bind(SocketAddr::new(ip, 0))
+            .with_context(|| format!("binding a media socket on {ip}"))?;
         std_socket.set_nonblocking(true)?;
         let socket = UdpSocket::from_std(std_socket)?;
         let local = socket.local_addr()?;
         let peer = factory.peer(now, local, ts_base, seq_base)?;
-        Ok(Link { peer, socket, drop_until: None, send_errors: 0 })
+        Ok(Link {
+            peer,
+            socket,
+            drop_until: None,
+            send_errors: 0,
+        })
     }
 
     /// Whether a media-drop fault holds at `now`.
@@ -50,7 +62,11 @@ impl Link {
                 continue;
             }
             // Non-blocking: a full socket buffer is loss, as on a real network.
-            if self.socket.try_send_to(&datagram.contents, datagram.destination).is_err() {
+            if self
+                .socket
+                .try_send_to(&datagram.contents, datagram.destination)
+                .is_err()
+            {
                 self.send_errors += 1;
             }
         }

@@ -40,7 +40,9 @@ impl Live {
 
     /// Subtracts from a gauge, never below zero.
     pub fn sub(counter: &AtomicU64, n: u64) {
-        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(n)));
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(n))
+        });
     }
 
     /// Reads a counter.
@@ -120,6 +122,8 @@ pub struct GroupResult {
     pub faults: Vec<FaultOutcome>,
     /// Failures.
     pub failures: Failures,
+    /// Requests tried again after a transient error (session lost, timeout).
+    pub retries: u64,
     /// Rooms whose audio came through slots.
     pub slot_rooms: u64,
     /// Rooms whose loss was not counted (more talkers than slots).
@@ -164,6 +168,7 @@ impl GroupResult {
         self.answer_to_audio.merge(&other.answer_to_audio);
         self.faults.extend(other.faults);
         self.failures.merge(&other.failures);
+        self.retries += other.retries;
         self.slot_rooms += other.slot_rooms;
         self.uncounted_rooms += other.uncounted_rooms;
         self.calls_placed += other.calls_placed;
@@ -176,7 +181,10 @@ impl GroupResult {
 
     /// Adds a ledger's totals.
     pub fn add_media(&mut self, totals: LedgerTotals) {
-        let mut other = GroupResult { media: totals, ..GroupResult::default() };
+        let mut other = GroupResult {
+            media: totals,
+            ..GroupResult::default()
+        };
         other.faults = Vec::new();
         self.merge(other);
     }

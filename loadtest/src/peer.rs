@@ -44,13 +44,22 @@ impl PeerFactory {
     /// Generates the shared certificate.
     pub fn new() -> anyhow::Result<Self> {
         let crypto = Arc::new(str0m::crypto::from_feature_flags());
-        let cert = crypto.dtls_provider.generate_certificate().context("DTLS certificate")?;
+        let cert = crypto
+            .dtls_provider
+            .generate_certificate()
+            .context("DTLS certificate")?;
         Ok(PeerFactory { crypto, cert })
     }
 
     /// A peer whose datagrams come from `local` (its ICE host candidate).
     /// `ts_base` is the RTP timestamp of its first frame.
-    pub fn peer(&self, now: Instant, local: SocketAddr, ts_base: u32, seq_base: u16) -> anyhow::Result<Peer> {
+    pub fn peer(
+        &self,
+        now: Instant,
+        local: SocketAddr,
+        ts_base: u32,
+        seq_base: u16,
+    ) -> anyhow::Result<Peer> {
         let mut rtc = Rtc::builder()
             .set_rtp_mode(true)
             .set_crypto_provider(self.crypto.clone())
@@ -59,7 +68,8 @@ impl PeerFactory {
             .enable_opus(true, false)
             .set_stats_interval(None)
             .build(now);
-        let candidate = Candidate::host(local, "udp").map_err(|e| anyhow!("local candidate {local}: {e}"))?;
+        let candidate =
+            Candidate::host(local, "udp").map_err(|e| anyhow!("local candidate {local}: {e}"))?;
         rtc.add_local_candidate(candidate);
         Ok(Peer {
             rtc,
@@ -160,7 +170,10 @@ pub struct Peer {
 
 impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Peer").field("local", &self.local).field("connected", &self.connected).finish_non_exhaustive()
+        f.debug_struct("Peer")
+            .field("local", &self.local)
+            .field("connected", &self.connected)
+            .finish_non_exhaustive()
     }
 }
 
@@ -208,13 +221,25 @@ impl Peer {
         if !self.connected || self.failed {
             return Sent::NotConnected;
         }
-        let (Some(mid), Some(pt)) = (self.audio_mid, self.opus_pt()) else { return Sent::NotConnected };
+        let (Some(mid), Some(pt)) = (self.audio_mid, self.opus_pt()) else {
+            return Sent::NotConnected;
+        };
         let seq = self.next_seq;
         let marker = !self.in_spurt;
-        let exts = ExtensionValues { audio_level: Some(frame.level), voice_activity: Some(frame.voice), ..Default::default() };
+        let exts = ExtensionValues {
+            audio_level: Some(frame.level),
+            voice_activity: Some(frame.voice),
+            ..Default::default()
+        };
         let mut api = self.rtc.direct_api();
-        let Some(tx) = api.stream_tx_by_mid(mid, None) else { return Sent::NotConnected };
-        tx.write_rtp(RtpWrite::new(pt, seq.into(), timestamp, now, payload.clone()).marker(marker).ext_vals(exts));
+        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+            return Sent::NotConnected;
+        };
+        tx.write_rtp(
+            RtpWrite::new(pt, seq.into(), timestamp, now, payload.clone())
+                .marker(marker)
+                .ext_vals(exts),
+        );
         self.next_seq += 1;
         self.in_spurt = true;
         self.drain(now);
@@ -225,7 +250,11 @@ impl Peer {
         if self.pt.is_none() {
             let media = self.rtc.media(self.audio_mid?)?;
             let params = self.rtc.codec_config().params();
-            self.pt = media.remote_pts().iter().copied().find(|pt| params.iter().any(|p| p.pt() == *pt && p.spec().codec == Codec::Opus));
+            self.pt = media.remote_pts().iter().copied().find(|pt| {
+                params
+                    .iter()
+                    .any(|p| p.pt() == *pt && p.spec().codec == Codec::Opus)
+            });
         }
         self.pt
     }
@@ -239,7 +268,15 @@ impl Peer {
             self.rejected += 1;
             return;
         };
-        let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination: self.local, contents });
+        let input = Input::Receive(
+            now,
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination: self.local,
+                contents,
+            },
+        );
         if self.rtc.handle_input(input).is_err() {
             self.rejected += 1;
         }
@@ -303,7 +340,10 @@ impl Peer {
                     self.timeout = at.max(now);
                     return;
                 }
-                Output::Transmit(t) => self.transmits.push_back(Datagram { destination: t.destination, contents: t.contents.into() }),
+                Output::Transmit(t) => self.transmits.push_back(Datagram {
+                    destination: t.destination,
+                    contents: t.contents.into(),
+                }),
                 Output::Event(event) => self.on_event(event),
             }
         }
@@ -316,14 +356,13 @@ impl Peer {
                 self.connected = true;
                 self.events.push_back(PeerEvent::Connected);
             }
-            Event::IceConnectionStateChange(IceConnectionState::Disconnected)
-                if self.connected => {
-                    self.connected = false;
-                    self.events.push_back(PeerEvent::Disconnected);
-                }
-            Event::IceConnectionStateChange(IceConnectionState::Connected | IceConnectionState::Completed)
-                if !self.connected && self.dtls_up =>
-            {
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) if self.connected => {
+                self.connected = false;
+                self.events.push_back(PeerEvent::Disconnected);
+            }
+            Event::IceConnectionStateChange(
+                IceConnectionState::Connected | IceConnectionState::Completed,
+            ) if !self.connected && self.dtls_up => {
                 self.connected = true;
                 self.events.push_back(PeerEvent::Connected);
             }
@@ -332,7 +371,10 @@ impl Peer {
                 let mid = match self.ssrc_mid.get(&ssrc) {
                     Some(mid) => *mid,
                     None => {
-                        let Some(mid) = self.rtc.direct_api().stream_rx(&ssrc).map(|rx| rx.mid()) else { return };
+                        let Some(mid) = self.rtc.direct_api().stream_rx(&ssrc).map(|rx| rx.mid())
+                        else {
+                            return;
+                        };
                         self.ssrc_mid.insert(ssrc, mid);
                         mid
                     }
@@ -340,7 +382,11 @@ impl Peer {
                 let stream = match self.streams.get(&mid) {
                     Some(stream) => stream.clone(),
                     None => {
-                        let stream: Arc<str> = self.rtc.media(mid).map_or_else(|| mid.to_string(), |m| m.stream_id().to_owned()).into();
+                        let stream: Arc<str> = self
+                            .rtc
+                            .media(mid)
+                            .map_or_else(|| mid.to_string(), |m| m.stream_id().to_owned())
+                            .into();
                         self.streams.insert(mid, stream.clone());
                         stream
                     }
@@ -394,8 +440,16 @@ mod tests {
         let mut now = start;
         let mut got_a = Vec::new();
         let mut got_b = Vec::new();
-        let frame = ClipFrame { payload: Some(Arc::from(&[0xf8u8, 1, 2, 3, 4][..])), level: -20, voice: true };
-        let dtx = ClipFrame { payload: None, level: -127, voice: false };
+        let frame = ClipFrame {
+            payload: Some(Arc::from(&[0xf8u8, 1, 2, 3, 4][..])),
+            level: -20,
+            voice: true,
+        };
+        let dtx = ClipFrame {
+            payload: None,
+            level: -127,
+            voice: false,
+        };
         let mut sent = Vec::new();
         for step in 0..400 {
             now += Duration::from_millis(5);
@@ -418,12 +472,21 @@ mod tests {
         }
         assert_eq!(sent.len(), 10, "both connected");
         assert_eq!(sent[3], Sent::Dtx);
-        let Sent::Rtp { timestamp, .. } = sent[0] else { panic!("{sent:?}") };
+        let Sent::Rtp { timestamp, .. } = sent[0] else {
+            panic!("{sent:?}")
+        };
         assert_eq!(timestamp, 960 * 1000 + 3);
         assert_eq!(got_b.len(), 9, "every non-DTX frame arrives");
         assert_eq!(got_b[0].timestamp, 960 * 1000 + 3);
-        assert_eq!(got_b[3].timestamp, 960 * 1000 + 3 + 4 * 960, "the DTX frame's time is skipped");
-        assert!(got_b[0].marker && !got_b[1].marker && got_b[3].marker, "marker at each talk spurt");
+        assert_eq!(
+            got_b[3].timestamp,
+            960 * 1000 + 3 + 4 * 960,
+            "the DTX frame's time is skipped"
+        );
+        assert!(
+            got_b[0].marker && !got_b[1].marker && got_b[3].marker,
+            "marker at each talk spurt"
+        );
         assert_eq!(got_b[3].seq, got_b[2].seq + 1, "DTX leaves no sequence gap");
         assert_eq!(got_b[0].level, Some(-20));
         assert_eq!(&got_b[0].payload[..], &[0xf8, 1, 2, 3, 4]);

@@ -30,7 +30,11 @@ pub struct Mark {
 impl Mark {
     /// Samples the server, the tool and the counters.
     pub async fn take(server: &Server, live: &Live) -> Mark {
-        let forwarded = server.stats().await.ok().and_then(|s| s["rtp_forwarded"].as_u64());
+        let forwarded = server
+            .stats()
+            .await
+            .ok()
+            .and_then(|s| s["rtp_forwarded"].as_u64());
         let metrics = server.metrics().await.ok();
         Mark {
             at: Instant::now(),
@@ -58,6 +62,8 @@ impl Mark {
 /// Marks at the start and end of the measurement window.
 #[derive(Debug, Clone, Default)]
 pub struct Marks {
+    /// Before the first device (the server's baseline).
+    pub baseline: Option<Mark>,
     /// Window start.
     pub start: Option<Mark>,
     /// Window end.
@@ -112,7 +118,11 @@ impl Leak {
         let stats = server.stats().await?;
         let calls = server.calls().await?;
         let n = |k: &str| stats[k].as_u64().unwrap_or(0);
-        let live_calls = calls.as_array().map_or(0, |a| a.iter().filter(|c| c["phase"].as_str() != Some("CALL_PHASE_ENDED")).count() as u64);
+        let live_calls = calls.as_array().map_or(0, |a| {
+            a.iter()
+                .filter(|c| c["phase"].as_str() != Some("CALL_PHASE_ENDED"))
+                .count() as u64
+        });
         let mut leak = Leak {
             checked: true,
             clean: false,
@@ -130,7 +140,12 @@ impl Leak {
 
     /// Everything left, summed.
     pub fn total(&self) -> u64 {
-        self.rooms + self.participants + self.tracks + self.forwarding_entries + self.demux_entries + self.live_calls
+        self.rooms
+            + self.participants
+            + self.tracks
+            + self.forwarding_entries
+            + self.demux_entries
+            + self.live_calls
     }
 }
 
@@ -209,6 +224,13 @@ pub struct Resources {
     pub server_rss_mb: Option<f64>,
     /// Largest resident memory seen, MB.
     pub server_peak_rss_mb: Option<f64>,
+    /// Resident memory before the first device, MB.
+    pub server_baseline_rss_mb: Option<f64>,
+    /// Idle-device runs: server memory per registered device, KB (RSS at
+    /// the end of the window less the baseline, over the devices).
+    pub server_kb_per_device: Option<f64>,
+    /// Idle-device runs: server CPU per registered device, µs per second.
+    pub server_us_per_device_second: Option<f64>,
     /// RTP packets the server forwarded in the window (its counter).
     pub server_forwarded_packets: Option<u64>,
     /// Packets the devices received in the window.
@@ -270,6 +292,8 @@ pub struct Report {
     pub failures: u64,
     /// The first failure reasons.
     pub failure_samples: Vec<String>,
+    /// Requests tried again after a transient error (a fault, a restart).
+    pub retries: u64,
     /// Latencies.
     pub latency: Latencies,
     /// Media.
@@ -354,10 +378,41 @@ impl Report {
         for (k, (at_s, served_after)) in i.restarts.iter().enumerate() {
             // Room watches of a restart carry the rooms' convergence; add
             // one line for the restart itself (the slowest room).
-            let rooms: Vec<&FaultOutcome> = r.faults.iter().filter(|f| f.kind == FaultKind::ServerRestart && (f.at_s - at_s).abs() < 1e-6).collect();
-            let converged = if rooms.is_empty() { None } else { rooms.iter().map(|f| f.converged_s).collect::<Option<Vec<f64>>>().map(|v| v.into_iter().fold(0.0, f64::max)) };
-            faults.retain(|f| !(f.kind == FaultKind::ServerRestart && (f.at_s - at_s).abs() < 1e-6));
-            faults.push(FaultOutcome { kind: FaultKind::ServerRestart, device: format!("server (restart {}; served again after {served_after} s)", k + 1), at_s: *at_s, detected_s: None, converged_s: converged });
+            let rooms: Vec<&FaultOutcome> = r
+                .faults
+                .iter()
+                .filter(|f| f.kind == FaultKind::ServerRestart && (f.at_s - at_s).abs() < 1e-6)
+                .collect();
+            // Converged: every room has audio again and every device that
+            // was registered registered again (the slowest of both).
+            let rooms_converged = rooms
+                .iter()
+                .map(|f| f.converged_s)
+                .collect::<Option<Vec<f64>>>()
+                .map(|v| v.into_iter().fold(0.0, f64::max));
+            let quic_devices = r.register.count();
+            let devices_converged = match i.reregister.summary() {
+                s if quic_devices == 0 => Some(0.0).filter(|_| s.count == 0),
+                s if s.count >= quic_devices => s.max_ms.map(|ms| ms / 1000.0),
+                _ => None,
+            };
+            let converged = match (rooms_converged, devices_converged) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (None, Some(b)) if rooms.is_empty() => Some(b),
+                _ => None,
+            };
+            faults
+                .retain(|f| !(f.kind == FaultKind::ServerRestart && (f.at_s - at_s).abs() < 1e-6));
+            faults.push(FaultOutcome {
+                kind: FaultKind::ServerRestart,
+                device: format!(
+                    "server (restart {}; served again after {served_after} s)",
+                    k + 1
+                ),
+                at_s: *at_s,
+                detected_s: None,
+                converged_s: converged,
+            });
         }
         let resources = resources(&i);
         let leak = i.leak.clone();
@@ -379,6 +434,7 @@ impl Report {
             registered: 0,
             failures: r.failures.count,
             failure_samples: r.failures.samples.clone(),
+            retries: r.retries,
             latency: Latencies {
                 register: r.register.summary(),
                 ws_connect: r.ws_connect.summary(),
@@ -407,36 +463,90 @@ impl Report {
             if let Some(limit) = limit {
                 match value {
                     Some(value) if value <= limit => {}
-                    Some(value) => v.push(format!("{name} = {} > {}", fmt_num(value), fmt_num(limit))),
-                    None => v.push(format!("{name}: not measured in this run (limit {})", fmt_num(limit))),
+                    Some(value) => {
+                        v.push(format!("{name} = {} > {}", fmt_num(value), fmt_num(limit)))
+                    }
+                    None => v.push(format!(
+                        "{name}: not measured in this run (limit {})",
+                        fmt_num(limit)
+                    )),
                 }
             }
         };
         check("loss", slo.loss, self.media.loss);
-        check("stream_loss", slo.stream_loss, (self.media.streams > 0).then_some(self.media.worst_stream_loss));
-        check("latency_p99_ms", slo.latency_p99_ms, self.latency.audio_e2e.p99_ms);
-        check("join_p99_ms", slo.join_p99_ms, self.latency.join_to_first_audio.p99_ms);
-        check("register_p99_ms", slo.register_p99_ms, self.latency.register.p99_ms);
-        check("ringing_p99_ms", slo.ringing_p99_ms, self.latency.invite_to_ringing.p99_ms);
-        check("answer_p99_ms", slo.answer_p99_ms, self.latency.answer_to_first_audio.p99_ms);
+        check(
+            "stream_loss",
+            slo.stream_loss,
+            (self.media.streams > 0).then_some(self.media.worst_stream_loss),
+        );
+        check(
+            "latency_p99_ms",
+            slo.latency_p99_ms,
+            self.latency.audio_e2e.p99_ms,
+        );
+        check(
+            "join_p99_ms",
+            slo.join_p99_ms,
+            self.latency.join_to_first_audio.p99_ms,
+        );
+        check(
+            "register_p99_ms",
+            slo.register_p99_ms,
+            self.latency.register.p99_ms,
+        );
+        check(
+            "ringing_p99_ms",
+            slo.ringing_p99_ms,
+            self.latency.invite_to_ringing.p99_ms,
+        );
+        check(
+            "answer_p99_ms",
+            slo.answer_p99_ms,
+            self.latency.answer_to_first_audio.p99_ms,
+        );
         let slowest = if self.faults.is_empty() {
             None
         } else {
             // A fault that never converged counts as infinitely slow.
-            Some(self.faults.iter().map(|f| f.converged_s.unwrap_or(f64::INFINITY)).fold(0.0, f64::max))
+            Some(
+                self.faults
+                    .iter()
+                    .map(|f| f.converged_s.unwrap_or(f64::INFINITY))
+                    .fold(0.0, f64::max),
+            )
         };
         check("converge_max_s", slo.converge_max_s, slowest);
-        check("leaks", slo.leaks.map(|l| l as f64), self.leak.checked.then_some(self.leak.total() as f64));
-        check("failures", slo.failures.map(|l| l as f64), Some(self.failures as f64));
-        check("server_cpu_pct", slo.server_cpu_pct, self.resources.server_cpu_pct);
-        self.slo = Verdict { thresholds: slo.clone(), passed: v.is_empty(), violations: v };
+        check(
+            "leaks",
+            slo.leaks.map(|l| l as f64),
+            self.leak.checked.then_some(self.leak.total() as f64),
+        );
+        check(
+            "failures",
+            slo.failures.map(|l| l as f64),
+            Some(self.failures as f64),
+        );
+        check(
+            "server_cpu_pct",
+            slo.server_cpu_pct,
+            self.resources.server_cpu_pct,
+        );
+        self.slo = Verdict {
+            thresholds: slo.clone(),
+            passed: v.is_empty(),
+            violations: v,
+        };
     }
 
     /// The summary table.
     pub fn table(&self) -> String {
         let mut t = String::new();
         let s = &self.scenario;
-        let _ = writeln!(t, "fleetcall-loadtest {} against {} — seed {}", self.version, self.target, self.seed);
+        let _ = writeln!(
+            t,
+            "fleetcall-loadtest {} against {} — seed {}",
+            self.version, self.target, self.seed
+        );
         if s.rooms.count > 0 {
             let _ = writeln!(
                 t,
@@ -445,7 +555,11 @@ impl Report {
             );
         }
         if s.calls.per_sec > 0.0 {
-            let _ = writeln!(t, "  1:1 calls {}/s of {} s, answered after {} s", s.calls.per_sec, s.calls.duration_secs, s.calls.answer_after_secs);
+            let _ = writeln!(
+                t,
+                "  1:1 calls {}/s of {} s, answered after {} s",
+                s.calls.per_sec, s.calls.duration_secs, s.calls.answer_after_secs
+            );
         }
         if s.idle.devices > 0 {
             let _ = writeln!(t, "  idle devices {}", s.idle.devices);
@@ -455,64 +569,111 @@ impl Report {
             "  {} devices, ramp {} s, window {}..{} s after the ramp, total {} s",
             self.devices, self.ramp_s, self.window_s.0, self.window_s.1, self.total_s
         );
-        let _ = writeln!(t, "\n{:<28} {:>8} {:>9} {:>9} {:>9} {:>9}", "latency (ms)", "count", "p50", "p95", "p99", "max");
+        let _ = writeln!(
+            t,
+            "\n{:<28} {:>8} {:>9} {:>9} {:>9} {:>9}",
+            "latency (ms)", "count", "p50", "p95", "p99", "max"
+        );
         for (name, sum) in [
             ("register (QUIC)", &self.latency.register),
             ("websocket connect", &self.latency.ws_connect),
             ("join -> first audio", &self.latency.join_to_first_audio),
             ("invite -> ringing", &self.latency.invite_to_ringing),
             ("answer -> first audio", &self.latency.answer_to_first_audio),
-            ("re-register after restart", &self.latency.reregister_after_restart),
+            (
+                "re-register after restart",
+                &self.latency.reregister_after_restart,
+            ),
             ("audio end to end", &self.latency.audio_e2e),
             ("jitter per stream", &self.media.jitter),
         ] {
             if sum.count > 0 {
-                let _ = writeln!(t, "{:<28} {:>8} {:>9} {:>9} {:>9} {:>9}", name, sum.count, opt(sum.p50_ms), opt(sum.p95_ms), opt(sum.p99_ms), opt(sum.max_ms));
+                let _ = writeln!(
+                    t,
+                    "{:<28} {:>8} {:>9} {:>9} {:>9} {:>9}",
+                    name,
+                    sum.count,
+                    opt(sum.p50_ms),
+                    opt(sum.p95_ms),
+                    opt(sum.p99_ms),
+                    opt(sum.max_ms)
+                );
             }
         }
         let m = &self.media;
-        let _ = writeln!(t, "\nmedia");
-        let _ = writeln!(
-            t,
-            "  talker streams {}: {} of {} packets delivered, loss {}, worst stream {}, {} over 1 %",
-            m.streams,
-            m.delivered,
-            m.expected,
-            m.loss.map_or("n/a".into(), pct),
-            pct(m.worst_stream_loss),
-            m.streams_over_1pct
-        );
-        let _ = writeln!(
-            t,
-            "  packets sent {}, received {} (exact {}, re-encoded {}, by payload {}, unmatched {}, own {})",
-            m.packets_sent, m.packets_received, m.matched_exact, m.matched_reencoded, m.matched_payload, m.unmatched, m.own_audio
-        );
-        if m.slot_rooms > 0 {
-            let _ = writeln!(t, "  rooms on audio slots {} (loss not counted in {})", m.slot_rooms, m.uncounted_rooms);
-        }
-        if self.calls.0 > 0 || self.calls.2 > 0 {
-            let _ = writeln!(t, "  1:1 calls placed {}, answered {}, skipped {}", self.calls.0, self.calls.1, self.calls.2);
+        let had_media = m.packets_sent + m.packets_received > 0;
+        if had_media {
+            let _ = writeln!(t, "\nmedia");
+            let _ = writeln!(
+                t,
+                "  talker streams {}: {} of {} packets delivered, loss {}, worst stream {}, {} over 1 %",
+                m.streams,
+                m.delivered,
+                m.expected,
+                m.loss.map_or("n/a".into(), pct),
+                pct(m.worst_stream_loss),
+                m.streams_over_1pct
+            );
+            let _ = writeln!(
+                t,
+                "  packets sent {}, received {} (exact {}, re-encoded {}, by payload {}, unmatched {}, own {})",
+                m.packets_sent,
+                m.packets_received,
+                m.matched_exact,
+                m.matched_reencoded,
+                m.matched_payload,
+                m.unmatched,
+                m.own_audio
+            );
+            if m.slot_rooms > 0 {
+                let _ = writeln!(
+                    t,
+                    "  rooms on audio slots {} (loss not counted in {})",
+                    m.slot_rooms, m.uncounted_rooms
+                );
+            }
+            if self.calls.0 > 0 || self.calls.2 > 0 {
+                let _ = writeln!(
+                    t,
+                    "  1:1 calls placed {}, answered {}, skipped {}",
+                    self.calls.0, self.calls.1, self.calls.2
+                );
+            }
         }
         let r = &self.resources;
         let _ = writeln!(t, "\nresources over the window");
         let _ = writeln!(
             t,
             "  server CPU {} of a core{} ({}), RSS {} MB (peak {} MB)",
-            r.server_cpu_pct.map_or("n/a".into(), |v| format!("{v:.1} %")),
-            r.server_sys_pct.map_or(String::new(), |v| format!(", {v:.1} % in the kernel")),
+            r.server_cpu_pct
+                .map_or("n/a".into(), |v| format!("{v:.1} %")),
+            r.server_sys_pct
+                .map_or(String::new(), |v| format!(", {v:.1} % in the kernel")),
             r.server_source.as_deref().unwrap_or("no source"),
             opt(r.server_rss_mb),
             opt(r.server_peak_rss_mb)
         );
-        let _ = writeln!(
-            t,
-            "  forwarded packets {} (devices received {}), server CPU {} µs per packet, {} continuous streams per core (forwarding now {} streams)",
-            r.server_forwarded_packets.map_or("n/a".into(), |v| v.to_string()),
-            r.received_packets,
-            opt(r.server_cpu_us_per_packet),
-            r.streams_per_core.map_or("n/a".into(), |v| format!("{v:.0}")),
-            r.forwarded_streams.map_or("n/a".into(), |v| format!("{v:.0}"))
-        );
+        if had_media {
+            let _ = writeln!(
+                t,
+                "  forwarded packets {} (devices received {}), server CPU {} µs per packet, {} continuous streams per core (forwarding now {} streams)",
+                r.server_forwarded_packets
+                    .map_or("n/a".into(), |v| v.to_string()),
+                r.received_packets,
+                opt(r.server_cpu_us_per_packet),
+                r.streams_per_core
+                    .map_or("n/a".into(), |v| format!("{v:.0}")),
+                r.forwarded_streams
+                    .map_or("n/a".into(), |v| format!("{v:.0}"))
+            );
+        }
+        if let (Some(kb), Some(us)) = (r.server_kb_per_device, r.server_us_per_device_second) {
+            let _ = writeln!(
+                t,
+                "  per idle device: {kb} KB of server memory (baseline {} MB), {us} µs of server CPU per second (heartbeats)",
+                opt(r.server_baseline_rss_mb)
+            );
+        }
         let _ = writeln!(
             t,
             "  tool CPU {} of a core on {} threads, send ticks late p99 {} ms, max {} ms",
@@ -522,7 +683,11 @@ impl Report {
             opt(r.tool_tick_late.max_ms)
         );
         if !self.faults.is_empty() {
-            let _ = writeln!(t, "\n{:<16} {:<44} {:>8} {:>10} {:>11}", "fault", "device", "at (s)", "told (s)", "converged");
+            let _ = writeln!(
+                t,
+                "\n{:<16} {:<44} {:>8} {:>10} {:>11}",
+                "fault", "device", "at (s)", "told (s)", "converged"
+            );
             for f in &self.faults {
                 let _ = writeln!(
                     t,
@@ -538,19 +703,35 @@ impl Report {
         let l = &self.leak;
         let _ = writeln!(t);
         if self.target == "janus" {
-            let _ = writeln!(t, "leak check: not applicable (Janus; the session and its rooms were destroyed)");
+            let _ = writeln!(
+                t,
+                "leak check: not applicable (Janus; the session and its rooms were destroyed)"
+            );
         } else if !l.checked {
             let _ = writeln!(t, "leak check: not possible (the admin API did not answer)");
         } else if l.clean {
-            let _ = writeln!(t, "leak check: clean {} s after the devices left", opt(l.clean_after_s));
+            let _ = writeln!(
+                t,
+                "leak check: clean {} s after the devices left",
+                opt(l.clean_after_s)
+            );
         } else {
             let _ = writeln!(
                 t,
                 "leak check: LEFT rooms {}, participants {}, tracks {}, forwarding entries {}, demux entries {}, live calls {}",
-                l.rooms, l.participants, l.tracks, l.forwarding_entries, l.demux_entries, l.live_calls
+                l.rooms,
+                l.participants,
+                l.tracks,
+                l.forwarding_entries,
+                l.demux_entries,
+                l.live_calls
             );
         }
-        let _ = writeln!(t, "devices registered {} of {}, failures {}", self.registered, self.devices, self.failures);
+        let _ = writeln!(
+            t,
+            "devices registered {} of {}, failures {}",
+            self.registered, self.devices, self.failures
+        );
         for sample in &self.failure_samples {
             let _ = writeln!(t, "  - {sample}");
         }
@@ -569,10 +750,26 @@ impl Report {
 }
 
 fn resources(i: &Inputs<'_>) -> Resources {
-    let mut res = Resources { tool_tick_late: i.result.tick_late.summary(), tool_threads: i.threads, ..Resources::default() };
+    let mut res = Resources {
+        tool_tick_late: i.result.tick_late.summary(),
+        tool_threads: i.threads,
+        ..Resources::default()
+    };
     res.server_peak_rss_mb = (i.peak_rss > 0).then(|| mb(i.peak_rss as f64));
-    let (Some(a), Some(b)) = (&i.marks.start, &i.marks.end) else { return res };
-    let f = window_figures(a, b);
+    let (Some(a), Some(b)) = (&i.marks.start, &i.marks.end) else {
+        return res;
+    };
+    let mut f = window_figures(a, b);
+    if !i.restarts.is_empty() {
+        // A new process: its CPU time and counters started again from zero.
+        f = WindowFigures {
+            span: f.span,
+            received: f.received,
+            tool_cpu_pct: f.tool_cpu_pct,
+            source: Some("n/a: the server restarted"),
+            ..WindowFigures::default()
+        };
+    }
     res.measured_s = f.span;
     res.server_source = f.source.map(str::to_owned);
     res.server_cpu_pct = f.server_cpu_pct;
@@ -584,6 +781,29 @@ fn resources(i: &Inputs<'_>) -> Resources {
     res.streams_per_core = f.streams_per_core;
     res.forwarded_streams = f.forwarded_streams;
     res.tool_cpu_pct = f.tool_cpu_pct;
+    let base_rss = i.marks.baseline.as_ref().and_then(|m| {
+        m.server
+            .map(|s| s.rss_bytes as f64)
+            .or(m.metrics.and_then(|x| x.rss_bytes))
+    });
+    res.server_baseline_rss_mb = base_rss.map(mb);
+    let devices = i.result.register.count() as f64;
+    if i.scenario.idle.devices > 0
+        && i.scenario.rooms.count == 0
+        && i.scenario.calls.per_sec <= 0.0
+        && devices > 0.0
+    {
+        let end_rss = b
+            .server
+            .map(|s| s.rss_bytes as f64)
+            .or(b.metrics.and_then(|x| x.rss_bytes));
+        if let (Some(base), Some(end)) = (base_rss, end_rss) {
+            res.server_kb_per_device = Some(round1((end - base) / 1e3 / devices));
+        }
+        res.server_us_per_device_second = f
+            .server_cpu_pct
+            .map(|pct| round3(pct / 100.0 * 1e6 / devices));
+    }
     res
 }
 
@@ -626,9 +846,20 @@ pub fn window_figures(a: &Mark, b: &Mark) -> WindowFigures {
         f.server_sys_pct = Some(round1(100.0 * (y.sys_secs - x.sys_secs) / span));
     }
     let (cpu, rss, source) = match (a.server, b.server) {
-        (Some(x), Some(y)) => (Some(y.cpu_secs - x.cpu_secs), Some(y.rss_bytes as f64), Some("proc")),
-        _ => match (a.metrics.and_then(|m| m.cpu_secs), b.metrics.and_then(|m| m.cpu_secs)) {
-            (Some(x), Some(y)) => (Some(y - x), b.metrics.and_then(|m| m.rss_bytes), Some("metrics")),
+        (Some(x), Some(y)) => (
+            Some(y.cpu_secs - x.cpu_secs),
+            Some(y.rss_bytes as f64),
+            Some("proc"),
+        ),
+        _ => match (
+            a.metrics.and_then(|m| m.cpu_secs),
+            b.metrics.and_then(|m| m.cpu_secs),
+        ) {
+            (Some(x), Some(y)) => (
+                Some(y - x),
+                b.metrics.and_then(|m| m.rss_bytes),
+                Some("metrics"),
+            ),
             _ => (None, None, None),
         },
     };
@@ -683,7 +914,10 @@ fn fmt_num(v: f64) -> String {
     } else if v == v.trunc() && v.abs() < 1e12 {
         format!("{v:.0}")
     } else {
-        format!("{v:.3}").trim_end_matches('0').trim_end_matches('.').to_owned()
+        format!("{v:.3}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_owned()
     }
 }
 
@@ -723,12 +957,24 @@ mod tests {
             registered: 10,
             failures: 0,
             failure_samples: Vec::new(),
+            retries: 0,
             latency: Latencies::default(),
-            media: Media { streams: 4, expected: 1000, delivered: 990, loss: Some(0.01), worst_stream_loss: 0.02, ..Media::default() },
+            media: Media {
+                streams: 4,
+                expected: 1000,
+                delivered: 990,
+                loss: Some(0.01),
+                worst_stream_loss: 0.02,
+                ..Media::default()
+            },
             calls: (0, 0, 0),
             faults: Vec::new(),
             resources: Resources::default(),
-            leak: Leak { checked: true, clean: true, ..Leak::default() },
+            leak: Leak {
+                checked: true,
+                clean: true,
+                ..Leak::default()
+            },
             slo: Verdict::default(),
         }
     }
@@ -744,18 +990,36 @@ mod tests {
         r.evaluate(&slo);
         assert!(!r.slo.passed);
         assert_eq!(r.slo.violations.len(), 2, "{:?}", r.slo.violations);
-        assert!(r.slo.violations[0].starts_with("stream_loss = 0.02 > 0.01"), "{:?}", r.slo.violations);
+        assert!(
+            r.slo.violations[0].starts_with("stream_loss = 0.02 > 0.01"),
+            "{:?}",
+            r.slo.violations
+        );
         assert!(r.slo.violations[1].contains("not measured"));
-        r.leak = Leak { checked: true, clean: false, participants: 2, ..Leak::default() };
+        r.leak = Leak {
+            checked: true,
+            clean: false,
+            participants: 2,
+            ..Leak::default()
+        };
         let mut leaks = Slo::default();
         leaks.apply("leaks=0").unwrap();
         r.evaluate(&leaks);
         assert_eq!(r.slo.violations, vec!["leaks = 2 > 0".to_owned()]);
-        r.faults.push(FaultOutcome { kind: FaultKind::Kill, device: "x".into(), at_s: 1.0, detected_s: None, converged_s: None });
+        r.faults.push(FaultOutcome {
+            kind: FaultKind::Kill,
+            device: "x".into(),
+            at_s: 1.0,
+            detected_s: None,
+            converged_s: None,
+        });
         let mut conv = Slo::default();
         conv.apply("converge_max_s=20").unwrap();
         r.evaluate(&conv);
-        assert_eq!(r.slo.violations, vec!["converge_max_s = never > 20".to_owned()]);
+        assert_eq!(
+            r.slo.violations,
+            vec!["converge_max_s = never > 20".to_owned()]
+        );
     }
 
     #[test]
@@ -765,6 +1029,9 @@ mod tests {
         assert_eq!(back.media.delivered, 990);
         assert_eq!(pointer(&r, "/media/loss"), Some(serde_json::json!(0.01)));
         let table = r.table();
-        assert!(table.contains("loss 1.000 %") && table.contains("leak check: clean"), "{table}");
+        assert!(
+            table.contains("loss 1.000 %") && table.contains("leak check: clean"),
+            "{table}"
+        );
     }
 }

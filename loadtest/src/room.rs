@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use fleetcall_signaling::client::{Client, ClientError, ClientEvent};
 use fleetcall_signaling::ids::CallId;
-use fleetcall_signaling::pb::{self, CallPhase, EndReason, ErrorCode, ParticipantStatus, client_frame};
+use fleetcall_signaling::pb::{
+    self, CallPhase, EndReason, ErrorCode, ParticipantStatus, client_frame,
+};
 use fleetcall_signaling::protocol::{ClientMessage, ServerMessage};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -43,7 +45,11 @@ pub enum RoomCommand {
     /// A random listener leaves and rejoins after the delay.
     Churn { rejoin_after: Duration },
     /// Strike a random device.
-    Fault { kind: FaultKind, duration: Duration, at_s: f64 },
+    Fault {
+        kind: FaultKind,
+        duration: Duration,
+        at_s: f64,
+    },
     /// The server was restarted; it served again at `ready`.
     ServerRestarted { at_s: f64, ready: Instant },
     /// Stop sending, leave, report.
@@ -70,11 +76,46 @@ pub struct RoomPlan {
 /// What a device's control session reports to the room task.
 #[derive(Debug)]
 enum Ctl {
-    Registered(Result<(Client, mpsc::UnboundedReceiver<ClientEvent>), String>, Duration),
+    Registered(
+        Result<(Client, mpsc::UnboundedReceiver<ClientEvent>), String>,
+        Duration,
+    ),
     Quic(ClientEvent),
     WsOpened(Result<WsSession, String>, Duration),
     Ws(WsEvent),
-    Reply(Req, Result<u64, (Option<ErrorCode>, String)>),
+    Reply(Req, Result<u64, ReqError>),
+}
+
+/// Why a request failed.
+#[derive(Debug)]
+struct ReqError {
+    /// The server's error code, when it refused.
+    code: Option<ErrorCode>,
+    message: String,
+    /// The session was lost or the request timed out (a fault, a
+    /// restart): tried again, not a failure.
+    transient: bool,
+}
+
+impl From<ClientError> for ReqError {
+    fn from(e: ClientError) -> Self {
+        let transient = matches!(
+            e,
+            ClientError::SessionLost | ClientError::TimedOut | ClientError::Stopped
+        );
+        match e {
+            ClientError::Refused { code, message, .. } => ReqError {
+                code: Some(code),
+                message,
+                transient: false,
+            },
+            other => ReqError {
+                code: None,
+                message: other.to_string(),
+                transient,
+            },
+        }
+    }
 }
 
 /// Requests whose replies matter.
@@ -128,6 +169,8 @@ struct Dev {
     join_at: Option<(Instant, bool)>,
     /// QUIC: part of the current call before (may `GroupJoin` directly).
     member_before: bool,
+    /// The room call (its serial) the device takes part in.
+    serial: Option<u64>,
     /// WebSocket: participant id in the SFU.
     participant: Option<u64>,
     /// Had a session once (a later fresh one is a re-registration).
@@ -164,6 +207,11 @@ struct Room {
     devs: Vec<Dev>,
     call: Option<CallId>,
     creating: bool,
+    /// Who created the current call (the preferred inviter).
+    creator: Option<Member>,
+    /// Counts the room's calls: a server restarts its call ids, so an id
+    /// alone does not tell the call before a restart from the one after.
+    call_serial: u64,
     ledger: Ledger,
     watches: Vec<Watch>,
     result: GroupResult,
@@ -177,7 +225,11 @@ struct Room {
 }
 
 /// Runs a room until told to stop; returns what it measured.
-pub async fn run(ctx: Arc<Ctx>, plan: RoomPlan, mut commands: mpsc::UnboundedReceiver<RoomCommand>) -> GroupResult {
+pub async fn run(
+    ctx: Arc<Ctx>,
+    plan: RoomPlan,
+    mut commands: mpsc::UnboundedReceiver<RoomCommand>,
+) -> GroupResult {
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
     let name = format!("{}-r{}", ctx.prefix, plan.index);
     let devs = (0..plan.per_room)
@@ -194,6 +246,7 @@ pub async fn run(ctx: Arc<Ctx>, plan: RoomPlan, mut commands: mpsc::UnboundedRec
                 media_up: false,
                 join_at: None,
                 member_before: false,
+                serial: None,
                 participant: None,
                 registered_once: false,
                 fresh_sessions: 0,
@@ -211,6 +264,8 @@ pub async fn run(ctx: Arc<Ctx>, plan: RoomPlan, mut commands: mpsc::UnboundedRec
         devs,
         call: None,
         creating: false,
+        creator: None,
+        call_serial: 0,
         watches: Vec::new(),
         result: GroupResult::default(),
         slot_streams: HashMap::new(),
@@ -221,16 +276,29 @@ pub async fn run(ctx: Arc<Ctx>, plan: RoomPlan, mut commands: mpsc::UnboundedRec
         plan,
     };
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let first_tick = room.plan.starts.first().copied().unwrap_or_else(Instant::now);
+    let first_tick = room
+        .plan
+        .starts
+        .first()
+        .copied()
+        .unwrap_or_else(Instant::now);
     let mut tick = tokio::time::interval_at(first_tick.into(), TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         room.flush_all();
-        if room.goodbye_until.is_some_and(|until| Instant::now() >= until || room.all_gone()) {
+        if room
+            .goodbye_until
+            .is_some_and(|until| Instant::now() >= until || room.all_gone())
+        {
             break;
         }
         let deadline = room.next_deadline();
-        let links: Vec<(usize, &Link)> = room.devs.iter().enumerate().filter_map(|(m, d)| d.link.as_ref().map(|l| (m, l))).collect();
+        let links: Vec<(usize, &Link)> = room
+            .devs
+            .iter()
+            .enumerate()
+            .filter_map(|(m, d)| d.link.as_ref().map(|l| (m, l)))
+            .collect();
         let scan_from = room.scan_from;
         tokio::select! {
             // Control first: an answer or an offer unblocks media.
@@ -270,7 +338,14 @@ impl Room {
             if d.phase == Phase::Pending && self.stopping.is_none() {
                 at = at.min(self.plan.starts[m]);
             }
-            for t in [d.rejoin_at, d.stall_until, d.link.as_ref().and_then(|l| l.drop_until)].into_iter().flatten() {
+            for t in [
+                d.rejoin_at,
+                d.stall_until,
+                d.link.as_ref().and_then(|l| l.drop_until),
+            ]
+            .into_iter()
+            .flatten()
+            {
                 at = at.min(t);
             }
             if let Some(t) = d.link.as_ref().and_then(|l| l.peer.poll_timeout()) {
@@ -278,9 +353,10 @@ impl Room {
             }
         }
         if let Some(stop) = self.stopping
-            && self.goodbye_until.is_none() {
-                at = at.min(stop + DRAIN);
-            }
+            && self.goodbye_until.is_none()
+        {
+            at = at.min(stop + DRAIN);
+        }
         if let Some(until) = self.goodbye_until {
             at = at.min(until);
         }
@@ -299,16 +375,23 @@ impl Room {
     fn on_timeout(&mut self) {
         let now = Instant::now();
         if let Some(stop) = self.stopping
-            && self.goodbye_until.is_none() && now >= stop + DRAIN {
-                self.say_goodbye(now);
-            }
+            && self.goodbye_until.is_none()
+            && now >= stop + DRAIN
+        {
+            self.say_goodbye(now);
+        }
         for m in 0..self.devs.len() {
-            if self.stopping.is_none() && self.devs[m].phase == Phase::Pending && now >= self.plan.starts[m] {
+            if self.stopping.is_none()
+                && self.devs[m].phase == Phase::Pending
+                && now >= self.plan.starts[m]
+            {
                 self.start_device(m, now);
             }
             if self.devs[m].rejoin_at.is_some_and(|t| now >= t) {
                 self.devs[m].rejoin_at = None;
-                if self.stopping.is_none() && matches!(self.devs[m].phase, Phase::Away | Phase::Ready) {
+                if self.stopping.is_none()
+                    && matches!(self.devs[m].phase, Phase::Away | Phase::Ready)
+                {
                     self.devs[m].phase = Phase::Ready;
                     self.want_join(m, now);
                 }
@@ -345,9 +428,15 @@ impl Room {
                 tokio::spawn(async move {
                     let started = Instant::now();
                     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
-                    let result = WsSession::connect(&url, (), events_tx).await.map_err(|e| format!("{e:#}"));
+                    let result = WsSession::connect(&url, (), events_tx)
+                        .await
+                        .map_err(|e| format!("{e:#}"));
                     let ok = result.is_ok();
-                    if tx.send((m, Ctl::WsOpened(result, started.elapsed()))).is_err() || !ok {
+                    if tx
+                        .send((m, Ctl::WsOpened(result, started.elapsed())))
+                        .is_err()
+                        || !ok
+                    {
                         return;
                     }
                     while let Some(((), event)) = events_rx.recv().await {
@@ -389,15 +478,31 @@ impl Room {
                 } else if let Some(inviter) = self.inviter() {
                     // The invitation comes back as `IncomingCall`, answered with `GroupJoin`.
                     let ids = vec![self.devs[m].id.clone()];
-                    self.request(inviter, Req::Invite, client_frame::Kind::GroupInvite(pb::GroupInvite { call_id: call.0, invitees: ids }));
+                    self.request(
+                        inviter,
+                        Req::Invite,
+                        client_frame::Kind::GroupInvite(pb::GroupInvite {
+                            call_id: call.0,
+                            invitees: ids,
+                        }),
+                    );
                     self.devs[m].phase = Phase::Joining;
                 }
             }
         }
     }
 
+    /// A member that can invite: in the call, connected, not stalled; the
+    /// call's creator first.
     fn inviter(&self) -> Option<Member> {
-        self.devs.iter().position(|d| d.phase == Phase::InCall && matches!(d.session, Session::Quic(_)))
+        let healthy = |d: &Dev| {
+            d.phase == Phase::InCall
+                && d.stall_until.is_none()
+                && matches!(&d.session, Session::Quic(client) if client.status().connected)
+        };
+        self.creator
+            .filter(|&c| healthy(&self.devs[c]))
+            .or_else(|| self.devs.iter().position(healthy))
     }
 
     /// Whether another talker is sending right now (a join then measures
@@ -405,7 +510,11 @@ impl Room {
     fn talker_up(&self, except: Member) -> bool {
         let now = Instant::now();
         self.devs.iter().enumerate().any(|(i, d)| {
-            i != except && d.talker && d.media_up && d.last_sent.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_millis(100))
+            i != except
+                && d.talker
+                && d.media_up
+                && d.last_sent
+                    .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_millis(100))
         })
     }
 
@@ -414,13 +523,24 @@ impl Room {
         self.devs[m].phase = Phase::Joining;
         self.devs[m].join_at = Some((now, self.talker_up(m)));
         let name = self.name.clone();
-        self.request(m, Req::Create, client_frame::Kind::GroupCreate(pb::GroupCreate { name, invitees: Vec::new() }));
+        self.request(
+            m,
+            Req::Create,
+            client_frame::Kind::GroupCreate(pb::GroupCreate {
+                name,
+                invitees: Vec::new(),
+            }),
+        );
     }
 
     fn quic_group_join(&mut self, m: Member, call: CallId, now: Instant) {
         self.devs[m].phase = Phase::Joining;
         self.devs[m].join_at = Some((now, self.talker_up(m)));
-        self.request(m, Req::Join, client_frame::Kind::GroupJoin(pb::GroupJoin { call_id: call.0 }));
+        self.request(
+            m,
+            Req::Join,
+            client_frame::Kind::GroupJoin(pb::GroupJoin { call_id: call.0 }),
+        );
     }
 
     fn ws_join(&mut self, m: Member, now: Instant) {
@@ -432,21 +552,24 @@ impl Room {
         self.devs[m].join_at = Some((now, self.talker_up(m)));
         let name = self.devs[m].id.clone();
         if let Session::Ws(ws) = &self.devs[m].session {
-            ws.send(ClientMessage::Join { room: self.name.clone(), name, sdp: offer });
+            ws.send(ClientMessage::Join {
+                room: self.name.clone(),
+                name,
+                sdp: offer,
+            });
         }
     }
 
     /// Sends a request of member `m` in the background; the reply comes
     /// back as [`Ctl::Reply`].
     fn request(&mut self, m: Member, what: Req, kind: client_frame::Kind) {
-        let Session::Quic(client) = &self.devs[m].session else { return };
+        let Session::Quic(client) = &self.devs[m].session else {
+            return;
+        };
         let reply = client.request(kind);
         let tx = self.ctl_tx.clone();
         tokio::spawn(async move {
-            let result = reply.await.map_err(|e| match e {
-                ClientError::Refused { code, message, .. } => (Some(code), message),
-                other => (None, other.to_string()),
-            });
+            let result = reply.await.map_err(ReqError::from);
             let _ = tx.send((m, Ctl::Reply(what, result)));
         });
     }
@@ -472,6 +595,16 @@ impl Room {
         // Media torn down: the device stops counting loss until it hears
         // again after its next join.
         self.ledger.stop_counting(m, Instant::now());
+    }
+
+    /// A request failed: a failure, or (session lost, timed out) a retry.
+    fn fail_or_retry(&mut self, m: Member, what: &str, e: &ReqError) {
+        if e.transient {
+            self.result.retries += 1;
+            tracing::debug!(device = %self.devs[m].id, what, error = %e.message, "retrying");
+        } else {
+            self.fail(m, format!("{what}: {}", e.message));
+        }
     }
 
     fn fail(&mut self, m: Member, reason: String) {
@@ -530,31 +663,47 @@ impl Room {
         }
     }
 
-    fn on_reply(&mut self, m: Member, what: Req, result: Result<u64, (Option<ErrorCode>, String)>, now: Instant) {
+    fn on_reply(&mut self, m: Member, what: Req, result: Result<u64, ReqError>, now: Instant) {
         match (what, result) {
             (Req::Create, Ok(call)) => {
                 self.creating = false;
+                if self.call != Some(CallId(call)) || self.devs[m].serial.is_none() {
+                    self.call_serial += 1;
+                }
                 self.call = Some(CallId(call));
+                self.creator = Some(m);
+                self.devs[m].serial = Some(self.call_serial);
                 self.devs[m].member_before = true;
                 self.devs[m].phase = Phase::InCall;
                 // Everyone registered and waiting joins now.
                 for other in 0..self.devs.len() {
-                    if other != m && self.devs[other].phase == Phase::Ready && self.devs[other].rejoin_at.is_none() {
+                    if other != m
+                        && self.devs[other].phase == Phase::Ready
+                        && self.devs[other].rejoin_at.is_none()
+                    {
                         self.want_join(other, now);
                     }
                 }
             }
-            (Req::Create, Err((_, e))) => {
+            (Req::Create, Err(e)) => {
                 self.creating = false;
                 self.devs[m].phase = Phase::Ready;
-                self.fail(m, format!("group create: {e}"));
+                self.fail_or_retry(m, "group create", &e);
                 self.devs[m].rejoin_at = Some(now + Duration::from_secs(1));
             }
             (Req::Join, Ok(_)) => {
+                self.devs[m].serial = Some(self.call_serial);
                 self.devs[m].member_before = true;
                 self.devs[m].phase = Phase::InCall;
             }
-            (Req::Join, Err((code, e))) => {
+            (
+                Req::Join,
+                Err(ReqError {
+                    code,
+                    message: e,
+                    transient,
+                }),
+            ) => {
                 if self.devs[m].phase == Phase::Dead || self.stopping.is_some() {
                     return;
                 }
@@ -570,14 +719,22 @@ impl Room {
                         self.want_join(m, now);
                     }
                     _ => {
-                        self.fail(m, format!("group join: {e}"));
+                        self.fail_or_retry(
+                            m,
+                            "group join",
+                            &ReqError {
+                                code,
+                                message: e,
+                                transient,
+                            },
+                        );
                         self.devs[m].rejoin_at = Some(now + Duration::from_secs(1));
                     }
                 }
             }
-            (Req::Invite, Err((_, e))) => {
+            (Req::Invite, Err(e)) => {
                 if self.stopping.is_none() {
-                    self.fail(m, format!("group invite: {e}"));
+                    self.fail_or_retry(m, "group invite", &e);
                 }
                 // The invitees wait in `Joining`; put them back to try again.
                 for d in &mut self.devs {
@@ -587,14 +744,22 @@ impl Room {
                     }
                 }
             }
-            (Req::Offer | Req::Answer, Err((_, e))) if self.stopping.is_none() && self.devs[m].phase != Phase::Dead => {
-                self.fail(m, format!("{what:?}: {e}"));
+            (Req::Offer | Req::Answer, Err(e))
+                if self.stopping.is_none() && self.devs[m].phase != Phase::Dead =>
+            {
+                let what = if what == Req::Offer {
+                    "SDP offer"
+                } else {
+                    "SDP answer"
+                };
+                self.fail_or_retry(m, what, &e);
             }
             _ => {}
         }
     }
 
     fn on_quic(&mut self, m: Member, event: ClientEvent, now: Instant) {
+        tracing::trace!(device = %self.devs[m].id, phase = ?self.devs[m].phase, ?event, "control event");
         if self.devs[m].phase == Phase::Dead {
             return;
         }
@@ -608,6 +773,7 @@ impl Room {
             }
             ClientEvent::SessionUnknown { .. } => {
                 self.stop_media(m);
+                self.devs[m].serial = None;
                 let d = &mut self.devs[m];
                 if matches!(d.phase, Phase::InCall | Phase::Joining) {
                     d.phase = Phase::Ready;
@@ -615,34 +781,62 @@ impl Room {
                 }
             }
             ClientEvent::IncomingCall(incoming) => {
-                if Some(CallId(incoming.call_id)) == self.call && self.devs[m].phase == Phase::Joining {
+                if Some(CallId(incoming.call_id)) == self.call
+                    && self.devs[m].phase == Phase::Joining
+                {
                     self.devs[m].join_at = Some((now, self.talker_up(m)));
-                    self.request(m, Req::Join, client_frame::Kind::GroupJoin(pb::GroupJoin { call_id: incoming.call_id }));
+                    self.request(
+                        m,
+                        Req::Join,
+                        client_frame::Kind::GroupJoin(pb::GroupJoin {
+                            call_id: incoming.call_id,
+                        }),
+                    );
                 } else if self.stopping.is_none() {
                     // Not ours (a stale invitation): refuse.
-                    self.request(m, Req::Leave, client_frame::Kind::Decline(pb::Decline { call_id: incoming.call_id }));
+                    self.request(
+                        m,
+                        Req::Leave,
+                        client_frame::Kind::Decline(pb::Decline {
+                            call_id: incoming.call_id,
+                        }),
+                    );
                 }
             }
             ClientEvent::CallState(state) => {
-                if self.call.is_none() && self.creating && self.devs[m].phase == Phase::Joining && state.group_name == self.name {
+                if self.call.is_none()
+                    && self.creating
+                    && self.devs[m].phase == Phase::Joining
+                    && state.group_name == self.name
+                {
                     // The creator hears of its call before the reply to the
                     // create (events and replies travel different paths here).
                     self.call = Some(CallId(state.call_id));
+                    self.call_serial += 1;
+                    self.devs[m].serial = Some(self.call_serial);
                 }
                 if Some(CallId(state.call_id)) != self.call {
                     return;
                 }
                 let me = &self.devs[m].id;
-                let joining = state.participants.iter().any(|p| p.device_id == *me && p.status == ParticipantStatus::Joining as i32);
-                if joining && self.devs[m].link.is_none() && matches!(self.devs[m].phase, Phase::Joining | Phase::InCall) {
+                let joining = state
+                    .participants
+                    .iter()
+                    .any(|p| p.device_id == *me && p.status == ParticipantStatus::Joining as i32);
+                if joining
+                    && self.devs[m].link.is_none()
+                    && matches!(self.devs[m].phase, Phase::Joining | Phase::InCall)
+                {
                     self.devs[m].phase = Phase::InCall;
                     match self.start_media(m, now) {
                         Ok(offer) => {
-                            let Session::Quic(client) = &self.devs[m].session else { return };
+                            let Session::Quic(client) = &self.devs[m].session else {
+                                return;
+                            };
                             let reply = client.sdp_offer(CallId(state.call_id), 1, offer);
                             let tx = self.ctl_tx.clone();
                             tokio::spawn(async move {
-                                let result = reply.await.map(|()| 0).map_err(|e| (None, e.to_string()));
+                                let result = reply.await.map(|()| 0).map_err(ReqError::from);
                                 let _ = tx.send((m, Ctl::Reply(Req::Offer, result)));
                             });
                         }
@@ -650,22 +844,36 @@ impl Room {
                     }
                 }
                 if state.phase == CallPhase::Ended as i32 {
-                    self.call_over(m, now, true);
+                    let whole = self.devs[m].serial == Some(self.call_serial);
+                    self.call_over(m, now, whole);
                 }
             }
             ClientEvent::CallEnded(ended) => {
-                if Some(CallId(ended.call_id)) != self.call {
+                if Some(CallId(ended.call_id)) != self.call && self.devs[m].serial.is_none() {
+                    return;
+                }
+                if self.devs[m].serial != Some(self.call_serial) {
+                    // The end of a call this device was in before (a stalled
+                    // device reading the old server's last frames after a
+                    // restart): only its own part is over.
+                    self.call_over(m, now, false);
                     return;
                 }
                 let whole = matches!(
                     EndReason::try_from(ended.reason),
-                    Ok(EndReason::ServerShutdown | EndReason::Empty | EndReason::EndedByOwner | EndReason::EndedByOperator)
+                    Ok(EndReason::ServerShutdown
+                        | EndReason::Empty
+                        | EndReason::EndedByOwner
+                        | EndReason::EndedByOperator)
                 );
                 self.call_over(m, now, whole);
             }
             ClientEvent::ParticipantUpdate(update) => {
-                let Some(subject) = self.devs.iter().position(|d| d.id == update.device_id) else { return };
-                let status = ParticipantStatus::try_from(update.status).unwrap_or(ParticipantStatus::Unspecified);
+                let Some(subject) = self.devs.iter().position(|d| d.id == update.device_id) else {
+                    return;
+                };
+                let status = ParticipantStatus::try_from(update.status)
+                    .unwrap_or(ParticipantStatus::Unspecified);
                 self.told(m, subject, status, now);
             }
             ClientEvent::SdpAnswer(answer) => {
@@ -674,23 +882,28 @@ impl Room {
                 }
                 tracing::debug!(device = %self.devs[m].id, since_join = ?self.devs[m].join_at.map(|(t, _)| now - t), "sdp answer");
                 if let Some(link) = &mut self.devs[m].link
-                    && let Err(e) = link.peer.accept_answer(now, &answer.sdp) {
-                        self.fail(m, format!("SDP answer: {e:#}"));
-                    }
+                    && let Err(e) = link.peer.accept_answer(now, &answer.sdp)
+                {
+                    self.fail(m, format!("SDP answer: {e:#}"));
+                }
             }
             ClientEvent::SdpOffer(offer) => {
                 if Some(CallId(offer.call_id)) != self.call {
                     return;
                 }
                 tracing::debug!(device = %self.devs[m].id, since_join = ?self.devs[m].join_at.map(|(t, _)| now - t), "sdp offer");
-                let Some(link) = &mut self.devs[m].link else { return };
+                let Some(link) = &mut self.devs[m].link else {
+                    return;
+                };
                 match link.peer.accept_offer(now, &offer.sdp) {
                     Ok(sdp) => {
-                        let Session::Quic(client) = &self.devs[m].session else { return };
+                        let Session::Quic(client) = &self.devs[m].session else {
+                            return;
+                        };
                         let reply = client.sdp_answer(CallId(offer.call_id), offer.revision, sdp);
                         let tx = self.ctl_tx.clone();
                         tokio::spawn(async move {
-                            let result = reply.await.map(|()| 0).map_err(|e| (None, e.to_string()));
+                            let result = reply.await.map(|()| 0).map_err(ReqError::from);
                             let _ = tx.send((m, Ctl::Reply(Req::Answer, result)));
                         });
                     }
@@ -705,6 +918,7 @@ impl Room {
     /// Device `m`'s participation in the call ended; `whole`: the call too.
     fn call_over(&mut self, m: Member, now: Instant, whole: bool) {
         self.stop_media(m);
+        self.devs[m].serial = None;
         if whole {
             self.call = None;
             for d in &mut self.devs {
@@ -724,16 +938,21 @@ impl Room {
             return;
         }
         match event {
-            WsEvent::Message(ServerMessage::Joined { participant, sdp, .. }) => {
+            WsEvent::Message(ServerMessage::Joined {
+                participant, sdp, ..
+            }) => {
                 self.devs[m].participant = Some(participant);
                 self.devs[m].phase = Phase::InCall;
                 if let Some(link) = &mut self.devs[m].link
-                    && let Err(e) = link.peer.accept_answer(now, &sdp) {
-                        self.fail(m, format!("SDP answer: {e:#}"));
-                    }
+                    && let Err(e) = link.peer.accept_answer(now, &sdp)
+                {
+                    self.fail(m, format!("SDP answer: {e:#}"));
+                }
             }
             WsEvent::Message(ServerMessage::Offer { sdp }) => {
-                let Some(link) = &mut self.devs[m].link else { return };
+                let Some(link) = &mut self.devs[m].link else {
+                    return;
+                };
                 match link.peer.accept_offer(now, &sdp) {
                     Ok(answer) => {
                         if let Session::Ws(ws) = &self.devs[m].session {
@@ -801,11 +1020,17 @@ impl Room {
     }
 
     fn record_reregistration(&mut self, now: Instant) {
-        let restarted = *self.ctx.live.restarted_at.lock().unwrap_or_else(|e| e.into_inner());
+        let restarted = *self
+            .ctx
+            .live
+            .restarted_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(ready) = restarted
-            && let Ok(mut h) = self.ctx.live.reregister.lock() {
-                h.record(now.saturating_duration_since(ready));
-            }
+            && let Ok(mut h) = self.ctx.live.reregister.lock()
+        {
+            h.record(now.saturating_duration_since(ready));
+        }
     }
 
     // ---- media ------------------------------------------------------------------------------
@@ -815,7 +1040,10 @@ impl Room {
     /// a socket that has nothing costs no system call).
     fn on_readable(&mut self, buf: &mut [u8]) {
         for m in 0..self.devs.len() {
-            let got = self.devs[m].link.as_mut().map_or(0, |link| link.drain_socket(buf));
+            let got = self.devs[m]
+                .link
+                .as_mut()
+                .map_or(0, |link| link.drain_socket(buf));
             if got > 0 {
                 self.peer_events(m);
             }
@@ -825,8 +1053,12 @@ impl Room {
     /// Handles what member `m`'s peer reported.
     fn peer_events(&mut self, m: Member) {
         loop {
-            let Some(link) = &mut self.devs[m].link else { return };
-            let Some(event) = link.peer.poll_event() else { return };
+            let Some(link) = &mut self.devs[m].link else {
+                return;
+            };
+            let Some(event) = link.peer.poll_event() else {
+                return;
+            };
             let now = Instant::now();
             match event {
                 PeerEvent::Connected => {
@@ -849,9 +1081,14 @@ impl Room {
                 PeerEvent::Packet(packet) => {
                     Live::add(&self.ctx.live.received, 1);
                     if packet.stream.starts_with("slot-") {
-                        self.slot_streams.entry(m).or_default().insert(packet.stream.clone());
+                        self.slot_streams
+                            .entry(m)
+                            .or_default()
+                            .insert(packet.stream.clone());
                     }
-                    let found = self.ledger.on_received(now, m, packet.timestamp, &packet.payload);
+                    let found = self
+                        .ledger
+                        .on_received(now, m, packet.timestamp, &packet.payload);
                     let sent = match found {
                         Match::Exact(s) | Match::Payload(s) | Match::Reencoded(s) => s,
                         Match::Own | Match::Unknown => continue,
@@ -862,7 +1099,9 @@ impl Room {
                     if let Some((at, eligible)) = self.devs[m].join_at.take() {
                         tracing::debug!(device = %self.devs[m].id, since_join = ?(now - at), "first audio");
                         if eligible {
-                            self.result.join_to_audio.record(now.saturating_duration_since(at));
+                            self.result
+                                .join_to_audio
+                                .record(now.saturating_duration_since(at));
                         }
                         // It hears: its loss counts once the other streams
                         // had time to open too.
@@ -902,7 +1141,9 @@ impl Room {
 
     fn on_tick(&mut self, scheduled: Instant) {
         let now = Instant::now();
-        self.result.tick_late.record(now.saturating_duration_since(scheduled));
+        self.result
+            .tick_late
+            .record(now.saturating_duration_since(scheduled));
         if self.stopping.is_some() {
             return;
         }
@@ -918,7 +1159,8 @@ impl Room {
                     // A payload exists: `send` returned Rtp.
                     let payload = frame.payload.as_deref().unwrap_or_default();
                     let talker = d.talker && frame.voice;
-                    self.ledger.on_sent(now, m, timestamp, seq, payload, talker, d.talker);
+                    self.ledger
+                        .on_sent(now, m, timestamp, seq, payload, talker, d.talker);
                     d.last_sent = Some(now);
                     Live::add(&self.ctx.live.sent, 1);
                 }
@@ -936,7 +1178,12 @@ impl Room {
         match command {
             RoomCommand::Churn { rejoin_after } => {
                 let listeners: Vec<Member> = (0..self.devs.len())
-                    .filter(|&m| !self.devs[m].talker && self.devs[m].phase == Phase::InCall && self.devs[m].media_up && !self.faulted(m))
+                    .filter(|&m| {
+                        !self.devs[m].talker
+                            && self.devs[m].phase == Phase::InCall
+                            && self.devs[m].media_up
+                            && !self.faulted(m)
+                    })
                     .collect();
                 if listeners.is_empty() {
                     return;
@@ -946,9 +1193,15 @@ impl Room {
                 self.devs[m].phase = Phase::Away;
                 self.devs[m].rejoin_at = Some(now + rejoin_after);
             }
-            RoomCommand::Fault { kind, duration, at_s } => self.fault(kind, duration, at_s, now),
+            RoomCommand::Fault {
+                kind,
+                duration,
+                at_s,
+            } => self.fault(kind, duration, at_s, now),
             RoomCommand::ServerRestarted { at_s, ready } => {
-                let pending: HashSet<Member> = (0..self.devs.len()).filter(|&m| self.devs[m].phase != Phase::Dead).collect();
+                let pending: HashSet<Member> = (0..self.devs.len())
+                    .filter(|&m| self.devs[m].phase != Phase::Dead)
+                    .collect();
                 let now = Instant::now();
                 for m in 0..self.devs.len() {
                     self.ledger.stop_counting(m, now);
@@ -974,7 +1227,9 @@ impl Room {
     }
 
     fn faulted(&self, m: Member) -> bool {
-        self.watches.iter().any(|w| w.subject == Some(m) && w.converged.is_none())
+        self.watches
+            .iter()
+            .any(|w| w.subject == Some(m) && w.converged.is_none())
     }
 
     /// Leaves on purpose (churn).
@@ -982,14 +1237,22 @@ impl Room {
         self.stop_media(m);
         // Gone on its own: it need not hear of a fault's victim anymore.
         for w in &mut self.watches {
-            if w.kind == FaultKind::Kill && w.converged.is_none() && w.pending.remove(&m) && w.pending.is_empty() {
+            if w.kind == FaultKind::Kill
+                && w.converged.is_none()
+                && w.pending.remove(&m)
+                && w.pending.is_empty()
+            {
                 w.converged = Some(now);
             }
         }
         match &self.devs[m].session {
             Session::Quic(_) => {
                 if let Some(call) = self.call {
-                    self.request(m, Req::Leave, client_frame::Kind::GroupLeave(pb::GroupLeave { call_id: call.0 }));
+                    self.request(
+                        m,
+                        Req::Leave,
+                        client_frame::Kind::GroupLeave(pb::GroupLeave { call_id: call.0 }),
+                    );
                 }
             }
             Session::Ws(ws) => ws.send(ClientMessage::Leave),
@@ -998,9 +1261,16 @@ impl Room {
     }
 
     fn fault(&mut self, kind: FaultKind, duration: Duration, at_s: f64, now: Instant) {
-        let candidates: Vec<Member> = (0..self.devs.len()).filter(|&m| self.devs[m].phase == Phase::InCall && self.devs[m].media_up && !self.faulted(m)).collect();
+        let candidates: Vec<Member> = (0..self.devs.len())
+            .filter(|&m| {
+                self.devs[m].phase == Phase::InCall && self.devs[m].media_up && !self.faulted(m)
+            })
+            .collect();
         if candidates.is_empty() {
-            self.result.failures.push(&self.ctx.live, format!("{}: no device to strike with {}", self.name, kind.as_str()));
+            self.result.failures.push(
+                &self.ctx.live,
+                format!("{}: no device to strike with {}", self.name, kind.as_str()),
+            );
             return;
         }
         let m = candidates[self.rng.random_range(0..candidates.len())];
@@ -1008,7 +1278,9 @@ impl Room {
         let mut pending = HashSet::new();
         match kind {
             FaultKind::Kill => {
-                pending = (0..self.devs.len()).filter(|&o| o != m && self.devs[o].phase == Phase::InCall).collect();
+                pending = (0..self.devs.len())
+                    .filter(|&o| o != m && self.devs[o].phase == Phase::InCall)
+                    .collect();
                 let d = &mut self.devs[m];
                 match std::mem::replace(&mut d.session, Session::None) {
                     Session::Quic(client) => {
@@ -1036,14 +1308,29 @@ impl Room {
             }
             FaultKind::ServerRestart => {}
         }
-        let end = if kind == FaultKind::Kill { now } else { now + duration };
-        self.watches.push(Watch { kind, subject: Some(m), device: self.devs[m].id.clone(), start: now, at_s, end, pending, detected: None, converged: None });
+        let end = if kind == FaultKind::Kill {
+            now
+        } else {
+            now + duration
+        };
+        self.watches.push(Watch {
+            kind,
+            subject: Some(m),
+            device: self.devs[m].id.clone(),
+            start: now,
+            at_s,
+            end,
+            pending,
+            detected: None,
+            converged: None,
+        });
         if kind == FaultKind::Kill {
             // Nobody else in the room: nothing to tell.
             if let Some(w) = self.watches.last_mut()
-                && w.pending.is_empty() {
-                    w.converged = Some(now);
-                }
+                && w.pending.is_empty()
+            {
+                w.converged = Some(now);
+            }
         }
     }
 
@@ -1060,7 +1347,13 @@ impl Room {
                     let call = self.call;
                     tokio::spawn(async move {
                         if let Some(call) = call {
-                            let _ = tokio::time::timeout(GOODBYE, client.request(client_frame::Kind::GroupLeave(pb::GroupLeave { call_id: call.0 }))).await;
+                            let _ = tokio::time::timeout(
+                                GOODBYE,
+                                client.request(client_frame::Kind::GroupLeave(pb::GroupLeave {
+                                    call_id: call.0,
+                                })),
+                            )
+                            .await;
                         }
                         client.close().await;
                     });
@@ -1076,7 +1369,12 @@ impl Room {
     }
 
     fn finish(mut self) -> GroupResult {
-        let slots = self.slot_streams.values().map(HashSet::len).max().unwrap_or(0);
+        let slots = self
+            .slot_streams
+            .values()
+            .map(HashSet::len)
+            .max()
+            .unwrap_or(0);
         let slot_mode = slots > 0;
         let counted = !slot_mode || self.plan.talkers <= slots;
         if slot_mode {
@@ -1098,11 +1396,19 @@ impl Room {
         self.result.add_media(totals);
         let ramp_end = self.ctx.ramp_end;
         for w in &self.watches {
-            let from = if matches!(w.kind, FaultKind::Kill) { w.start } else { w.end };
+            let from = if matches!(w.kind, FaultKind::Kill) {
+                w.start
+            } else {
+                w.end
+            };
             self.result.faults.push(FaultOutcome {
                 kind: w.kind,
                 device: w.device.clone(),
-                at_s: if w.kind == FaultKind::ServerRestart { w.at_s } else { secs(ramp_end, w.start) },
+                at_s: if w.kind == FaultKind::ServerRestart {
+                    w.at_s
+                } else {
+                    secs(ramp_end, w.start)
+                },
                 detected_s: w.detected.map(|t| secs(w.start, t)),
                 converged_s: w.converged.map(|t| secs(from, t)),
             });

@@ -40,18 +40,29 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { bind_ip: None, progress: false, leak_wait: Duration::from_secs(30), fleet_backoff: false, command: String::new() }
+        RunOptions {
+            bind_ip: None,
+            progress: false,
+            leak_wait: Duration::from_secs(30),
+            fleet_backoff: false,
+            command: String::new(),
+        }
     }
 }
 
 /// Runs the scenario against a fleetcall server.
-pub async fn run(scenario: &Scenario, server: &mut Server, options: &RunOptions) -> anyhow::Result<Report> {
+pub async fn run(
+    scenario: &Scenario,
+    server: &mut Server,
+    options: &RunOptions,
+) -> anyhow::Result<Report> {
     let seed = scenario.seed.unwrap_or_else(rand::random);
     eprintln!("fleetcall-loadtest: seed {seed} (rerun with --seed {seed})");
     let mut rng = StdRng::seed_from_u64(seed);
     let bind_ip = match options.bind_ip {
         Some(ip) => ip,
-        None => crate::control::route_to(server.quic).context("finding the local interface that reaches the server (set --bind-ip)")?,
+        None => crate::control::route_to(server.quic)
+            .context("finding the local interface that reaches the server (set --bind-ip)")?,
     };
 
     // Audio: one speech variant per talker of a room (calls: two).
@@ -59,25 +70,51 @@ pub async fn run(scenario: &Scenario, server: &mut Server, options: &RunOptions)
         Some(path) => read_wav(path)?,
         None => default_speech(scenario.noise),
     };
-    let variants = scenario.rooms.talkers.max(if scenario.calls.per_sec > 0.0 { 2 } else { 1 });
+    let variants = scenario
+        .rooms
+        .talkers
+        .max(if scenario.calls.per_sec > 0.0 { 2 } else { 1 });
     let dtx = scenario.dtx;
-    let speech = tokio::task::spawn_blocking(move || speech_variants(&samples, variants, dtx)).await??;
+    let speech =
+        tokio::task::spawn_blocking(move || speech_variants(&samples, variants, dtx)).await??;
     let silence = Arc::new(Clip::silence()?);
-    let needs_quic = scenario.idle.devices > 0 || scenario.calls.per_sec > 0.0 || (scenario.rooms.count > 0 && scenario.room_control() == ControlPath::Quic);
-    let enroller = if needs_quic { Some(Enroller::open(&server.data_dir)?) } else { None };
+    let needs_quic = scenario.idle.devices > 0
+        || scenario.calls.per_sec > 0.0
+        || (scenario.rooms.count > 0 && scenario.room_control() == ControlPath::Quic);
+    let enroller = if needs_quic {
+        Some(Enroller::open(&server.data_dir)?)
+    } else {
+        None
+    };
 
     let previous_policy = match scenario.suppression {
         Suppression::Server => None,
-        Suppression::On => Some(server.set_suppression(true).await.context("turning suppression on")?),
-        Suppression::Off => Some(server.set_suppression(false).await.context("turning suppression off")?),
+        Suppression::On => Some(
+            server
+                .set_suppression(true)
+                .await
+                .context("turning suppression on")?,
+        ),
+        Suppression::Off => Some(
+            server
+                .set_suppression(false)
+                .await
+                .context("turning suppression off")?,
+        ),
     };
+
+    // The server before any device.
+    let baseline = Mark::take(server, &Live::default()).await;
 
     // The timeline.
     let t0 = Instant::now() + Duration::from_millis(200);
     let ramp = Duration::from_secs_f64(scenario.ramp_secs());
     let ramp_end = t0 + ramp;
     let duration = Duration::from_secs_f64(scenario.duration_secs);
-    let window = (ramp_end + Duration::from_secs_f64(scenario.settle_secs), ramp_end + duration);
+    let window = (
+        ramp_end + Duration::from_secs_f64(scenario.settle_secs),
+        ramp_end + duration,
+    );
     let live = Arc::new(Live::default());
     let ctx = Arc::new(Ctx {
         factory: PeerFactory::new()?,
@@ -102,11 +139,20 @@ pub async fn run(scenario: &Scenario, server: &mut Server, options: &RunOptions)
     let mut room_tasks = Vec::new();
     let mut room_commands = Vec::new();
     for index in 0..scenario.rooms.count {
-        let starts: Vec<Instant> = (0..scenario.rooms.per_room).map(|_| {
-            next_slot += 1;
-            slot(next_slot - 1)
-        }).collect();
-        let plan = RoomPlan { index, per_room: scenario.rooms.per_room, talkers: scenario.rooms.talkers, control, starts, seed: rng.random() };
+        let starts: Vec<Instant> = (0..scenario.rooms.per_room)
+            .map(|_| {
+                next_slot += 1;
+                slot(next_slot - 1)
+            })
+            .collect();
+        let plan = RoomPlan {
+            index,
+            per_room: scenario.rooms.per_room,
+            talkers: scenario.rooms.talkers,
+            control,
+            starts,
+            seed: rng.random(),
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         room_commands.push(tx);
         room_tasks.push(tokio::spawn(room::run(ctx.clone(), plan, rx)));
@@ -124,9 +170,13 @@ pub async fn run(scenario: &Scenario, server: &mut Server, options: &RunOptions)
             let plan = calls::PairPlan {
                 index,
                 starts,
-                first_call: ramp_end + Duration::from_secs_f64(index as f64 / scenario.calls.per_sec),
+                first_call: ramp_end
+                    + Duration::from_secs_f64(index as f64 / scenario.calls.per_sec),
                 interval,
-                until: ramp_end + duration.saturating_sub(Duration::from_secs_f64(scenario.calls.duration_secs + scenario.calls.answer_after_secs + 1.0)),
+                until: ramp_end
+                    + duration.saturating_sub(Duration::from_secs_f64(
+                        scenario.calls.duration_secs + scenario.calls.answer_after_secs + 1.0,
+                    )),
                 answer_after: Duration::from_secs_f64(scenario.calls.answer_after_secs),
                 talk: Duration::from_secs_f64(scenario.calls.duration_secs),
                 seed: rng.random(),
@@ -142,7 +192,12 @@ pub async fn run(scenario: &Scenario, server: &mut Server, options: &RunOptions)
         let n = (scenario.idle.devices - first).min(200);
         let starts: Vec<Instant> = (0..n).map(|k| slot(next_slot + k)).collect();
         next_slot += n;
-        idle_tasks.push(tokio::spawn(idle::run(ctx.clone(), first, starts, stop_rx.clone())));
+        idle_tasks.push(tokio::spawn(idle::run(
+            ctx.clone(),
+            first,
+            starts,
+            stop_rx.clone(),
+        )));
         first += n;
     }
 
@@ -151,20 +206,31 @@ pub async fn run(scenario: &Scenario, server: &mut Server, options: &RunOptions)
     if scenario.rooms.churn_per_sec > 0.0 {
         let every = Duration::from_secs_f64(1.0 / scenario.rooms.churn_per_sec);
         let mut at = window.0;
-        let last = window.1.checked_sub(Duration::from_secs_f64(scenario.rooms.rejoin_after_secs + 1.0)).unwrap_or(window.0);
+        let last = window
+            .1
+            .checked_sub(Duration::from_secs_f64(
+                scenario.rooms.rejoin_after_secs + 1.0,
+            ))
+            .unwrap_or(window.0);
         while at < last {
             events.push((at, Event::Churn));
             at += every;
         }
     }
     for fault in &scenario.faults {
-        events.push((ramp_end + Duration::from_secs_f64(fault.at_secs), Event::Fault(*fault)));
+        events.push((
+            ramp_end + Duration::from_secs_f64(fault.at_secs),
+            Event::Fault(*fault),
+        ));
     }
     events.sort_by_key(|(at, _)| *at);
 
     let end = ramp_end + duration;
     let mut progress = Progress::new(options.progress, t0, ramp_end, end, scenario.devices());
-    let mut marks = report::Marks::default();
+    let mut marks = report::Marks {
+        baseline: Some(baseline),
+        ..report::Marks::default()
+    };
     let mut sampler = tokio::time::interval(Duration::from_millis(500));
     let mut events = events.into_iter().peekable();
     let mut restarts = Vec::new();
@@ -182,7 +248,11 @@ pub async fn run(scenario: &Scenario, server: &mut Server, options: &RunOptions)
             marks.start = Some(Mark::take(server, &live).await);
         }
         let next_event = events.peek().map(|(at, _)| *at);
-        let wake = [Some(end), next_event, (!marked_start).then_some(window.0)].into_iter().flatten().min().unwrap_or(end);
+        let wake = [Some(end), next_event, (!marked_start).then_some(window.0)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(end);
         tokio::select! {
             _ = sampler.tick() => {
                 let server_sample = server.pid.and_then(proc_sample);
@@ -253,7 +323,9 @@ pub async fn run(scenario: &Scenario, server: &mut Server, options: &RunOptions)
     for task in room_tasks.into_iter().chain(pair_tasks).chain(idle_tasks) {
         match task.await {
             Ok(r) => result.merge(r),
-            Err(e) => result.failures.push(&live, format!("a group task failed: {e}")),
+            Err(e) => result
+                .failures
+                .push(&live, format!("a group task failed: {e}")),
         }
     }
     let finished = Instant::now();
@@ -266,7 +338,11 @@ pub async fn run(scenario: &Scenario, server: &mut Server, options: &RunOptions)
     progress.phase("leak check");
     let leak = Leak::check(server, options.leak_wait).await;
     progress.finish();
-    let reregister = live.reregister.lock().map(|h| h.clone()).unwrap_or_default();
+    let reregister = live
+        .reregister
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_default();
     let restart_faults = restarts
         .iter()
         .map(|(at_s, began, ready)| (*at_s, crate::outcome::secs(*began, *ready)))

@@ -55,7 +55,13 @@ pub struct Rooms {
 
 impl Default for Rooms {
     fn default() -> Self {
-        Rooms { count: 0, per_room: 5, talkers: 1, churn_per_sec: 0.0, rejoin_after_secs: 1.0 }
+        Rooms {
+            count: 0,
+            per_room: 5,
+            talkers: 1,
+            churn_per_sec: 0.0,
+            rejoin_after_secs: 1.0,
+        }
     }
 }
 
@@ -73,7 +79,11 @@ pub struct Calls {
 
 impl Default for Calls {
     fn default() -> Self {
-        Calls { per_sec: 0.0, duration_secs: 5.0, answer_after_secs: 0.2 }
+        Calls {
+            per_sec: 0.0,
+            duration_secs: 5.0,
+            answer_after_secs: 0.2,
+        }
     }
 }
 
@@ -137,9 +147,16 @@ impl std::str::FromStr for Fault {
     /// `KIND[:COUNT]@AT[+DURATION]`, e.g. `kill:3@10s`, `media-drop:2@5s+3s`,
     /// `server-restart@20s`.
     fn from_str(s: &str) -> anyhow::Result<Fault> {
-        let (head, timing) = s.split_once('@').with_context(|| format!("fault {s:?}: expected KIND[:COUNT]@AT[+DURATION]"))?;
+        let (head, timing) = s
+            .split_once('@')
+            .with_context(|| format!("fault {s:?}: expected KIND[:COUNT]@AT[+DURATION]"))?;
         let (kind, count) = match head.split_once(':') {
-            Some((kind, count)) => (kind, count.parse().with_context(|| format!("fault {s:?}: bad count {count:?}"))?),
+            Some((kind, count)) => (
+                kind,
+                count
+                    .parse()
+                    .with_context(|| format!("fault {s:?}: bad count {count:?}"))?,
+            ),
             None => (head, 1),
         };
         let kind = match kind {
@@ -147,13 +164,20 @@ impl std::str::FromStr for Fault {
             "stall" => FaultKind::Stall,
             "media-drop" | "media_drop" => FaultKind::MediaDrop,
             "server-restart" | "server_restart" | "restart" => FaultKind::ServerRestart,
-            other => bail!("fault {s:?}: unknown kind {other:?} (kill, stall, media-drop, server-restart)"),
+            other => bail!(
+                "fault {s:?}: unknown kind {other:?} (kill, stall, media-drop, server-restart)"
+            ),
         };
         let (at, duration) = match timing.split_once('+') {
             Some((at, duration)) => (parse_secs(at)?, parse_secs(duration)?),
             None => (parse_secs(timing)?, 0.0),
         };
-        Ok(Fault { kind, count, at_secs: at, duration_secs: duration })
+        Ok(Fault {
+            kind,
+            count,
+            at_secs: at,
+            duration_secs: duration,
+        })
     }
 }
 
@@ -190,13 +214,18 @@ impl Slo {
     /// Applies `key=value[,key=value...]`; `loss=1%` and `loss=0.01` mean the same.
     pub fn apply(&mut self, spec: &str) -> anyhow::Result<()> {
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (key, value) = item.split_once('=').with_context(|| format!("SLO {item:?}: expected KEY=VALUE"))?;
+            let (key, value) = item
+                .split_once('=')
+                .with_context(|| format!("SLO {item:?}: expected KEY=VALUE"))?;
             let number = |v: &str| -> anyhow::Result<f64> {
                 let (v, scale) = match v.strip_suffix('%') {
                     Some(v) => (v, 0.01),
                     None => (v, 1.0),
                 };
-                let n: f64 = v.trim().parse().with_context(|| format!("SLO {item:?}: {v:?} is not a number"))?;
+                let n: f64 = v
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("SLO {item:?}: {v:?} is not a number"))?;
                 if !n.is_finite() || n < 0.0 {
                     bail!("SLO {item:?}: must be a non-negative number");
                 }
@@ -307,7 +336,8 @@ impl Scenario {
         if self.calls.per_sec <= 0.0 {
             return 0;
         }
-        let busy = self.calls.per_sec * (self.calls.duration_secs + self.calls.answer_after_secs + 3.0);
+        let busy =
+            self.calls.per_sec * (self.calls.duration_secs + self.calls.answer_after_secs + 3.0);
         (busy * 1.5).ceil() as usize + 1
     }
 
@@ -327,50 +357,90 @@ impl Scenario {
         if r.count == 0 && self.calls.per_sec <= 0.0 && self.idle.devices == 0 {
             bail!("nothing to run: give --rooms, --calls-per-sec or --idle");
         }
-        for (what, v) in [("--duration", self.duration_secs), ("--ramp", self.ramp_per_sec)] {
+        for (what, v) in [
+            ("--duration", self.duration_secs),
+            ("--ramp", self.ramp_per_sec),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 bail!("{what} must be a positive number, got {v}");
             }
         }
-        if !(self.settle_secs.is_finite() && self.settle_secs >= 0.0) || self.settle_secs >= self.duration_secs {
-            bail!("--settle ({} s) must be shorter than --duration ({} s)", self.settle_secs, self.duration_secs);
+        if !(self.settle_secs.is_finite() && self.settle_secs >= 0.0)
+            || self.settle_secs >= self.duration_secs
+        {
+            bail!(
+                "--settle ({} s) must be shorter than --duration ({} s)",
+                self.settle_secs,
+                self.duration_secs
+            );
         }
-        if !(self.talk.on_secs >= 0.0 && self.talk.off_secs >= 0.0 && self.talk.on_secs + self.talk.off_secs > 0.0) {
+        if !(self.talk.on_secs >= 0.0
+            && self.talk.off_secs >= 0.0
+            && self.talk.on_secs + self.talk.off_secs > 0.0)
+        {
             bail!("--talk needs non-negative seconds, not both zero");
         }
         if r.count > 0 {
             if r.per_room < 2 {
-                bail!("a room needs at least 2 devices, got --per-room {}", r.per_room);
+                bail!(
+                    "a room needs at least 2 devices, got --per-room {}",
+                    r.per_room
+                );
             }
             if r.talkers > r.per_room {
-                bail!("--talkers {} is more than the {} devices of a room", r.talkers, r.per_room);
+                bail!(
+                    "--talkers {} is more than the {} devices of a room",
+                    r.talkers,
+                    r.per_room
+                );
             }
             if self.control == ControlPath::Quic && r.per_room > QUIC_GROUP_MAX {
-                bail!("a QUIC group call holds at most {QUIC_GROUP_MAX} members, got --per-room {}; use --control ws", r.per_room);
+                bail!(
+                    "a QUIC group call holds at most {QUIC_GROUP_MAX} members, got --per-room {}; use --control ws",
+                    r.per_room
+                );
             }
             if r.per_room > 900 {
                 bail!("at most 900 devices per room");
             }
         }
-        if !(r.churn_per_sec.is_finite() && r.churn_per_sec >= 0.0 && r.rejoin_after_secs.is_finite() && r.rejoin_after_secs >= 0.0) {
+        if !(r.churn_per_sec.is_finite()
+            && r.churn_per_sec >= 0.0
+            && r.rejoin_after_secs.is_finite()
+            && r.rejoin_after_secs >= 0.0)
+        {
             bail!("--churn and --rejoin-after must be non-negative");
         }
         if r.churn_per_sec > 0.0 && (r.count == 0 || r.per_room <= r.talkers) {
             bail!("--churn needs rooms with listeners (devices that are not talkers)");
         }
         let c = &self.calls;
-        if !(c.per_sec.is_finite() && c.per_sec >= 0.0 && c.duration_secs.is_finite() && c.duration_secs > 0.0) {
+        if !(c.per_sec.is_finite()
+            && c.per_sec >= 0.0
+            && c.duration_secs.is_finite()
+            && c.duration_secs > 0.0)
+        {
             bail!("--calls-per-sec must be non-negative and --call-secs positive");
         }
         if !(c.answer_after_secs.is_finite() && c.answer_after_secs >= 0.0) {
             bail!("--answer-after must be non-negative");
         }
         for fault in &self.faults {
-            if !(fault.at_secs.is_finite() && fault.at_secs >= 0.0 && fault.duration_secs.is_finite() && fault.duration_secs >= 0.0) {
+            if !(fault.at_secs.is_finite()
+                && fault.at_secs >= 0.0
+                && fault.duration_secs.is_finite()
+                && fault.duration_secs >= 0.0)
+            {
                 bail!("fault {}: times must be non-negative", fault.kind.as_str());
             }
             if fault.at_secs + fault.duration_secs >= self.duration_secs {
-                bail!("fault {} at {} s (+{} s) does not end before --duration {} s", fault.kind.as_str(), fault.at_secs, fault.duration_secs, self.duration_secs);
+                bail!(
+                    "fault {} at {} s (+{} s) does not end before --duration {} s",
+                    fault.kind.as_str(),
+                    fault.at_secs,
+                    fault.duration_secs,
+                    self.duration_secs
+                );
             }
             match fault.kind {
                 FaultKind::ServerRestart if target != TargetKind::Spawned => {
@@ -379,23 +449,44 @@ impl Scenario {
                 FaultKind::ServerRestart => {}
                 kind => {
                     if r.count == 0 {
-                        bail!("fault {}: strikes room devices; give --rooms", kind.as_str());
+                        bail!(
+                            "fault {}: strikes room devices; give --rooms",
+                            kind.as_str()
+                        );
                     }
                     if fault.count == 0 || fault.count > r.count * r.per_room {
-                        bail!("fault {}: {} devices asked, the rooms hold {}", kind.as_str(), fault.count, r.count * r.per_room);
+                        bail!(
+                            "fault {}: {} devices asked, the rooms hold {}",
+                            kind.as_str(),
+                            fault.count,
+                            r.count * r.per_room
+                        );
                     }
-                    if matches!(kind, FaultKind::Stall) && self.room_control() != ControlPath::Quic {
+                    if matches!(kind, FaultKind::Stall) && self.room_control() != ControlPath::Quic
+                    {
                         bail!("a stall fault needs the QUIC control plane (--control quic)");
                     }
-                    if matches!(kind, FaultKind::Stall | FaultKind::MediaDrop) && fault.duration_secs <= 0.0 {
-                        bail!("fault {} needs a duration: {}:N@AT+DURATION", kind.as_str(), kind.as_str());
+                    if matches!(kind, FaultKind::Stall | FaultKind::MediaDrop)
+                        && fault.duration_secs <= 0.0
+                    {
+                        bail!(
+                            "fault {} needs a duration: {}:N@AT+DURATION",
+                            kind.as_str(),
+                            kind.as_str()
+                        );
                     }
                 }
             }
         }
         if target == TargetKind::Janus {
-            if self.calls.per_sec > 0.0 || self.idle.devices > 0 || !self.faults.is_empty() || r.churn_per_sec > 0.0 {
-                bail!("against Janus only the audio-room scenario runs (no calls, idle devices, churn or faults)");
+            if self.calls.per_sec > 0.0
+                || self.idle.devices > 0
+                || !self.faults.is_empty()
+                || r.churn_per_sec > 0.0
+            {
+                bail!(
+                    "against Janus only the audio-room scenario runs (no calls, idle devices, churn or faults)"
+                );
             }
             if self.suppression == Suppression::On {
                 bail!("Janus has no noise suppression");
@@ -428,7 +519,10 @@ pub fn parse_secs(s: &str) -> anyhow::Result<f64> {
     } else {
         (s, 1.0)
     };
-    let v: f64 = number.trim().parse().with_context(|| format!("{s:?} is not a duration (e.g. 30s, 500ms, 2m)"))?;
+    let v: f64 = number
+        .trim()
+        .parse()
+        .with_context(|| format!("{s:?} is not a duration (e.g. 30s, 500ms, 2m)"))?;
     if !v.is_finite() || v < 0.0 {
         bail!("{s:?}: a duration must be a non-negative number");
     }
@@ -438,7 +532,9 @@ pub fn parse_secs(s: &str) -> anyhow::Result<f64> {
 /// `50`, `50/s`.
 pub fn parse_rate(s: &str) -> anyhow::Result<f64> {
     let number = s.trim().strip_suffix("/s").unwrap_or(s.trim());
-    let v: f64 = number.parse().with_context(|| format!("{s:?} is not a rate (e.g. 50/s)"))?;
+    let v: f64 = number
+        .parse()
+        .with_context(|| format!("{s:?} is not a rate (e.g. 50/s)"))?;
     if !v.is_finite() || v <= 0.0 {
         bail!("{s:?}: a rate must be positive");
     }
@@ -450,8 +546,13 @@ pub fn parse_talk(s: &str) -> anyhow::Result<TalkPattern> {
     if s == "continuous" {
         return Ok(TalkPattern::CONTINUOUS);
     }
-    let (on, off) = s.split_once(',').with_context(|| format!("--talk {s:?}: expected ON,OFF seconds (e.g. 4,2) or continuous"))?;
-    Ok(TalkPattern { on_secs: parse_secs(on)?, off_secs: parse_secs(off)? })
+    let (on, off) = s.split_once(',').with_context(|| {
+        format!("--talk {s:?}: expected ON,OFF seconds (e.g. 4,2) or continuous")
+    })?;
+    Ok(TalkPattern {
+        on_secs: parse_secs(on)?,
+        off_secs: parse_secs(off)?,
+    })
 }
 
 #[cfg(test)]
@@ -459,7 +560,15 @@ mod tests {
     use super::*;
 
     fn rooms(count: usize, per_room: usize, talkers: usize) -> Scenario {
-        Scenario { rooms: Rooms { count, per_room, talkers, ..Rooms::default() }, ..Scenario::default() }
+        Scenario {
+            rooms: Rooms {
+                count,
+                per_room,
+                talkers,
+                ..Rooms::default()
+            },
+            ..Scenario::default()
+        }
     }
 
     #[test]
@@ -472,17 +581,45 @@ mod tests {
         assert_eq!(parse_rate("50/s").unwrap(), 50.0);
         assert!(parse_rate("0").is_err());
         let f: Fault = "media-drop:2@5s+3s".parse().unwrap();
-        assert_eq!(f, Fault { kind: FaultKind::MediaDrop, count: 2, at_secs: 5.0, duration_secs: 3.0 });
+        assert_eq!(
+            f,
+            Fault {
+                kind: FaultKind::MediaDrop,
+                count: 2,
+                at_secs: 5.0,
+                duration_secs: 3.0
+            }
+        );
         let f: Fault = "server-restart@20".parse().unwrap();
         assert_eq!((f.kind, f.count), (FaultKind::ServerRestart, 1));
-        assert!("explode:1@2".parse::<Fault>().unwrap_err().to_string().contains("unknown kind"));
+        assert!(
+            "explode:1@2"
+                .parse::<Fault>()
+                .unwrap_err()
+                .to_string()
+                .contains("unknown kind")
+        );
         assert!("kill:1".parse::<Fault>().is_err());
         let mut slo = Slo::default();
         slo.apply("loss=1%, latency_p99_ms=50,leaks=0").unwrap();
-        assert_eq!((slo.loss, slo.latency_p99_ms, slo.leaks), (Some(0.01), Some(50.0), Some(0)));
-        assert!(slo.apply("speed=3").unwrap_err().to_string().contains("unknown key"));
+        assert_eq!(
+            (slo.loss, slo.latency_p99_ms, slo.leaks),
+            (Some(0.01), Some(50.0), Some(0))
+        );
+        assert!(
+            slo.apply("speed=3")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown key")
+        );
         assert!(slo.apply("loss=lots").is_err());
-        assert_eq!(parse_talk("4,2").unwrap(), TalkPattern { on_secs: 4.0, off_secs: 2.0 });
+        assert_eq!(
+            parse_talk("4,2").unwrap(),
+            TalkPattern {
+                on_secs: 4.0,
+                off_secs: 2.0
+            }
+        );
         assert!(parse_talk("4").is_err());
     }
 
@@ -492,9 +629,18 @@ mod tests {
             "duration_secs = 10\n[rooms]\ncount = 3\nper_room = 20\ntalkers = 3\n[[faults]]\nkind = \"kill\"\ncount = 2\nat_secs = 3\n[slo]\nloss = 0.01\n",
         )
         .unwrap();
-        assert_eq!((s.rooms.count, s.rooms.per_room, s.faults.len(), s.slo.loss), (3, 20, 1, Some(0.01)));
+        assert_eq!(
+            (s.rooms.count, s.rooms.per_room, s.faults.len(), s.slo.loss),
+            (3, 20, 1, Some(0.01))
+        );
         s.validate(TargetKind::Running).unwrap();
-        assert!(format!("{:#}", Scenario::from_toml("[rooms]\ncuont = 3\n").unwrap_err()).contains("cuont"));
+        assert!(
+            format!(
+                "{:#}",
+                Scenario::from_toml("[rooms]\ncuont = 3\n").unwrap_err()
+            )
+            .contains("cuont")
+        );
     }
 
     #[test]

@@ -34,13 +34,20 @@ pub struct ProcSample {
 pub fn proc_sample(pid: u32) -> Option<ProcSample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 2..)?
+        .split_whitespace()
+        .collect();
     // After the name: state is field 3, utime 14 and stime 15 (1-based).
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let resident: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(ProcSample { cpu_secs: (utime + stime) / TICKS_PER_SEC, sys_secs: stime / TICKS_PER_SEC, rss_bytes: resident * PAGE_BYTES })
+    Some(ProcSample {
+        cpu_secs: (utime + stime) / TICKS_PER_SEC,
+        sys_secs: stime / TICKS_PER_SEC,
+        rss_bytes: resident * PAGE_BYTES,
+    })
 }
 
 /// Series of interest from `/metrics`.
@@ -58,7 +65,9 @@ pub struct MetricsSample {
 pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
     let mut sum = None;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some(rest) = line.strip_prefix(name) else { continue };
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
         if !(rest.starts_with('{') || rest.starts_with(' ')) {
             continue;
         }
@@ -97,13 +106,28 @@ struct Spawned {
 
 impl Server {
     /// A running server: checks that it answers and that the token works.
-    pub async fn connect(http: &str, quic: SocketAddr, data_dir: &Path, token: Option<String>, pid: Option<u32>) -> anyhow::Result<Server> {
+    pub async fn connect(
+        http: &str,
+        quic: SocketAddr,
+        data_dir: &Path,
+        token: Option<String>,
+        pid: Option<u32>,
+    ) -> anyhow::Result<Server> {
         let http = http.trim_end_matches('/').to_owned();
-        let health = http::request("GET", &format!("{http}/healthz"), None, None, Duration::from_secs(3))
-            .await
-            .with_context(|| format!("the server is not reachable at {http}"))?;
+        let health = http::request(
+            "GET",
+            &format!("{http}/healthz"),
+            None,
+            None,
+            Duration::from_secs(3),
+        )
+        .await
+        .with_context(|| format!("the server is not reachable at {http}"))?;
         if health.status != 200 {
-            bail!("{http}/healthz answered {}: is this a fleetcall server?", health.status);
+            bail!(
+                "{http}/healthz answered {}: is this a fleetcall server?",
+                health.status
+            );
         }
         let admin_token = match token {
             Some(t) => t,
@@ -115,10 +139,21 @@ impl Server {
                     .to_owned()
             }
         };
-        let server = Server { http, quic, data_dir: data_dir.to_owned(), admin_token, pid, spawned: None };
-        server.stats().await.context("the admin API refused the token")?;
+        let server = Server {
+            http,
+            quic,
+            data_dir: data_dir.to_owned(),
+            admin_token,
+            pid,
+            spawned: None,
+        };
+        server
+            .stats()
+            .await
+            .context("the admin API refused the token")?;
         if let Some(pid) = pid {
-            proc_sample(pid).with_context(|| format!("no process {pid} to read CPU and memory from"))?;
+            proc_sample(pid)
+                .with_context(|| format!("no process {pid} to read CPU and memory from"))?;
         }
         Ok(server)
     }
@@ -126,12 +161,24 @@ impl Server {
     /// Starts `binary serve` on free loopback ports with `args` appended;
     /// its data directory is `data_dir` or a fresh one under the temp dir.
     /// With `cpus` (a `taskset` list such as `0`), the server runs only there.
-    pub async fn spawn(binary: &Path, args: &[String], data_dir: Option<&Path>, cpus: Option<&str>) -> anyhow::Result<Server> {
+    pub async fn spawn(
+        binary: &Path,
+        args: &[String],
+        data_dir: Option<&Path>,
+        cpus: Option<&str>,
+    ) -> anyhow::Result<Server> {
         let http_port = free_port(false)?;
         let quic_port = free_port(true)?;
         let (dir, temp_dir) = match data_dir {
             Some(d) => (d.to_owned(), false),
-            None => (std::env::temp_dir().join(format!("fleetcall-loadtest-{}-{}", std::process::id(), unique())), true),
+            None => (
+                std::env::temp_dir().join(format!(
+                    "fleetcall-loadtest-{}-{}",
+                    std::process::id(),
+                    unique()
+                )),
+                true,
+            ),
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut full = vec![
@@ -148,19 +195,38 @@ impl Server {
         full.extend(args.iter().cloned());
         let (binary, full) = match cpus {
             // `taskset` execs the server: the pid stays the server's.
-            Some(cpus) => (PathBuf::from("taskset"), [vec!["-c".to_owned(), cpus.to_owned(), binary.display().to_string()], full].concat()),
+            Some(cpus) => (
+                PathBuf::from("taskset"),
+                [
+                    vec![
+                        "-c".to_owned(),
+                        cpus.to_owned(),
+                        binary.display().to_string(),
+                    ],
+                    full,
+                ]
+                .concat(),
+            ),
             None => (binary.to_owned(), full),
         };
         let child = start(&binary, &full, &dir).await?;
         let pid = child.id();
-        let admin_token = std::fs::read_to_string(dir.join("admin-token")).context("the spawned server wrote no admin token")?.trim().to_owned();
+        let admin_token = std::fs::read_to_string(dir.join("admin-token"))
+            .context("the spawned server wrote no admin token")?
+            .trim()
+            .to_owned();
         let mut server = Server {
             http: format!("http://127.0.0.1:{http_port}"),
             quic: SocketAddr::from(([127, 0, 0, 1], quic_port)),
             data_dir: dir,
             admin_token,
             pid: Some(pid),
-            spawned: Some(Spawned { child, binary, args: full, temp_dir }),
+            spawned: Some(Spawned {
+                child,
+                binary,
+                args: full,
+                temp_dir,
+            }),
         };
         if let Err(e) = server.stats().await {
             server.stop();
@@ -177,7 +243,10 @@ impl Server {
     /// Stops the spawned server gracefully (SIGTERM) and starts it again on
     /// the same addresses and data; returns when it serves.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        let spawned = self.spawned.as_mut().context("only a server the tool started can be restarted")?;
+        let spawned = self
+            .spawned
+            .as_mut()
+            .context("only a server the tool started can be restarted")?;
         terminate(&mut spawned.child).await;
         spawned.child = start(&spawned.binary, &spawned.args, &self.data_dir).await?;
         self.pid = Some(spawned.child.id());
@@ -205,13 +274,15 @@ impl Server {
 
     /// `GET /api/stats`.
     pub async fn stats(&self) -> anyhow::Result<Value> {
-        let body = http::get_ok(&format!("{}/api/stats", self.http), Some(&self.admin_token)).await?;
+        let body =
+            http::get_ok(&format!("{}/api/stats", self.http), Some(&self.admin_token)).await?;
         serde_json::from_str(&body).context("parsing /api/stats")
     }
 
     /// `GET /api/calls`.
     pub async fn calls(&self) -> anyhow::Result<Value> {
-        let body = http::get_ok(&format!("{}/api/calls", self.http), Some(&self.admin_token)).await?;
+        let body =
+            http::get_ok(&format!("{}/api/calls", self.http), Some(&self.admin_token)).await?;
         serde_json::from_str(&body).context("parsing /api/calls")
     }
 
@@ -227,10 +298,24 @@ impl Server {
 
     /// Sets the default noise-suppression policy; returns the previous one.
     pub async fn set_suppression(&self, on: bool) -> anyhow::Result<bool> {
-        let body = http::get_ok(&format!("{}/api/policy", self.http), Some(&self.admin_token)).await?;
-        let before = serde_json::from_str::<Value>(&body)?.get("default").and_then(Value::as_bool).unwrap_or(false);
+        let body = http::get_ok(
+            &format!("{}/api/policy", self.http),
+            Some(&self.admin_token),
+        )
+        .await?;
+        let before = serde_json::from_str::<Value>(&body)?
+            .get("default")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let change = serde_json::json!({ "scope": "default", "on": on }).to_string();
-        let response = http::request("PUT", &format!("{}/api/policy", self.http), Some(&self.admin_token), Some(&change), Duration::from_secs(10)).await?;
+        let response = http::request(
+            "PUT",
+            &format!("{}/api/policy", self.http),
+            Some(&self.admin_token),
+            Some(&change),
+            Duration::from_secs(10),
+        )
+        .await?;
         if response.status != 200 {
             bail!("PUT /api/policy: {} {}", response.status, response.body);
         }
@@ -251,10 +336,17 @@ impl Drop for Server {
 
 /// Starts the server and waits for its "serving" line.
 async fn start(binary: &Path, args: &[String], dir: &Path) -> anyhow::Result<Child> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log")).context("server log")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .context("server log")?;
     let mut child = Command::new(binary)
         .args(args)
-        .env("RUST_LOG", std::env::var("LOADTEST_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("LOADTEST_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
@@ -266,9 +358,10 @@ async fn start(binary: &Path, args: &[String], dir: &Path) -> anyhow::Result<Chi
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             if line.starts_with("fleetcall serving ")
-                && let Some(tx) = tx.take() {
-                    let _ = tx.send(());
-                }
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(());
+            }
         }
     });
     match tokio::time::timeout(Duration::from_secs(30), rx).await {
@@ -276,7 +369,11 @@ async fn start(binary: &Path, args: &[String], dir: &Path) -> anyhow::Result<Chi
         _ => {
             let _ = child.kill();
             let status = child.wait().ok();
-            bail!("{} did not start serving (exit: {status:?}); see {}", binary.display(), dir.join("server.log").display())
+            bail!(
+                "{} did not start serving (exit: {status:?}); see {}",
+                binary.display(),
+                dir.join("server.log").display()
+            )
         }
     }
 }
@@ -298,19 +395,29 @@ async fn terminate(child: &mut Child) {
 /// SIGTERM through the shell's builtin `kill` (a minimal system may lack
 /// the `kill` binary; there is no safe std API for signals).
 fn sigterm(pid: u32) {
-    let _ = Command::new("sh").arg("-c").arg(format!("kill -TERM {pid}")).status();
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -TERM {pid}"))
+        .status();
 }
 
 fn free_port(udp: bool) -> anyhow::Result<u16> {
     Ok(if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()
+        std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
     } else {
-        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
+        std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
     })
 }
 
 fn unique() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -320,7 +427,10 @@ mod tests {
     #[test]
     fn reads_this_process() {
         let sample = proc_sample(std::process::id()).unwrap();
-        assert!(sample.rss_bytes > 1_000_000 && sample.cpu_secs >= 0.0, "{sample:?}");
+        assert!(
+            sample.rss_bytes > 1_000_000 && sample.cpu_secs >= 0.0,
+            "{sample:?}"
+        );
         assert!(proc_sample(u32::MAX).is_none());
     }
 
@@ -328,8 +438,14 @@ mod tests {
     fn sums_prometheus_series() {
         let text = "# HELP x\nfleetcall_rtp_forwarded_total{worker=\"0\",site=\"a\"} 10\nfleetcall_rtp_forwarded_total{worker=\"1\",site=\"a\"} 5\n\
                     fleetcall_rtp_forwarded_totally 99\nfleetcall_process_cpu_seconds_total 1.5\n";
-        assert_eq!(metric_sum(text, "fleetcall_rtp_forwarded_total"), Some(15.0));
-        assert_eq!(metric_sum(text, "fleetcall_process_cpu_seconds_total"), Some(1.5));
+        assert_eq!(
+            metric_sum(text, "fleetcall_rtp_forwarded_total"),
+            Some(15.0)
+        );
+        assert_eq!(
+            metric_sum(text, "fleetcall_process_cpu_seconds_total"),
+            Some(1.5)
+        );
         assert_eq!(metric_sum(text, "missing"), None);
     }
 }

@@ -26,8 +26,18 @@ fn run(args: &[&str], limit: Duration) -> (i32, String, String) {
     };
     let mut out = String::new();
     let mut err = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     (status.code().unwrap_or(-1), out, err)
 }
 
@@ -51,20 +61,73 @@ fn impossible_scenarios_are_refused_before_anything_starts() {
     for (args, needle) in [
         (&["--duration", "5"][..], "nothing to run"),
         (&["--rooms", "2", "--per-room", "1"][..], "at least 2"),
-        (&["--rooms", "2", "--per-room", "3", "--talkers", "5"][..], "more than"),
-        (&["--rooms", "2", "--per-room", "50", "--control", "quic"][..], "at most 32"),
-        (&["--rooms", "2", "--per-room", "3", "--fault", "server-restart@2"][..], "--spawn"),
-        (&["--rooms", "2", "--per-room", "3", "--fault", "kill:9@2"][..], "9 devices"),
-        (&["--rooms", "2", "--per-room", "3", "--fault", "media-drop:1@2"][..], "needs a duration"),
-        (&["--rooms", "2", "--per-room", "3", "--fault", "explode@2"][..], "unknown kind"),
-        (&["--rooms", "2", "--per-room", "3", "--duration", "5", "--fault", "kill@9"][..], "before --duration"),
-        (&["--rooms", "2", "--per-room", "3", "--slo", "speed=9"][..], "unknown key"),
-        (&["--rooms", "2", "--per-room", "3", "--compare"][..], "--janus"),
+        (
+            &["--rooms", "2", "--per-room", "3", "--talkers", "5"][..],
+            "more than",
+        ),
+        (
+            &["--rooms", "2", "--per-room", "50", "--control", "quic"][..],
+            "at most 32",
+        ),
+        (
+            &[
+                "--rooms",
+                "2",
+                "--per-room",
+                "3",
+                "--fault",
+                "server-restart@2",
+            ][..],
+            "--spawn",
+        ),
+        (
+            &["--rooms", "2", "--per-room", "3", "--fault", "kill:9@2"][..],
+            "9 devices",
+        ),
+        (
+            &[
+                "--rooms",
+                "2",
+                "--per-room",
+                "3",
+                "--fault",
+                "media-drop:1@2",
+            ][..],
+            "needs a duration",
+        ),
+        (
+            &["--rooms", "2", "--per-room", "3", "--fault", "explode@2"][..],
+            "unknown kind",
+        ),
+        (
+            &[
+                "--rooms",
+                "2",
+                "--per-room",
+                "3",
+                "--duration",
+                "5",
+                "--fault",
+                "kill@9",
+            ][..],
+            "before --duration",
+        ),
+        (
+            &["--rooms", "2", "--per-room", "3", "--slo", "speed=9"][..],
+            "unknown key",
+        ),
+        (
+            &["--rooms", "2", "--per-room", "3", "--compare"][..],
+            "--janus",
+        ),
         (&["--idle", "100000000"][..], "open files"),
     ] {
         let (code, _, err) = run(args, QUICK);
         assert_eq!(code, 2, "{args:?}: {err}");
-        assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in {err}"
+        );
     }
 }
 
@@ -77,7 +140,10 @@ fn a_bad_scenario_file_names_the_problem() {
     let (code, _, err) = run(&["--scenario", typo.to_str().unwrap()], QUICK);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("cuont") && err.contains("typo.toml"), "{err}");
-    let (code, _, err) = run(&["--scenario", dir.join("missing.toml").to_str().unwrap()], QUICK);
+    let (code, _, err) = run(
+        &["--scenario", dir.join("missing.toml").to_str().unwrap()],
+        QUICK,
+    );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("missing.toml"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
@@ -86,12 +152,36 @@ fn a_bad_scenario_file_names_the_problem() {
 #[test]
 fn an_unreachable_server_is_an_error_not_a_hang() {
     // Nothing listens on port 1.
-    let (code, _, err) = run(&["--http", "http://127.0.0.1:1", "--quic", "127.0.0.1:1", "--rooms", "1", "--per-room", "2", "--quiet"], Duration::from_secs(20));
+    let (code, _, err) = run(
+        &[
+            "--http",
+            "http://127.0.0.1:1",
+            "--quic",
+            "127.0.0.1:1",
+            "--rooms",
+            "1",
+            "--per-room",
+            "2",
+            "--quiet",
+        ],
+        Duration::from_secs(20),
+    );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("not reachable"), "{err}");
     // A server address that swallows packets (TEST-NET, RFC 5737): the
     // health check times out instead of hanging.
-    let (code, _, err) = run(&["--http", "http://192.0.2.1:8080", "--rooms", "1", "--per-room", "2", "--quiet"], Duration::from_secs(20));
+    let (code, _, err) = run(
+        &[
+            "--http",
+            "http://192.0.2.1:8080",
+            "--rooms",
+            "1",
+            "--per-room",
+            "2",
+            "--quiet",
+        ],
+        Duration::from_secs(20),
+    );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("not reachable"), "{err}");
     // A reachable HTTP port with the wrong data dir: no admin token.
@@ -104,11 +194,23 @@ fn an_unreachable_server_is_an_error_not_a_hang() {
             let Ok(mut stream) = stream else { continue };
             let mut buf = [0u8; 1024];
             let _ = std::io::Read::read(&mut stream, &mut buf);
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n");
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n",
+            );
         }
     });
     let (code, _, err) = run(
-        &["--http", &format!("http://127.0.0.1:{port}"), "--data-dir", missing.to_str().unwrap(), "--rooms", "1", "--per-room", "2", "--quiet"],
+        &[
+            "--http",
+            &format!("http://127.0.0.1:{port}"),
+            "--data-dir",
+            missing.to_str().unwrap(),
+            "--rooms",
+            "1",
+            "--per-room",
+            "2",
+            "--quiet",
+        ],
         Duration::from_secs(20),
     );
     assert_eq!(code, 1, "{err}");
@@ -117,7 +219,18 @@ fn an_unreachable_server_is_an_error_not_a_hang() {
 
 #[test]
 fn a_missing_server_binary_is_an_error() {
-    let (code, _, err) = run(&["--spawn", "/nonexistent/fleetcall", "--rooms", "1", "--per-room", "2", "--quiet"], QUICK);
+    let (code, _, err) = run(
+        &[
+            "--spawn",
+            "/nonexistent/fleetcall",
+            "--rooms",
+            "1",
+            "--per-room",
+            "2",
+            "--quiet",
+        ],
+        QUICK,
+    );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("/nonexistent/fleetcall"), "{err}");
 }
@@ -126,12 +239,21 @@ fn a_missing_server_binary_is_an_error() {
 fn help_and_the_generated_clip() {
     let (code, out, _) = run(&["--help"], QUICK);
     assert_eq!(code, 0);
-    assert!(out.contains("--per-room") && out.contains("Exit codes"), "{out}");
-    let path = std::env::temp_dir().join(format!("fleetcall-loadtest-clip-{}.wav", std::process::id()));
+    assert!(
+        out.contains("--per-room") && out.contains("Exit codes"),
+        "{out}"
+    );
+    let path = std::env::temp_dir().join(format!(
+        "fleetcall-loadtest-clip-{}.wav",
+        std::process::id()
+    ));
     let (code, _, err) = run(&["--write-wav", path.to_str().unwrap()], QUICK);
     assert_eq!(code, 0, "{err}");
     let reader = hound::WavReader::open(&path).unwrap();
-    assert_eq!((reader.spec().sample_rate, reader.spec().channels), (48_000, 1));
+    assert_eq!(
+        (reader.spec().sample_rate, reader.spec().channels),
+        (48_000, 1)
+    );
     assert_eq!(reader.duration(), 8 * 48_000);
     let _ = std::fs::remove_file(path);
 }
