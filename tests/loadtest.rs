@@ -73,7 +73,7 @@ fn websocket_rooms_on_audio_slots_converge_after_a_fault() {
         "slots",
         &[
             "--rooms", "2", "--per-room", "6", "--talkers", "2", "--control", "ws", "--duration", "5", "--settle", "1",
-            "--ramp", "40/s", "--fault", "media-drop:1@1.5+0.5", "--slo", "leaks=0,converge_max_s=3",
+            "--ramp", "40/s", "--fault", "media-drop:1@1.5+0.5", "--slo", "leaks=0,converge_max_s=3", "--seed", "1",
         ],
     );
     let r = report.expect("a report");
@@ -82,7 +82,9 @@ fn websocket_rooms_on_audio_slots_converge_after_a_fault() {
     assert_eq!(r.room_control, "ws");
     assert_eq!(r.media.slot_rooms, 2, "rooms of 6 with 3 slots forward through slots");
     assert_eq!(r.media.uncounted_rooms, 0);
-    assert!(r.media.streams >= 2 * 2 * 5 - 2, "streams {}", r.media.streams);
+    // 2 rooms x 2 talkers x 5 listeners; the fault's victim may be a
+    // talker whose streams then count only until the fault.
+    assert!(r.media.streams >= 2 * 2 * 5 - 5, "streams {}", r.media.streams);
     assert!(r.media.loss.is_some_and(|l| l <= 0.01), "loss {:?}", r.media.loss);
     assert_eq!(r.faults.len(), 1);
     assert!(r.faults[0].converged_s.is_some(), "{:?}", r.faults);

@@ -965,6 +965,7 @@ mod tests {
                 delivered: 990,
                 loss: Some(0.01),
                 worst_stream_loss: 0.02,
+                packets_sent: 1200,
                 ..Media::default()
             },
             calls: (0, 0, 0),
