@@ -227,6 +227,8 @@ fn report(
         resources.forwarded_streams = figures.forwarded_streams;
         resources.tool_cpu_pct = figures.tool_cpu_pct;
     }
+    resources.talker_streams_per_core =
+        crate::report::talker_streams_per_core(m.streams, resources.server_cpu_pct);
     let mut report = Report {
         target: "janus".into(),
         version: env!("CARGO_PKG_VERSION").into(),

@@ -242,6 +242,9 @@ pub struct Resources {
     pub streams_per_core: Option<f64>,
     /// Forwarded streams during the window, as 50 pps equivalents.
     pub forwarded_streams: Option<f64>,
+    /// Talker streams (counted for loss) per server core: the streams of
+    /// this scenario one core holds, every server overhead included.
+    pub talker_streams_per_core: Option<f64>,
     /// The tool's CPU over the window, % of one core.
     pub tool_cpu_pct: Option<f64>,
     /// How late the tool's 20 ms send ticks fired: its own overload.
@@ -416,6 +419,9 @@ impl Report {
         }
         let resources = resources(&i);
         let leak = i.leak.clone();
+        let mut resources = resources;
+        resources.talker_streams_per_core =
+            talker_streams_per_core(m.streams, resources.server_cpu_pct);
         let mut report = Report {
             target: "fleetcall".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -666,6 +672,15 @@ impl Report {
                 r.forwarded_streams
                     .map_or("n/a".into(), |v| format!("{v:.0}"))
             );
+            if let Some(per_core) = r.talker_streams_per_core {
+                let _ = writeln!(
+                    t,
+                    "  talker streams per server core: {per_core:.0} ({} streams at {} of a core)",
+                    m.streams,
+                    r.server_cpu_pct
+                        .map_or("n/a".into(), |v| format!("{v:.1} %"))
+                );
+            }
         }
         if let (Some(kb), Some(us)) = (r.server_kb_per_device, r.server_us_per_device_second) {
             let _ = writeln!(
@@ -882,6 +897,13 @@ pub fn window_figures(a: &Mark, b: &Mark) -> WindowFigures {
         f.tool_cpu_pct = Some(round1(100.0 * (y.cpu_secs - x.cpu_secs) / span));
     }
     f
+}
+
+/// Talker streams per server core.
+pub fn talker_streams_per_core(streams: u64, cpu_pct: Option<f64>) -> Option<f64> {
+    cpu_pct
+        .filter(|c| *c > 0.0 && streams > 0)
+        .map(|c| (streams as f64 / (c / 100.0)).round())
 }
 
 fn mb(bytes: f64) -> f64 {
