@@ -644,6 +644,15 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_scenario_parses_and_runs_against_fleetcall() {
+        let s = Scenario::from_toml(include_str!("../scenarios/fleet.toml")).unwrap();
+        assert_eq!((s.rooms.count, s.calls.per_sec, s.idle.devices, s.faults.len()), (40, 2.0, 500, 3));
+        assert_eq!(s.faults[1].kind, FaultKind::MediaDrop);
+        assert_eq!(s.slo.leaks, Some(0));
+        s.validate(TargetKind::Running).unwrap();
+    }
+
+    #[test]
     fn impossible_scenarios_are_refused_with_the_reason() {
         let err = |s: Scenario, target| s.validate(target).unwrap_err().to_string();
         assert!(err(Scenario::default(), TargetKind::Running).contains("nothing to run"));
