@@ -12,7 +12,8 @@
 //! (`audio_slots = 0`) and once with 3 audio slots per listener. Both
 //! forward the same packets (3 talkers to N - 1 listeners); what differs is
 //! how many streams each listener's `Rtc` carries. `FORWARD_SIZES=20,200`
-//! and `FORWARD_MODES=slots` narrow the run.
+//! and `FORWARD_MODES=slots` narrow the run; `FORWARD_ROOMS=50` sets the
+//! number of rooms of 5 in the last case (default 20).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -67,6 +68,15 @@ fn bench(c: &mut Criterion, group: &str, name: &str, net: &mut Net) {
     group.finish();
 }
 
+/// Every call into the core (timers, RTCP and STUN too) per packet written
+/// to a listener, over 2 s of virtual time: what forwarding costs outside a
+/// micro-benchmark, before the UDP system calls.
+fn whole_core_per_packet(net: &mut Net) -> Duration {
+    let (time, forwarded) = (net.sfu_time, net.stats().rtp_forwarded);
+    net.run(Duration::from_secs(2));
+    (net.sfu_time - time) / (net.stats().rtp_forwarded - forwarded).max(1) as u32
+}
+
 fn forward(c: &mut Criterion) {
     let sizes: Vec<usize> = std::env::var("FORWARD_SIZES")
         .ok()
@@ -83,13 +93,16 @@ fn forward(c: &mut Criterion) {
             let stats = net.stats();
             // Selection must be quiet while the same three talk.
             println!(
-                "{mode}/{size}: speaker changes {}, slot switches {}, forwarded {}, suppressed by selection {}",
-                stats.speaker_changes, stats.slot_switches, stats.selection_forwarded, stats.selection_suppressed
+                "{mode}/{size}: speaker changes {}, slot switches {}, forwarded {}, suppressed by selection {}, whole core {:?} per forwarded packet",
+                stats.speaker_changes, stats.slot_switches, stats.selection_forwarded, stats.selection_suppressed,
+                whole_core_per_packet(&mut net)
             );
         }
     }
-    let mut net = fleet(20, 5, 1, 0);
-    bench(c, "forward", "20_rooms_of_5_1_talker_each", &mut net);
+    let rooms = std::env::var("FORWARD_ROOMS").ok().and_then(|n| n.parse().ok()).unwrap_or(20);
+    let mut net = fleet(rooms, 5, 1, 0);
+    bench(c, "forward", &format!("{rooms}_rooms_of_5_1_talker_each"), &mut net);
+    println!("{rooms} rooms of 5, 1 talker each: whole core {:?} per forwarded packet", whole_core_per_packet(&mut net));
 }
 
 criterion_group!(benches, forward);

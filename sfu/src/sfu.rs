@@ -18,7 +18,7 @@ use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, RtpWrite};
+use str0m::rtp::{Extension, ExtensionMap, ExtensionValues, RtpWrite};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tracing::{debug, debug_span, info, info_span, trace, warn};
 
@@ -408,6 +408,23 @@ struct Outputs {
     grace: Duration,
 }
 
+/// The RTP header extensions the SFU negotiates: str0m's standard set
+/// without transport-wide sequence numbers and absolute send time. Those feed
+/// bandwidth estimation, which an audio SFU does not run; negotiated, they
+/// cost a TWCC feedback packet every 50 ms from and to every participant, a
+/// send register per participant, and LAN bandwidth. Video publishers fall
+/// back to loss-based estimation.
+fn extensions() -> ExtensionMap {
+    let standard = ExtensionMap::standard();
+    let mut map = ExtensionMap::empty();
+    for (id, ext) in standard.iter() {
+        if !matches!(ext, Extension::TransportSequenceNumber | Extension::AbsoluteSendTime) {
+            map.set(id, ext.clone());
+        }
+    }
+    map
+}
+
 /// How often each participant's `Rtc` reports RTCP-derived quality.
 const STATS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -491,6 +508,7 @@ impl Sfu {
             .clear_codecs()
             .enable_opus(true, false)
             .enable_vp8(true)
+            .set_extension_map(extensions())
             .set_stats_interval(Some(STATS_INTERVAL))
             .build(now);
         for addr in &self.config.candidates {

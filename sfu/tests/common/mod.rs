@@ -108,6 +108,8 @@ pub struct Net {
     pub rtp_in_time: Duration,
     /// Number of clients' RTP datagrams fed to the SFU.
     pub rtp_in: u64,
+    /// Time spent in every call into the SFU (timeouts, RTP, RTCP, STUN), for benches.
+    pub sfu_time: Duration,
     /// DSP pipelines run inline for processed tracks (the driver uses threads).
     pub dsp: HashMap<fleetcall_sfu::TrackKey, fleetcall_sfu::audio::TrackProcessor>,
     /// What the inline pipelines did.
@@ -138,6 +140,7 @@ impl Net {
             removed: Vec::new(),
             rtp_in_time: Duration::ZERO,
             rtp_in: 0,
+            sfu_time: Duration::ZERO,
             dsp: HashMap::new(),
             audio_totals: Default::default(),
             drop_rtp: None,
@@ -219,7 +222,9 @@ impl Net {
             }
             // Never stand still: str0m may ask for "now" again.
             self.now = next.max(self.now + Duration::from_micros(100));
+            let started = Instant::now();
             self.sfu.handle_timeout(self.now);
+            self.sfu_time += started.elapsed();
             for i in 0..self.clients.len() {
                 if !self.clients[i].silent && self.clients[i].deadline <= self.now {
                     let now = self.now;
@@ -306,13 +311,13 @@ impl Net {
                         self.rtp_in += 1;
                         continue;
                     }
+                    let started = Instant::now();
+                    self.sfu.handle_datagram(self.now, from, to, &bytes);
+                    let spent = started.elapsed();
+                    self.sfu_time += spent;
                     if is_rtp(&bytes) {
-                        let started = Instant::now();
-                        self.sfu.handle_datagram(self.now, from, to, &bytes);
-                        self.rtp_in_time += started.elapsed();
+                        self.rtp_in_time += spent;
                         self.rtp_in += 1;
-                    } else {
-                        self.sfu.handle_datagram(self.now, from, to, &bytes);
                     }
                     continue;
                 }
