@@ -1219,6 +1219,9 @@ impl Sfu {
     }
 }
 
+/// Timeouts already due that one drain serves itself before filing the rest.
+const MAX_TIMEOUTS_AT_ONCE: usize = 2;
+
 /// See [`Sfu::drain`]. A free function so callers can hold other fields.
 fn drain_participant(now: Instant, p: &mut Participant, out: &mut Outputs) {
     drain_participant_with(now, p, out, None);
@@ -1226,8 +1229,20 @@ fn drain_participant(now: Instant, p: &mut Participant, out: &mut Outputs) {
 
 /// Drains with the suppression policy at hand, for when new tracks may appear.
 fn drain_participant_with(now: Instant, p: &mut Participant, out: &mut Outputs, policy: Option<&SuppressionPolicy>) {
+    let mut served_at_once = 0;
     loop {
         let output = match p.rtc.poll_output() {
+            // str0m sends written RTP only after a timeout has stamped it, so
+            // every write asks for a timeout now: serving it here saves a trip
+            // through the timer heap (and a full poll) per forwarded packet.
+            // Bounded, so an `Rtc` that keeps asking cannot hold the worker.
+            Ok(Output::Timeout(at)) if at <= now && served_at_once < MAX_TIMEOUTS_AT_ONCE => {
+                served_at_once += 1;
+                p.rtc.handle_input(Input::Timeout(now)).and_then(|()| p.rtc.poll_output())
+            }
+            other => other,
+        };
+        let output = match output {
             Ok(output) => output,
             Err(e) => {
                 warn!(participant = %p.id, error = %e, "rtc failed");
