@@ -108,6 +108,9 @@ pub struct Net {
     pub rtp_in_time: Duration,
     /// Number of clients' RTP datagrams fed to the SFU.
     pub rtp_in: u64,
+    /// Pumps that left the SFU with a timeout already due: work it could
+    /// have done in the calls that caused it.
+    pub overdue_after_pump: u64,
     /// Time spent in every call into the SFU (timeouts, RTP, RTCP, STUN), for benches.
     pub sfu_time: Duration,
     /// DSP pipelines run inline for processed tracks (the driver uses threads).
@@ -141,6 +144,7 @@ impl Net {
             rtp_in_time: Duration::ZERO,
             rtp_in: 0,
             sfu_time: Duration::ZERO,
+            overdue_after_pump: 0,
             dsp: HashMap::new(),
             audio_totals: Default::default(),
             drop_rtp: None,
@@ -341,6 +345,9 @@ impl Net {
             if !moved {
                 break;
             }
+        }
+        if self.sfu.poll_timeout().is_some_and(|at| at <= self.now) {
+            self.overdue_after_pump += 1;
         }
     }
 
