@@ -108,15 +108,25 @@ pub(crate) struct Participant {
     /// When it joined, and when it was first sent audio (join-to-first-audio).
     pub joined_at: Instant,
     pub first_audio_at: Option<Instant>,
-    /// NACK and keyframe request counts last reported per outgoing m-line,
-    /// to count only what is new in each report.
-    pub egress_feedback: HashMap<Mid, (u64, u64)>,
+    /// What the participant's feedback last said per outgoing m-line, to
+    /// count only what is new in each stats event.
+    pub egress_feedback: HashMap<Mid, EgressFeedback>,
     /// When str0m last said ICE is disconnected (cleared on reconnect).
     pub ice_disconnected_at: Option<Instant>,
     /// The `Rtc`'s own next deadline.
     pub rtc_deadline: Instant,
     /// The deadline this participant is filed under in the timer heap.
     pub wake_at: Instant,
+}
+
+/// Cumulative feedback counts for one outgoing m-line, as last seen.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EgressFeedback {
+    pub nacks: u64,
+    pub keyframe_requests: u64,
+    /// Highest sequence number and packets lost from the last receiver report.
+    pub max_seq: u64,
+    pub lost: u64,
 }
 
 impl Participant {

@@ -1357,21 +1357,29 @@ fn handle_event(now: Instant, p: &mut Participant, event: Event, out: &mut Outpu
             }
         }
         Event::Closed => out.work.push_back(Work::Remove { participant: p.id, reason: LeaveReason::Closed }),
-        Event::PeerStats(stats) => {
-            if let Some(loss) = stats.egress_loss_fraction {
-                out.stats.reported_loss.observe(f64::from(loss));
-            }
+        // Loss and RTT per outgoing stream from the participant's receiver
+        // reports (str0m's per-peer figures need TWCC, which is not negotiated).
+        Event::MediaEgressStats(stats) => {
             if let Some(rtt) = stats.rtt {
                 out.stats.rtt.observe(rtt.as_secs_f64());
             }
-        }
-        Event::MediaEgressStats(stats) => {
-            let previous = p.egress_feedback.insert(stats.mid, (stats.nacks, stats.plis + stats.firs)).unwrap_or_default();
-            out.stats.nacks_received += stats.nacks.saturating_sub(previous.0);
-            out.stats.keyframe_requests_received += (stats.plis + stats.firs).saturating_sub(previous.1);
+            let keyframe_requests = stats.plis + stats.firs;
+            let seen = p.egress_feedback.entry(stats.mid).or_default();
+            out.stats.nacks_received += stats.nacks.saturating_sub(seen.nacks);
+            out.stats.keyframe_requests_received += keyframe_requests.saturating_sub(seen.keyframe_requests);
+            (seen.nacks, seen.keyframe_requests) = (stats.nacks, keyframe_requests);
             if let Some(remote) = stats.remote {
                 let clock = if p.rtc.media(stats.mid).is_some_and(|m| m.kind() == MediaKind::Video) { 90_000.0 } else { 48_000.0 };
                 out.stats.reported_jitter.observe(f64::from(remote.jitter) / clock);
+                // Loss since the previous report we saw: cumulative counts, so
+                // it holds however few reports came in between (audio: one per 5 s).
+                let max_seq = *remote.maximum_sequence_number;
+                let expected = max_seq.saturating_sub(seen.max_seq);
+                if seen.max_seq > 0 && expected > 0 {
+                    let lost = remote.packets_lost.saturating_sub(seen.lost).min(expected);
+                    out.stats.reported_loss.observe(lost as f64 / expected as f64);
+                }
+                (seen.max_seq, seen.lost) = (max_seq, remote.packets_lost);
             }
         }
         _ => {}

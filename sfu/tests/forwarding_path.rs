@@ -47,3 +47,34 @@ fn a_forwarded_packet_leaves_without_waiting_for_a_timer() {
     assert!(net.stats().rtp_forwarded >= forwarded + 150, "both talkers forwarded");
     assert_eq!(net.overdue_after_pump, overdue, "pumps left a timeout due");
 }
+
+#[test]
+fn loss_and_rtt_come_from_receiver_reports_without_twcc() {
+    init_log();
+    let mut net = Net::new(Duration::from_secs(5));
+    net.join("ward");
+    net.join("ward");
+    // Stats events come every 5 s per participant; loss needs two reports.
+    net.run(Duration::from_secs(25));
+    let stats = net.stats();
+    assert!(stats.rtp_forwarded > 500, "media flowed");
+
+    assert!(stats.reported_loss.count > 0, "no loss observation: {:?}", stats.reported_loss);
+    assert!(stats.rtt.count > 0, "no RTT observation: {:?}", stats.rtt);
+    // Virtual-time network: nothing lost.
+    assert_eq!(stats.reported_loss.sum, 0.0);
+}
+
+#[test]
+fn loss_before_the_sfu_shows_in_the_listeners_reports() {
+    init_log();
+    let mut net = Net::new(Duration::from_secs(5));
+    net.join("ward");
+    net.join("ward");
+    net.drop_rtp = Some(|index| index % 10 == 5);
+    net.run(Duration::from_secs(25));
+    let loss = net.stats().reported_loss;
+    assert!(loss.count > 0, "no loss observation");
+    let mean = loss.sum / loss.count as f64;
+    assert!((0.05..0.2).contains(&mean), "every 10th packet dropped, mean reported loss {mean}");
+}
