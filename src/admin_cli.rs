@@ -44,13 +44,16 @@ pub fn run(args: AdminArgs, table: Table) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    let (header, cells): (&[&str], fn(&Value) -> Vec<String>) = match table {
+    let (header, cells): (&[&str], RowFn) = match table {
         Table::Devices => (&["DEVICE", "REACHABILITY", "LAST HB", "RTT", "CALL", "PHASE", "SESSIONS", "VERSION", "LAST ERROR"], device_row),
         Table::Calls => (&["CALL", "KIND", "PHASE", "REASON", "INITIATOR", "AGE", "MEMBERS"], call_row),
     };
     print!("{}", render(header, &rows.iter().map(cells).collect::<Vec<_>>()));
     Ok(())
 }
+
+/// Turns one JSON row of the admin API into table cells.
+type RowFn = fn(&Value) -> Vec<String>;
 
 fn text(v: &Value) -> String {
     match v {

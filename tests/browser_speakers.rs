@@ -100,10 +100,10 @@ async fn one_slot_follows_the_talker_and_stays_continuous() -> anyhow::Result<()
     let mut samples: Vec<(Instant, serde_json::Value)> = Vec::new();
     while start.elapsed() < Duration::from_secs(40) {
         let speaker = browsers[carol].eval(&pages[carol], SPEAKER).await?;
-        if let Some(name) = speaker.as_str() {
-            if seen.last().map(String::as_str) != Some(name) {
-                seen.push(name.to_owned());
-            }
+        if let Some(name) = speaker.as_str()
+            && seen.last().map(String::as_str) != Some(name)
+        {
+            seen.push(name.to_owned());
         }
         let slot = browsers[carol].eval(&pages[carol], SLOT).await?;
         if !slot.is_null() {

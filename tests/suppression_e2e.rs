@@ -35,7 +35,7 @@ fn write_noisy_speech(path: &Path, seconds: f32) -> anyhow::Result<()> {
     let mut seed = 0x2545_f491_u32;
     for i in 0..(RATE * seconds) as usize {
         let t = i as f32 / RATE;
-        let voiced = (t / 0.6) as usize % 2 == 0;
+        let voiced = ((t / 0.6) as usize).is_multiple_of(2);
         let period = (RATE / (120.0 + 8.0 * (t * 3.0).sin())) as usize;
         let pulse = if voiced && i % period == 0 { 1.0 } else { 0.0 };
         let y = pulse + a1 * y1 + a2 * y2;
