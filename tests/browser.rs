@@ -20,20 +20,6 @@ const INBOUND_AUDIO: &str = r#"(async () => {
   return packets;
 })()"#;
 
-async fn wait_for(browser: &mut Browser, page: &Page, expression: &str, expected: &str, limit: Duration) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        let value = browser.eval(page, expression).await?;
-        if value == serde_json::json!(expected) {
-            return Ok(());
-        }
-        if start.elapsed() > limit {
-            anyhow::bail!("`{expression}` is {value}, expected {expected} within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn inbound_audio(browser: &mut Browser, page: &Page) -> anyhow::Result<i64> {
     Ok(browser.eval(page, INBOUND_AUDIO).await?.as_i64().unwrap_or(-1))
 }
@@ -47,7 +33,7 @@ async fn two_browser_pages_hear_each_other() -> anyhow::Result<()> {
 
     let state = "window.fleetcall && window.fleetcall.pc ? window.fleetcall.pc.connectionState : 'none'";
     for page in [&alice, &bob] {
-        wait_for(&mut browser, page, state, "connected", Duration::from_secs(30)).await?;
+        browser.wait_for(page, state, "connected", Duration::from_secs(30)).await?;
     }
 
     // Inbound audio must keep increasing on both pages.

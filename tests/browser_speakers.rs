@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::cdp::{Browser, Page};
+use common::cdp::Browser;
 use common::Server;
 
 const RATE: u32 = 48_000;
@@ -55,20 +55,6 @@ const SLOT: &str = r#"(async () => {
   return out;
 })()"#;
 
-async fn wait_for(browser: &mut Browser, page: &Page, expression: &str, expected: &str, limit: Duration) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        let value = browser.eval(page, expression).await?;
-        if value == serde_json::json!(expected) {
-            return Ok(());
-        }
-        if start.elapsed() > limit {
-            anyhow::bail!("`{expression}` is {value}, expected {expected} within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_slot_follows_the_talker_and_stays_continuous() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("fleetcall-speakers-{}", std::process::id()));
@@ -86,7 +72,7 @@ async fn one_slot_follows_the_talker_and_stays_continuous() -> anyhow::Result<()
         let flag = format!("--use-file-for-fake-audio-capture={}%noloop", wav(&name.to_lowercase()).display());
         let mut browser = Browser::launch_with(&[flag]).await?;
         let page = browser.open(&format!("{}/?room=speakers&name={name}&autojoin=1", server.url)).await?;
-        wait_for(&mut browser, &page, STATE, "connected", Duration::from_secs(30)).await?;
+        browser.wait_for(&page, STATE, "connected", Duration::from_secs(30)).await?;
         browsers.push(browser);
         pages.push(page);
     }

@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures_util::{SinkExt, StreamExt};
@@ -99,6 +99,21 @@ impl Browser {
             bail!("page threw: {exception}");
         }
         Ok(result["result"]["value"].clone())
+    }
+
+    /// Polls `expression` until it evaluates to the string `expected`; fails after `limit`.
+    pub async fn wait_for(&mut self, page: &Page, expression: &str, expected: &str, limit: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            let value = self.eval(page, expression).await?;
+            if value == json!(expected) {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                bail!("`{expression}` is {value}, expected {expected} within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     async fn call(&mut self, session: Option<&str>, method: &str, params: Value) -> anyhow::Result<Value> {
