@@ -29,7 +29,7 @@ use crate::peer::{FRAME_TICKS, PeerEvent, PeerFactory, Sent};
 use crate::progress::Progress;
 use crate::report::{Latencies, Leak, Mark, Marks, Media, Report, Resources, Verdict};
 use crate::run::RunOptions;
-use crate::scenario::Scenario;
+use crate::scenario::{Scenario, Timeline};
 use crate::server::proc_sample;
 
 const TICK: Duration = Duration::from_millis(20);
@@ -97,13 +97,11 @@ pub async fn run(
     let (variants, dtx) = (scenario.rooms.talkers.max(1), scenario.dtx);
     let speech =
         tokio::task::spawn_blocking(move || speech_variants(&samples, variants, dtx)).await??;
-    let t0 = Instant::now() + Duration::from_millis(200);
-    let ramp_end = t0 + Duration::from_secs_f64(scenario.ramp_secs());
-    let duration = Duration::from_secs_f64(scenario.duration_secs);
-    let window = (
-        ramp_end + Duration::from_secs_f64(scenario.settle_secs),
-        ramp_end + duration,
-    );
+    let Timeline {
+        t0,
+        ramp_end,
+        window,
+    } = Timeline::starting_now(scenario);
     let live = Arc::new(Live::default());
     let ctx = Arc::new(Ctx {
         factory: PeerFactory::new()?,
@@ -145,7 +143,7 @@ pub async fn run(
         )));
     }
 
-    let end = ramp_end + duration;
+    let end = window.1;
     let mut progress = Progress::new(options.progress, t0, ramp_end, end, scenario.devices());
     let mut marks = Marks::default();
     let mut sampler = tokio::time::interval(Duration::from_millis(500));
@@ -250,27 +248,7 @@ fn report(
             join_to_first_audio: result.join_to_audio.summary(),
             ..Latencies::default()
         },
-        media: Media {
-            streams: m.streams,
-            expected: m.expected,
-            delivered: m.delivered,
-            loss: (m.expected > 0)
-                .then(|| ((1.0 - m.delivered as f64 / m.expected as f64) * 1e6).round() / 1e6),
-            worst_stream_loss: (m.worst_stream_loss * 1e6).round() / 1e6,
-            streams_over_1pct: m.streams_over_1pct,
-            jitter: m.jitter.summary(),
-            packets_sent: m.sent,
-            packets_received: m.received,
-            matched_exact: m.exact,
-            matched_reencoded: m.reencoded,
-            matched_payload: m.payload_only,
-            unmatched: m.unknown,
-            own_audio: m.own,
-            slot_rooms: 0,
-            uncounted_rooms: 0,
-            unsent_frames: result.unsent,
-            socket_errors: result.send_errors,
-        },
+        media: Media::of(&result),
         calls: (0, 0, 0),
         faults: Vec::new(),
         resources,

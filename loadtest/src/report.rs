@@ -209,6 +209,33 @@ pub struct Media {
     pub socket_errors: u64,
 }
 
+impl Media {
+    /// The media figures of a run's results.
+    pub fn of(r: &GroupResult) -> Media {
+        let m = &r.media;
+        Media {
+            streams: m.streams,
+            expected: m.expected,
+            delivered: m.delivered,
+            loss: (m.expected > 0).then(|| round6(1.0 - m.delivered as f64 / m.expected as f64)),
+            worst_stream_loss: round6(m.worst_stream_loss),
+            streams_over_1pct: m.streams_over_1pct,
+            jitter: m.jitter.summary(),
+            packets_sent: m.sent,
+            packets_received: m.received,
+            matched_exact: m.exact,
+            matched_reencoded: m.reencoded,
+            matched_payload: m.payload_only,
+            unmatched: m.unknown,
+            own_audio: m.own,
+            slot_rooms: r.slot_rooms,
+            uncounted_rooms: r.uncounted_rooms,
+            unsent_frames: r.unsent,
+            socket_errors: r.send_errors,
+        }
+    }
+}
+
 /// Server and tool resources over the window.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Resources {
@@ -357,26 +384,7 @@ impl Report {
     pub fn build(i: Inputs<'_>) -> Report {
         let r = &i.result;
         let m = &r.media;
-        let media = Media {
-            streams: m.streams,
-            expected: m.expected,
-            delivered: m.delivered,
-            loss: (m.expected > 0).then(|| round6(1.0 - m.delivered as f64 / m.expected as f64)),
-            worst_stream_loss: round6(m.worst_stream_loss),
-            streams_over_1pct: m.streams_over_1pct,
-            jitter: m.jitter.summary(),
-            packets_sent: m.sent,
-            packets_received: m.received,
-            matched_exact: m.exact,
-            matched_reencoded: m.reencoded,
-            matched_payload: m.payload_only,
-            unmatched: m.unknown,
-            own_audio: m.own,
-            slot_rooms: r.slot_rooms,
-            uncounted_rooms: r.uncounted_rooms,
-            unsent_frames: r.unsent,
-            socket_errors: r.send_errors,
-        };
+        let media = Media::of(r);
         let mut faults = r.faults.clone();
         for (k, (at_s, served_after)) in i.restarts.iter().enumerate() {
             // Room watches of a restart carry the rooms' convergence; add

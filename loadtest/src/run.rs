@@ -19,7 +19,7 @@ use crate::peer::PeerFactory;
 use crate::progress::Progress;
 use crate::report::{self, Leak, Mark, Report};
 use crate::room::{self, RoomCommand, RoomPlan};
-use crate::scenario::{ControlPath, FaultKind, Scenario, Suppression};
+use crate::scenario::{ControlPath, FaultKind, Scenario, Suppression, Timeline};
 use crate::server::{Server, proc_sample};
 use crate::{calls, idle};
 
@@ -106,15 +106,12 @@ pub async fn run(
     // The server before any device.
     let baseline = Mark::take(server, &Live::default()).await;
 
-    // The timeline.
-    let t0 = Instant::now() + Duration::from_millis(200);
-    let ramp = Duration::from_secs_f64(scenario.ramp_secs());
-    let ramp_end = t0 + ramp;
-    let duration = Duration::from_secs_f64(scenario.duration_secs);
-    let window = (
-        ramp_end + Duration::from_secs_f64(scenario.settle_secs),
-        ramp_end + duration,
-    );
+    let Timeline {
+        t0,
+        ramp_end,
+        window,
+    } = Timeline::starting_now(scenario);
+    let (duration, end) = (window.1 - ramp_end, window.1);
     let live = Arc::new(Live::default());
     let ctx = Arc::new(Ctx {
         factory: PeerFactory::new()?,
@@ -225,7 +222,6 @@ pub async fn run(
     }
     events.sort_by_key(|(at, _)| *at);
 
-    let end = ramp_end + duration;
     let mut progress = Progress::new(options.progress, t0, ramp_end, end, scenario.devices());
     let mut marks = report::Marks {
         baseline: Some(baseline),

@@ -3,6 +3,7 @@
 //! anything starts so an impossible scenario is a clear error, not a hang.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
@@ -555,6 +556,34 @@ pub fn parse_talk(s: &str) -> anyhow::Result<TalkPattern> {
     })
 }
 
+/// When a run's phases begin and end.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeline {
+    /// Device starts begin.
+    pub t0: Instant,
+    /// The last device has started; the load time counts from here.
+    pub ramp_end: Instant,
+    /// Figures count in this window; it ends with the load.
+    pub window: (Instant, Instant),
+}
+
+impl Timeline {
+    /// The scenario's timeline, starting shortly after now.
+    pub fn starting_now(scenario: &Scenario) -> Timeline {
+        let t0 = Instant::now() + Duration::from_millis(200);
+        let ramp_end = t0 + Duration::from_secs_f64(scenario.ramp_secs());
+        let settled = ramp_end + Duration::from_secs_f64(scenario.settle_secs);
+        Timeline {
+            t0,
+            ramp_end,
+            window: (
+                settled,
+                ramp_end + Duration::from_secs_f64(scenario.duration_secs),
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -646,7 +675,15 @@ mod tests {
     #[test]
     fn the_shipped_scenario_parses_and_runs_against_fleetcall() {
         let s = Scenario::from_toml(include_str!("../scenarios/fleet.toml")).unwrap();
-        assert_eq!((s.rooms.count, s.calls.per_sec, s.idle.devices, s.faults.len()), (40, 2.0, 500, 3));
+        assert_eq!(
+            (
+                s.rooms.count,
+                s.calls.per_sec,
+                s.idle.devices,
+                s.faults.len()
+            ),
+            (40, 2.0, 500, 3)
+        );
         assert_eq!(s.faults[1].kind, FaultKind::MediaDrop);
         assert_eq!(s.slo.leaks, Some(0));
         s.validate(TargetKind::Running).unwrap();
