@@ -105,6 +105,27 @@ impl Controller {
     }
 
     /// The `CallState` message for a call.
+    /// Files `device` (on session `sid`) as invited to the call and starts
+    /// its ring timer; the caller sends the `IncomingCall`.
+    fn add_invited(&mut self, now: Instant, call_id: CallId, device: &DeviceId, sid: SessionId) {
+        if let Some(call) = self.calls.get_mut(&call_id) {
+            call.members.insert(
+                device.clone(),
+                Member {
+                    session: sid,
+                    state: MemberState::Invited,
+                    reconnecting: false,
+                },
+            );
+            call.former.insert(device.clone());
+        }
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            s.call = Some(call_id);
+        }
+        self.timers
+            .set(Timer::Ring(call_id, sid), now + self.config.ring_timeout);
+    }
+
     pub(super) fn call_state(&self, call_id: CallId) -> Option<pb::CallState> {
         let call = self.calls.get(&call_id)?;
         let (owner, group_name) = match &call.kind {
@@ -200,24 +221,7 @@ impl Controller {
                 self.end_call(now, call_id, Cause::new(reason).by(&callee).detail(detail));
             }
             Ok(callee_sid) => {
-                if let Some(call) = self.calls.get_mut(&call_id) {
-                    call.members.insert(
-                        callee.clone(),
-                        Member {
-                            session: callee_sid,
-                            state: MemberState::Invited,
-                            reconnecting: false,
-                        },
-                    );
-                    call.former.insert(callee.clone());
-                }
-                if let Some(s) = self.sessions.get_mut(&callee_sid) {
-                    s.call = Some(call_id);
-                }
-                self.timers.set(
-                    Timer::Ring(call_id, callee_sid),
-                    now + self.config.ring_timeout,
-                );
+                self.add_invited(now, call_id, &callee, callee_sid);
                 self.push(
                     callee_sid,
                     server_frame::Kind::IncomingCall(pb::IncomingCall {
@@ -290,7 +294,9 @@ impl Controller {
         }
         info!(call_id = %id, %device, "accepted");
         let created_at = self.calls[&id].created_at;
-        self.stats.ring_to_answer.observe(now.saturating_duration_since(created_at));
+        self.stats
+            .ring_to_answer
+            .observe(now.saturating_duration_since(created_at));
         self.timers.cancel(Timer::Ring(id, sid));
         let leg = self.new_leg(now, sid, id, &device);
         if let Some(m) = self
@@ -521,22 +527,7 @@ impl Controller {
                 self.notify_others(call_id, &target, ParticipantStatus::Gone, reason);
             }
             Ok(tsid) => {
-                if let Some(call) = self.calls.get_mut(&call_id) {
-                    call.members.insert(
-                        target.clone(),
-                        Member {
-                            session: tsid,
-                            state: MemberState::Invited,
-                            reconnecting: false,
-                        },
-                    );
-                    call.former.insert(target.clone());
-                }
-                if let Some(s) = self.sessions.get_mut(&tsid) {
-                    s.call = Some(call_id);
-                }
-                self.timers
-                    .set(Timer::Ring(call_id, tsid), now + self.config.ring_timeout);
+                self.add_invited(now, call_id, &target, tsid);
                 self.push(
                     tsid,
                     server_frame::Kind::IncomingCall(pb::IncomingCall {
