@@ -10,18 +10,26 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Where the server is and how to authenticate.
 #[derive(Debug, Args)]
-pub struct AdminArgs {
+pub struct ServerArgs {
     /// Base URL of the server's HTTP port.
     #[arg(long, env = "FLEETCALL_URL", default_value = "http://127.0.0.1:8080")]
-    server: String,
+    pub server: String,
     /// Data directory of the server: the admin token (and, for https, the
     /// certificate to trust) are read from it.
     #[arg(long, env = "FLEETCALL_DATA_DIR", default_value = "fleetcall-data")]
-    data_dir: PathBuf,
+    pub data_dir: PathBuf,
+}
+
+/// `fleetcall devices` / `fleetcall calls`.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    #[command(flatten)]
+    server: ServerArgs,
     /// Print the raw JSON instead of a table.
     #[arg(long)]
     json: bool,
 }
+
 
 /// Which table to print.
 #[derive(Debug, Clone, Copy)]
@@ -31,14 +39,11 @@ pub enum Table {
 }
 
 pub fn run(args: AdminArgs, table: Table) -> anyhow::Result<()> {
-    let token_path = args.data_dir.join("admin-token");
-    let token = std::fs::read_to_string(&token_path).with_context(|| format!("reading {}", token_path.display()))?;
     let path = match table {
         Table::Devices => "/api/devices",
         Table::Calls => "/api/calls",
     };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let body = runtime.block_on(get(&args, path, token.trim()))?;
+    let body = request(&args.server, "GET", path)?;
     let rows: Vec<Value> = serde_json::from_str(&body).context("server reply is not JSON")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -129,8 +134,17 @@ fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// GET over HTTP/1.1 (plain, or TLS trusting the server's own certificate).
-async fn get(args: &AdminArgs, path: &str, token: &str) -> anyhow::Result<String> {
+/// One admin API request with the admin token from the data dir; the body
+/// of a 200.
+pub fn request(server: &ServerArgs, method: &str, path: &str) -> anyhow::Result<String> {
+    let token_path = server.data_dir.join("admin-token");
+    let token = std::fs::read_to_string(&token_path).with_context(|| format!("reading {}", token_path.display()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("runtime")?;
+    runtime.block_on(send(server, method, path, token.trim()))
+}
+
+/// Over HTTP/1.1 (plain, or TLS trusting the server's own certificate).
+async fn send(args: &ServerArgs, method: &str, path: &str, token: &str) -> anyhow::Result<String> {
     let (tls, rest) = if let Some(rest) = args.server.strip_prefix("https://") {
         (true, rest)
     } else if let Some(rest) = args.server.strip_prefix("http://") {
@@ -140,7 +154,7 @@ async fn get(args: &AdminArgs, path: &str, token: &str) -> anyhow::Result<String
     };
     let host = rest.trim_end_matches('/');
     let tcp = tokio::net::TcpStream::connect(host).await.with_context(|| format!("connecting to {host}"))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     let response = if tls {
         let cert_path = args.data_dir.join("tls/cert.pem");
         let pem = std::fs::read(&cert_path).with_context(|| format!("reading {}", cert_path.display()))?;
@@ -162,7 +176,7 @@ async fn get(args: &AdminArgs, path: &str, token: &str) -> anyhow::Result<String
     let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP response")?;
     let status = head.lines().next().unwrap_or_default();
     if !status.contains(" 200 ") {
-        bail!("{path}: {status}");
+        bail!("{path}: {status}: {}", body.trim());
     }
     if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         return Ok(dechunk(body));

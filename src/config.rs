@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// Serve HTTPS: auto | on | off.
     #[arg(long, env = "FLEETCALL_TLS")]
     pub tls: Option<TlsMode>,
+    /// Another web origin (`https://portal.example`) whose pages may open the
+    /// device socket, besides the server's own; repeatable.
+    #[arg(long = "allowed-origin", env = "FLEETCALL_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// IP the media (UDP) sockets bind.
     #[arg(long, env = "FLEETCALL_MEDIA_BIND")]
     pub media_bind: Option<IpAddr>,
@@ -164,6 +168,7 @@ struct FileControl {
 struct FileHttp {
     addr: Option<SocketAddr>,
     tls: Option<TlsMode>,
+    allowed_origins: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -193,6 +198,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub http_addr: SocketAddr,
     pub tls: bool,
+    pub allowed_origins: Vec<String>,
     pub media_bind: IpAddr,
     pub media_port: u16,
     pub workers: usize,
@@ -235,6 +241,7 @@ impl Config {
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("fleetcall-data")),
             http_addr,
             tls,
+            allowed_origins: if args.allowed_origins.is_empty() { file.http.allowed_origins.unwrap_or_default() } else { args.allowed_origins },
             media_bind: args.media_bind.or(file.media.bind).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             media_port: args.media_port.or(file.media.first_port).unwrap_or(50_000),
             workers,
@@ -271,6 +278,12 @@ impl Config {
         }
         if self.max_room_size < 2 {
             bail!("max room size must be at least 2");
+        }
+        for origin in &self.allowed_origins {
+            let host = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+            if host.is_none_or(|h| h.is_empty() || h.contains('/')) {
+                bail!("allowed origin {origin:?} is not scheme://host[:port]");
+            }
         }
         Ok(())
     }
@@ -339,5 +352,8 @@ mod tests {
         assert!(load(&["--workers", "0"]).is_err());
         assert!(load(&["--disconnect-grace-secs", "-1"]).is_err());
         assert!(load(&["--config", "/nonexistent/fleetcall.toml"]).is_err());
+        assert!(load(&["--allowed-origin", "portal.example"]).is_err());
+        assert!(load(&["--allowed-origin", "https://portal.example/app"]).is_err());
+        assert_eq!(load(&["--allowed-origin", "https://portal.example"]).unwrap().allowed_origins, ["https://portal.example"]);
     }
 }

@@ -1,31 +1,43 @@
-//! The HTTP surface: web client, health, signaling socket, admin API.
+//! The HTTP surface: web client, health, the device protocol over
+//! WebSocket, admin API (devices, calls, tokens, revocation, policy).
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, Path, Query, Request, State, WebSocketUpgrade};
+use axum::extract::{Path, Query, Request, State, WebSocketUpgrade};
 use axum::middleware::{self, Next};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fleetcall_sfu::audio::PolicyChange;
+use fleetcall_sfu::SfuHandle;
 use fleetcall_signaling::controller::{CallSnapshot, DeviceSnapshot};
-use fleetcall_signaling::ids::{CallId, DeviceId};
-use fleetcall_signaling::pki::DeviceTokens;
-use fleetcall_signaling::service::ControlPlane;
-use fleetcall_signaling::ws::{self, WsContext};
-use fleetcall_signaling::ws_device;
+use fleetcall_signaling::grants::{Grant, RoomPattern};
+use fleetcall_signaling::ids::CallId;
+use fleetcall_signaling::revocations::Revocations;
+use fleetcall_signaling::service::{unix_now, ControlPlane};
+use fleetcall_signaling::tokens::{AccessTokens, TokenRequest};
+use fleetcall_signaling::ws_device::{self, TokenCheck};
 use serde_json::{json, Value};
 
 /// Shared by every request handler.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    pub ws: WsContext,
+    pub sfu: SfuHandle,
     pub control: ControlPlane,
-    pub device_tokens: DeviceTokens,
+    /// Mints tokens (admin API).
+    pub tokens: AccessTokens,
+    /// Checks the tokens of WebSocket clients.
+    pub token_check: TokenCheck,
+    /// The revocation list on disk; the controller enforces it.
+    pub revocations: Arc<Mutex<Revocations>>,
+    /// Origins besides the server's own that may open the device socket.
+    pub allowed_origins: Arc<[String]>,
+    /// `https` or `http`: the server's own origin is `<scheme>://<Host>`.
+    pub scheme: &'static str,
     /// Served on `/metrics` here unless a separate metrics address is set.
     pub metrics: Option<crate::metrics::Scrape>,
     /// False before the media plane runs and once shutdown begins.
@@ -39,6 +51,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/devices", get(devices))
         .route("/api/calls", get(calls))
         .route("/api/calls/{id}/end", post(end_call))
+        .route("/api/tokens", post(create_token))
+        .route("/api/devices/{id}/revoke", post(revoke))
+        .route("/api/revocations", get(revocations))
         .route("/api/policy", get(get_policy).put(put_policy))
         .route("/api/audio", get(audio))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin_token));
@@ -48,7 +63,6 @@ pub fn router(state: AppState) -> Router {
         .route("/style.css", get(|| async { ([(header::CONTENT_TYPE, "text/css")], include_str!("../web/style.css")) }))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/ws", get(websocket))
         .route("/ws/device", get(device_websocket))
         .route("/metrics", get(metrics))
         .merge(admin)
@@ -78,38 +92,124 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn websocket(upgrade: WebSocketUpgrade, ConnectInfo(peer): ConnectInfo<SocketAddr>, State(state): State<AppState>) -> Response {
-    if !state.ready.load(Ordering::Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
-    }
-    ws::upgrade(upgrade, peer, state.ws)
-}
-
 #[derive(Debug, serde::Deserialize)]
 struct DeviceQuery {
-    token: String,
+    token: Option<String>,
 }
 
-/// The device protocol over WebSocket; the token is the identity.
-async fn device_websocket(upgrade: WebSocketUpgrade, Query(query): Query<DeviceQuery>, State(state): State<AppState>) -> Response {
+/// The device protocol over WebSocket; the token is the identity. A page
+/// from another origin is refused before the upgrade (a browser sends the
+/// user's network position along, never a token it was not given).
+async fn device_websocket(
+    upgrade: WebSocketUpgrade,
+    Query(query): Query<DeviceQuery>,
+    headers: HeaderMap,
+    State(state): State<AppState>,
+) -> Response {
     if !state.ready.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
-    let Some(device) = state.device_tokens.verify(&query.token).and_then(|id| DeviceId::new(id).ok()) else {
-        return (StatusCode::UNAUTHORIZED, "invalid device token\n").into_response();
+    if !origin_allowed(&headers, state.scheme, &state.allowed_origins) {
+        return (StatusCode::FORBIDDEN, Json(json!({ "error": "origin_not_allowed", "message": "this page's origin may not open the device socket" }))).into_response();
+    }
+    let credential = state.token_check.check(query.token.as_deref());
+    ws_device::upgrade(upgrade, credential, state.control)
+}
+
+/// No `Origin` (a device, not a browser), the server's own origin, or one
+/// on the allow list.
+fn origin_allowed(headers: &HeaderMap, scheme: &str, allowed: &[String]) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else { return true };
+    let Ok(origin) = origin.to_str() else { return false };
+    let own = headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(|host| format!("{scheme}://{host}"));
+    own.is_some_and(|own| own.eq_ignore_ascii_case(origin)) || allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
+}
+
+/// `POST /api/tokens`: an access token for a browser or another WebSocket
+/// client.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    /// Shown to the others.
+    identity: String,
+    /// Room names or `prefix*`.
+    #[serde(default)]
+    rooms: Vec<String>,
+    /// Lifetime, e.g. `8h` (default) or `30m`.
+    ttl: Option<String>,
+    #[serde(default)]
+    subscribe_only: bool,
+}
+
+async fn create_token(State(state): State<AppState>, body: Result<Json<TokenBody>, JsonRejection>) -> Response {
+    let bad = |message: String| (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response();
+    let body = match body {
+        Ok(Json(body)) => body,
+        Err(e) => return bad(e.body_text()),
     };
-    ws_device::upgrade(upgrade, device, state.control)
+    let ttl = match body.ttl.as_deref().map(humantime::parse_duration).transpose() {
+        Ok(ttl) => ttl.unwrap_or(Duration::from_secs(8 * 3600)),
+        Err(e) => return bad(format!("ttl: {e}")),
+    };
+    let rooms = match body.rooms.iter().map(|r| RoomPattern::parse(r)).collect::<Result<Vec<_>, _>>() {
+        Ok(rooms) => rooms,
+        Err(e) => return bad(e.to_string()),
+    };
+    let grant = Grant { rooms, publish: !body.subscribe_only, subscribe: true };
+    let request = TokenRequest { identity: body.identity, ttl, grant, guest: false };
+    // Never in the second of the identity's latest revocation, which would
+    // revoke it.
+    let revoked_at = state.revocations.lock().expect("revocation list lock").revoked_at(&request.identity);
+    let now = revoked_at.map_or(unix_now(), |at| unix_now().max(at + 1));
+    match state.tokens.mint(&request, now) {
+        Ok(token) => Json(json!({
+            "token": token,
+            "identity": request.identity,
+            "rooms": body.rooms,
+            "publish": request.grant.publish,
+            "expires_at": now + ttl.as_secs(),
+        }))
+        .into_response(),
+        Err(e) => bad(e.to_string()),
+    }
+}
+
+/// `POST /api/devices/{id}/revoke`: every credential of `id` issued until
+/// now is refused from now on, and its live connections close.
+async fn revoke(Path(id): Path<String>, State(state): State<AppState>) -> Response {
+    if id.is_empty() || id.len() > fleetcall_signaling::ids::MAX_DEVICE_ID {
+        return (StatusCode::BAD_REQUEST, Json(json!({ "error": "not an identity" }))).into_response();
+    }
+    let at = unix_now();
+    // Persisted before it is enforced, so a crash never forgets a revocation.
+    let list = state.revocations.clone();
+    let subject = id.clone();
+    let saved = tokio::task::spawn_blocking(move || list.lock().expect("revocation list lock").revoke(&subject, at)).await;
+    match saved {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e.to_string() }))).into_response(),
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e.to_string() }))).into_response(),
+    }
+    match state.control.revoke(id.clone(), at).await {
+        Ok(sessions) => Json(json!({ "subject": id, "revoked_at": at, "sessions_ended": sessions })).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+async fn revocations(State(state): State<AppState>) -> Response {
+    let entries = state.revocations.lock().expect("revocation list lock").entries().clone();
+    Json(entries).into_response()
 }
 
 async fn stats(State(state): State<AppState>) -> Response {
-    match state.ws.sfu.stats().await {
+    match state.sfu.stats().await {
         Ok(stats) => Json(stats).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
 
 async fn get_policy(State(state): State<AppState>) -> Response {
-    match state.ws.sfu.policy().await {
+    match state.sfu.policy().await {
         Ok(policy) => Json(policy).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
@@ -121,7 +221,7 @@ async fn put_policy(State(state): State<AppState>, body: Result<Json<PolicyChang
         Ok(change) => change,
         Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({ "error": e.body_text() }))).into_response(),
     };
-    match state.ws.sfu.set_policy(change).await {
+    match state.sfu.set_policy(change).await {
         Ok(policy) => Json(policy).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
@@ -129,7 +229,7 @@ async fn put_policy(State(state): State<AppState>, body: Result<Json<PolicyChang
 
 /// Audio meters of every processed track.
 async fn audio(State(state): State<AppState>) -> Response {
-    let meters = state.ws.sfu.audio_meters().await;
+    let meters = state.sfu.audio_meters().await;
     Json(meters.iter().map(|(track, m)| json!({
         "participant": track.publisher.0,
         "mid": track.mid.to_string(),
@@ -228,6 +328,23 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_own_origin_and_the_allow_list_open_the_socket() {
+        let allowed = vec!["https://portal.example".to_owned()];
+        let mut headers = HeaderMap::new();
+        assert!(origin_allowed(&headers, "http", &allowed), "no Origin: not a browser");
+        headers.insert(header::HOST, "127.0.0.1:8080".parse().unwrap());
+        headers.insert(header::ORIGIN, "http://127.0.0.1:8080".parse().unwrap());
+        assert!(origin_allowed(&headers, "http", &allowed));
+        assert!(!origin_allowed(&headers, "https", &allowed), "the scheme is part of the origin");
+        headers.insert(header::ORIGIN, "https://portal.example".parse().unwrap());
+        assert!(origin_allowed(&headers, "http", &allowed));
+        for evil in ["http://evil.example", "null", "http://127.0.0.1:8080.evil.example"] {
+            headers.insert(header::ORIGIN, evil.parse().unwrap());
+            assert!(!origin_allowed(&headers, "http", &allowed), "{evil}");
+        }
+    }
 
     #[test]
     fn bearer_token_must_match_exactly() {

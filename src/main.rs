@@ -3,6 +3,7 @@
 
 mod admin_cli;
 mod config;
+mod credentials;
 mod device_agent;
 mod http;
 mod metrics;
@@ -11,7 +12,8 @@ mod secrets;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -19,10 +21,13 @@ use fleetcall_dsp::PipelineConfig;
 use fleetcall_sfu::audio::SuppressionPolicy;
 use fleetcall_sfu::{DriverConfig, SfuConfig, SfuDriver};
 use fleetcall_signaling::controller::{self, Controller};
-use fleetcall_signaling::pki::{DeviceTokens, Pki};
+use fleetcall_signaling::grants::{Grant, RoomPattern};
+use fleetcall_signaling::pki::Pki;
 use fleetcall_signaling::quic::{self, QuicConfig};
-use fleetcall_signaling::service::ControlPlane;
-use fleetcall_signaling::ws::WsContext;
+use fleetcall_signaling::revocations::Revocations;
+use fleetcall_signaling::service::{unix_now, ControlPlane};
+use fleetcall_signaling::tokens::{AccessTokens, TokenRequest};
+use fleetcall_signaling::ws_device::TokenCheck;
 use std::path::PathBuf;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -43,9 +48,12 @@ enum Command {
     /// The installation's certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Devices: enrollment.
+    /// Devices: enrollment, tokens, revocation.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Access tokens for browsers and other WebSocket clients.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Print the device state table of a running server.
     Devices(admin_cli::AdminArgs),
     /// Print the live and recently ended calls of a running server.
@@ -68,27 +76,21 @@ enum CaCommand {
 #[derive(Debug, Subcommand)]
 enum DeviceCommand {
     /// Issue a client certificate and key for a device.
-    Enroll {
-        /// The device id (1-64 of A-Z a-z 0-9 _ . -), its identity on the control plane.
-        id: String,
-        /// Data directory of the server (holds the CA).
-        #[arg(long, env = "FLEETCALL_DATA_DIR", default_value = "fleetcall-data")]
-        data_dir: PathBuf,
-        /// Where to write `<id>.pem`, `<id>.key` and `ca.pem`.
-        #[arg(long, default_value = ".")]
-        out: PathBuf,
-    },
-    /// Print a WebSocket token for a device without a certificate (a browser).
-    Token {
-        /// The device id.
-        id: String,
-        /// Data directory of the server (holds the token secret).
-        #[arg(long, env = "FLEETCALL_DATA_DIR", default_value = "fleetcall-data")]
-        data_dir: PathBuf,
-    },
+    Enroll(credentials::EnrollArgs),
+    /// Print an access token for a device without a certificate (WebSocket).
+    Token(credentials::DeviceTokenArgs),
+    /// End every credential of a device now: live connections close within
+    /// a second, reconnects are refused, also after a restart.
+    Revoke(credentials::RevokeArgs),
     /// Run a reference device: register, ring, answer, send a WAV file as
     /// the microphone and record what it hears.
     Run(device_agent::RunArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print an access token for named rooms.
+    Create(credentials::TokenArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -105,18 +107,10 @@ fn main() -> anyhow::Result<()> {
             println!("CA ready: {}", pki.ca_path().display());
             Ok(())
         }
-        Command::Device(DeviceCommand::Enroll { id, data_dir, out }) => {
-            let pki = Pki::open_or_init(data_dir.join("pki"), &[])?;
-            let files = pki.enroll(&id, &out)?;
-            println!("enrolled {id}: {} {} (trust {})", files.cert.display(), files.key.display(), files.ca.display());
-            Ok(())
-        }
-        Command::Device(DeviceCommand::Token { id, data_dir }) => {
-            let pki = Pki::open_or_init(data_dir.join("pki"), &[])?;
-            let tokens = DeviceTokens::open_or_init(pki.dir())?;
-            println!("{}", tokens.issue(&id)?);
-            Ok(())
-        }
+        Command::Device(DeviceCommand::Enroll(args)) => credentials::enroll(args),
+        Command::Device(DeviceCommand::Token(args)) => credentials::device_token(args),
+        Command::Device(DeviceCommand::Revoke(args)) => credentials::revoke(args),
+        Command::Token(TokenCommand::Create(args)) => credentials::create_token(args),
         Command::Device(DeviceCommand::Run(args)) => {
             init_tracing(LogFormat::Text);
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
@@ -167,17 +161,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     control_config.heartbeat_interval = config.heartbeat;
     control_config.ring_timeout = config.ring_timeout;
     control_config.resume_grace = config.resume_grace;
+    control_config.max_room_members = config.max_room_size;
     let seed: [u8; 32] = rand::random();
-    let controller = Controller::new(control_config, std::time::Instant::now(), seed).context("controller settings")?;
+    let now = std::time::Instant::now();
+    let mut controller = Controller::new(control_config, now, seed).context("controller settings")?;
+    let revocations = Revocations::open(pki.dir()).context("reading the revocation list")?;
+    for (subject, at) in revocations.entries() {
+        controller.handle_revoke(now, subject, *at);
+    }
+    let tokens = AccessTokens::open_or_init(pki.dir()).context("opening the token signing key")?;
     let control = ControlPlane::start(controller, driver.handle());
     let quic_config = QuicConfig { bind: config.quic_addr, ..QuicConfig::default() };
     let endpoint = quic::bind(&quic_config, pki.server_tls()?).with_context(|| format!("binding QUIC on {}", config.quic_addr))?;
     let quic_addr = endpoint.local_addr()?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let quic_task = tokio::spawn(quic::serve(endpoint, quic_config, control.clone(), shutdown_rx.clone()));
+    let quic_task = tokio::spawn(quic::serve(endpoint, quic_config, control.clone(), shutdown_rx));
     let ready = Arc::new(AtomicBool::new(true));
-    let device_tokens = DeviceTokens::open_or_init(pki.dir())?;
     let scrape = metrics::Scrape {
         sfu: driver.handle(),
         control: control.clone(),
@@ -195,10 +195,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(async move { axum::serve(listener, app).await });
     }
     let state = http::AppState {
+        sfu: driver.handle(),
         control: control.clone(),
-        device_tokens,
+        token_check: TokenCheck::new(tokens.clone()),
+        tokens: tokens.clone(),
+        revocations: Arc::new(Mutex::new(revocations)),
+        allowed_origins: config.allowed_origins.clone().into(),
+        scheme: if config.tls { "https" } else { "http" },
         metrics: config.metrics_addr.is_none().then_some(scrape),
-        ws: WsContext { sfu: driver.handle(), shutdown: shutdown_rx },
         ready: ready.clone(),
         admin_token: admin_token.into(),
     };
@@ -221,6 +225,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     info!(%addr, %quic_addr, data_dir = %config.data_dir.display(), "fleetcall ready");
     // Tests and humans read these lines to find the server.
     println!("fleetcall quic {quic_addr}");
+    if addr.ip().is_loopback() {
+        // Zero configuration: a short-lived guest link to a demo room, for
+        // this machine only; every other bind needs real tokens.
+        let demo = TokenRequest {
+            identity: "guest".into(),
+            ttl: DEMO_LINK_TTL,
+            grant: Grant { rooms: vec![RoomPattern::parse(DEMO_ROOM)?], publish: true, subscribe: true },
+            guest: true,
+        };
+        let token = tokens.mint(&demo, unix_now())?;
+        println!("fleetcall join {scheme}://{addr}/?room={DEMO_ROOM}&token={token}&autojoin=1");
+        info!(room = DEMO_ROOM, ttl = ?DEMO_LINK_TTL, "open the join link in two tabs to talk");
+    }
     println!("fleetcall serving {scheme}://{addr}/");
     let _ = std::io::stdout().flush();
 
@@ -238,8 +255,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // cut off when the process exits.
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
     ready.store(false, Ordering::Relaxed);
-    // Devices hear SERVER_SHUTDOWN on every call and their connections close;
-    // browser sockets tell their clients and leave; then HTTP drains.
+    // Devices and browsers hear SERVER_SHUTDOWN on every call and their
+    // connections close; then HTTP drains.
     if tokio::time::timeout_at(deadline, control.shutdown()).await.is_err() {
         warn!("the control plane did not shut down in time");
     }
@@ -261,6 +278,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     info!("stopped");
     Ok(())
 }
+
+/// The room of the loopback join link.
+const DEMO_ROOM: &str = "demo";
+/// How long the loopback join link works.
+const DEMO_LINK_TTL: Duration = Duration::from_secs(2 * 3600);
 
 /// Resolves on SIGTERM or Ctrl-C.
 async fn shutdown_signal() {

@@ -39,7 +39,7 @@ use tracing::{debug, info, info_span, warn};
 use crate::audio::{AudioPool, MeterSnapshot, PolicyChange, ProcessedAudio, SuppressionPolicy};
 use crate::error::SfuError;
 use crate::ids::{ParticipantId, RoomId};
-use crate::sfu::{JoinRequest, Joined, LeaveReason, Sfu, SfuConfig, SfuEvent, SfuStats};
+use crate::sfu::{JoinRequest, Joined, LeaveReason, Rights, Sfu, SfuConfig, SfuEvent, SfuStats};
 use crate::{SdpAnswer, SdpOffer};
 
 /// Where the media plane listens.
@@ -219,11 +219,12 @@ impl SfuHandle {
         room: RoomId,
         name: String,
         offer: SdpOffer,
+        rights: Rights,
         events: mpsc::UnboundedSender<SfuEvent>,
     ) -> Result<(Session, Joined), SfuError> {
         let worker = self.worker_of(&room);
         let participant = ParticipantId(self.next_participant.fetch_add(1, Ordering::Relaxed));
-        let request = JoinRequest { room, participant, name, offer };
+        let request = JoinRequest { room, participant, name, offer, rights };
         let joined = self.call(worker, |reply| Command::Join { request, events, reply }).await??;
         Ok((Session { worker, participant }, joined))
     }

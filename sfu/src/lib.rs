@@ -34,5 +34,5 @@ pub use driver::{DriverConfig, Session, SfuDriver, SfuHandle};
 pub use error::SfuError;
 pub use ids::{ParticipantId, RoomId};
 pub use participant::TrackKey;
-pub use sfu::{DropCounts, JoinRequest, Joined, LeaveReason, Sfu, SfuConfig, SfuEvent, SfuStats, Transmit};
+pub use sfu::{DropCounts, JoinRequest, Joined, LeaveReason, Rights, Sfu, SfuConfig, SfuEvent, SfuStats, Transmit};
 pub use str0m::change::{SdpAnswer, SdpOffer};

@@ -12,6 +12,7 @@ use str0m::rtp::Ssrc;
 use str0m::Rtc;
 
 use crate::ids::{ParticipantId, RoomId};
+use crate::sfu::Rights;
 use crate::slots::Slot;
 
 /// A published track: one incoming m-line of one participant.
@@ -85,6 +86,8 @@ pub(crate) struct Participant {
     pub room: RoomId,
     pub name: String,
     pub rtc: Rtc,
+    /// What its grant lets it do with media.
+    pub rights: Rights,
     /// Our ICE ufrag for this participant: its demux key.
     pub ufrag: String,
     /// Remote addresses pointing at this participant in the demux.
@@ -136,6 +139,7 @@ impl Participant {
         name: String,
         rtc: Rtc,
         ufrag: String,
+        rights: Rights,
         now: Instant,
     ) -> Self {
         Participant {
@@ -144,6 +148,7 @@ impl Participant {
             name,
             rtc,
             ufrag,
+            rights,
             addrs: Vec::new(),
             tracks_in: HashMap::new(),
             ssrc_mid: HashMap::new(),

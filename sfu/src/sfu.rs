@@ -70,6 +70,21 @@ impl Default for SfuConfig {
     }
 }
 
+/// What a participant may do with media, from its credential's grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rights {
+    /// Its tracks are forwarded. Without, every track it offers is refused:
+    /// nothing it sends reaches anyone.
+    pub publish: bool,
+    /// It receives the others' tracks.
+    pub subscribe: bool,
+}
+
+impl Rights {
+    /// Publish and subscribe.
+    pub const ALL: Rights = Rights { publish: true, subscribe: true };
+}
+
 /// A request to add a participant to a room.
 #[derive(Debug)]
 pub struct JoinRequest {
@@ -81,6 +96,8 @@ pub struct JoinRequest {
     pub name: String,
     /// The participant's SDP offer with the tracks it publishes.
     pub offer: SdpOffer,
+    /// What it may do.
+    pub rights: Rights,
 }
 
 /// A successful join.
@@ -199,6 +216,8 @@ pub struct DropCounts {
     /// RTP that could not be routed (unknown SSRC, codec the subscriber lacks,
     /// sequence number from before the subscription).
     pub unroutable: u64,
+    /// RTP from a participant whose grant does not let it publish.
+    pub not_permitted: u64,
 }
 
 /// Counts that prove nothing leaks, traffic counters, and the quality the
@@ -320,6 +339,7 @@ impl SfuStats {
         self.dropped.malformed += other.dropped.malformed;
         self.dropped.rejected += other.dropped.rejected;
         self.dropped.unroutable += other.dropped.unroutable;
+        self.dropped.not_permitted += other.dropped.not_permitted;
         for (reason, count) in &other.removed {
             *self.removed.entry(reason).or_default() += count;
         }
@@ -487,7 +507,7 @@ impl Sfu {
 
     /// Adds a participant to a room and answers its offer.
     pub fn join(&mut self, now: Instant, request: JoinRequest) -> Result<Joined, SfuError> {
-        let JoinRequest { room, participant: id, name, offer } = request;
+        let JoinRequest { room, participant: id, name, offer, rights } = request;
         let _span = info_span!("participant", %id, %room).entered();
         if self.participants.contains_key(&id) {
             return Err(SfuError::DuplicateParticipant(id));
@@ -531,15 +551,20 @@ impl Sfu {
         // Just created or found above.
         let room_entry = self.rooms.get_mut(&room).expect("room exists");
         let mut others = Vec::with_capacity(room_entry.members.len());
-        let mut participant = Participant::new(id, room.clone(), name.clone(), rtc, ufrag.clone(), now);
+        let mut participant = Participant::new(id, room.clone(), name.clone(), rtc, ufrag.clone(), rights, now);
         if room_entry.slot_mode {
             participant.slot_mode = true;
-            participant.slots = (0..slots).map(|_| Slot::new()).collect();
-            participant.changes.extend((0..slots).map(Change::AddSlot));
+            if rights.subscribe {
+                participant.slots = (0..slots).map(|_| Slot::new()).collect();
+                participant.changes.extend((0..slots).map(Change::AddSlot));
+            }
         }
         for other_id in &room_entry.members {
             let other = &self.participants[other_id];
             others.push((*other_id, other.name.clone()));
+            if !rights.subscribe {
+                continue;
+            }
             for (mid, track) in &other.tracks_in {
                 if room_entry.slot_mode && track.kind == MediaKind::Audio {
                     continue;
@@ -932,8 +957,9 @@ impl Sfu {
                         }
                     }
                     for member in members.into_iter().filter(|m| *m != source.publisher) {
-                        if let Some(m) = self.participants.get_mut(&member) {
-                            m.changes.push_back(Change::Add { source, kind });
+                        match self.participants.get_mut(&member) {
+                            Some(m) if m.rights.subscribe => m.changes.push_back(Change::Add { source, kind }),
+                            _ => continue,
                         }
                         self.negotiate(now, member);
                     }
@@ -1089,8 +1115,10 @@ impl Sfu {
                 }
             }
             p.changes.retain(|c| !matches!(c, Change::Add { kind: MediaKind::Audio, .. }));
-            p.slots = (0..slots).map(|_| Slot::new()).collect();
-            p.changes.extend((0..slots).map(Change::AddSlot));
+            if p.rights.subscribe {
+                p.slots = (0..slots).map(|_| Slot::new()).collect();
+                p.changes.extend((0..slots).map(Change::AddSlot));
+            }
         }
         for member in members {
             self.negotiate(now, member);
@@ -1295,6 +1323,12 @@ fn handle_event(now: Instant, p: &mut Participant, event: Event, out: &mut Outpu
             }
         }
         Event::MediaAdded(media)
+            if media.direction.is_receiving() && !p.tracks_out.contains_key(&media.mid) && !p.rights.publish => {
+                // Refused: no track, so nothing it sends on this m-line is
+                // forwarded (counted as not permitted).
+                warn!(participant = %p.id, mid = %media.mid, "track refused: the grant does not allow publishing");
+            }
+        Event::MediaAdded(media)
             // Our direction: receiving means the participant publishes here.
             if media.direction.is_receiving() && !p.tracks_out.contains_key(&media.mid) => {
                 let suppress = media.kind == MediaKind::Audio && policy.is_some_and(|policy| policy.applies(&p.room, &p.name));
@@ -1313,7 +1347,11 @@ fn handle_event(now: Instant, p: &mut Participant, event: Event, out: &mut Outpu
                 return;
             };
             let Some(track) = p.tracks_in.get_mut(&mid) else {
-                out.stats.dropped.unroutable += 1;
+                if p.rights.publish {
+                    out.stats.dropped.unroutable += 1;
+                } else {
+                    out.stats.dropped.not_permitted += 1;
+                }
                 return;
             };
             let pt = packet.header.payload_type;

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{init_log, Net, SFU_ADDR};
-use fleetcall_sfu::{JoinRequest, LeaveReason, ParticipantId, RoomId, SdpOffer, SfuError};
+use fleetcall_sfu::{JoinRequest, LeaveReason, ParticipantId, Rights, RoomId, SdpOffer, SfuError};
 use str0m::media::{Direction, MediaKind};
 use str0m::Rtc;
 
@@ -73,12 +73,12 @@ fn bad_commands_get_clear_errors_and_leak_nothing() {
     let err = net.sfu.leave(now, ParticipantId(999), LeaveReason::Requested).unwrap_err();
     assert!(matches!(err, SfuError::UnknownParticipant(ParticipantId(999))), "{err}");
 
-    let duplicate = JoinRequest { room: RoomId::from("icu"), participant: first, name: "again".into(), offer: offer(now) };
+    let duplicate = JoinRequest { room: RoomId::from("icu"), participant: first, name: "again".into(), offer: offer(now), rights: Rights::ALL };
     assert!(matches!(net.sfu.join(now, duplicate).unwrap_err(), SfuError::DuplicateParticipant(_)));
 
     // Parses as SDP but cannot be negotiated: no fingerprint.
     let text = offer(now).to_sdp_string().lines().filter(|l| !l.starts_with("a=fingerprint")).collect::<Vec<_>>().join("\r\n") + "\r\n";
-    let unusable = JoinRequest { room: RoomId::from("new-room"), participant: ParticipantId(500), name: "x".into(), offer: SdpOffer::from_sdp_string(&text).unwrap() };
+    let unusable = JoinRequest { room: RoomId::from("new-room"), participant: ParticipantId(500), name: "x".into(), offer: SdpOffer::from_sdp_string(&text).unwrap(), rights: Rights::ALL };
     assert!(matches!(net.sfu.join(now, unusable).unwrap_err(), SfuError::InvalidSdp(_)));
 
     assert!(matches!(net.sfu.accept_answer(now, first, answer_for_nothing(now)).unwrap_err(), SfuError::NoPendingOffer(_)));
@@ -99,7 +99,7 @@ fn a_full_room_refuses_the_next_joiner() {
     net.join("small");
     net.join("small");
     let now = net.now;
-    let third = JoinRequest { room: RoomId::from("small"), participant: ParticipantId(77), name: "third".into(), offer: offer(now) };
+    let third = JoinRequest { room: RoomId::from("small"), participant: ParticipantId(77), name: "third".into(), offer: offer(now), rights: Rights::ALL };
     assert!(matches!(net.sfu.join(now, third).unwrap_err(), SfuError::RoomFull(_)));
     assert_eq!(net.stats().participants, 2);
 }

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{init_log, Net, SFU_ADDR};
-use fleetcall_sfu::{JoinRequest, ParticipantId, RoomId, Sfu, SfuConfig};
+use fleetcall_sfu::{JoinRequest, ParticipantId, Rights, RoomId, Sfu, SfuConfig};
 use str0m::media::{Direction, MediaKind};
 use str0m::{Candidate, Rtc};
 
@@ -24,7 +24,7 @@ fn the_answer_negotiates_audio_levels_but_no_congestion_control() {
     let offered = offer.to_sdp_string();
     assert!(offered.contains("transport-wide-cc") && offered.contains("abs-send-time"), "{offered}");
 
-    let request = JoinRequest { room: RoomId::from("ward"), participant: ParticipantId(1), name: "bed-1".into(), offer };
+    let request = JoinRequest { room: RoomId::from("ward"), participant: ParticipantId(1), name: "bed-1".into(), offer, rights: Rights::ALL };
     let answer = sfu.join(now, request).unwrap().answer.to_sdp_string();
     assert!(answer.contains("ssrc-audio-level"), "speaker selection needs RFC 6464 levels: {answer}");
     assert!(!answer.contains("transport-wide-cc"), "{answer}");

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use fleetcall_sfu::client::{FRAME, MediaEvent, PeerCore};
-use fleetcall_sfu::{JoinRequest, ParticipantId, RoomId, SdpAnswer, SdpOffer, Sfu, SfuConfig, SfuEvent};
+use fleetcall_sfu::{JoinRequest, ParticipantId, Rights, RoomId, SdpAnswer, SdpOffer, Sfu, SfuConfig, SfuEvent};
 
 const SFU_ADDR: &str = "10.0.0.100:5000";
 
@@ -41,7 +41,7 @@ impl Net {
         let id = ParticipantId(index as u64 + 1);
         let joined = self.sfu.join(
             self.now,
-            JoinRequest { room: RoomId::from(room), participant: id, name: format!("peer-{index}"), offer: SdpOffer::from_sdp_string(&offer)? },
+            JoinRequest { room: RoomId::from(room), participant: id, name: format!("peer-{index}"), offer: SdpOffer::from_sdp_string(&offer)?, rights: Rights::ALL },
         )?;
         core.accept_answer(self.now, &joined.answer.to_sdp_string())?;
         // A second join offer is refused: one participation per peer.

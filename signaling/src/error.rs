@@ -36,6 +36,9 @@ pub enum Error {
     /// A device id is empty, too long or contains control characters.
     #[error("invalid device id: {0:?}")]
     InvalidDeviceId(String),
+    /// A room name or room pattern is not valid.
+    #[error("invalid room {0:?}: use 1-64 characters of A-Z a-z 0-9 _ . - (a grant may end in *)")]
+    InvalidRoom(String),
     /// A controller configuration value is out of range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(&'static str),
@@ -56,7 +59,9 @@ impl Error {
             Error::BadLengthPrefix | Error::Malformed(_) | Error::MalformedJson(_) => {
                 pb::ErrorCode::MalformedFrame
             }
-            Error::InvalidDeviceId(_) | Error::InvalidConfig(_) => pb::ErrorCode::InvalidArgument,
+            Error::InvalidDeviceId(_) | Error::InvalidRoom(_) | Error::InvalidConfig(_) => {
+                pb::ErrorCode::InvalidArgument
+            }
         }
     }
 

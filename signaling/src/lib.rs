@@ -7,13 +7,14 @@
 //! * [`backoff`]: the client's reconnect backoff (full jitter, capped).
 //! * [`client`]: the device client SDK (QUIC, heartbeats, resume).
 //! * [`metrics`]: the control plane's Prometheus series.
+//! * [`grants`]: credentials and what they allow (rooms, publish, subscribe).
 //! * [`pki`]: the installation CA and device enrollment (mTLS identities).
-//! * [`protocol`]: the earlier browser room protocol, kept until the
-//!   WebSocket moves to `fleetcall.v1` (see `PROTOCOL.md`).
+//! * [`tokens`]: signed, expiring access tokens for WebSocket clients.
+//! * [`revocations`]: the revocation list in the data dir.
 //! * [`quic`]: the device transport (QUIC, mTLS, one stream per device).
 //! * [`service`]: the task that owns the controller, and the SFU adapter.
-//! * [`ws`]: the browser room WebSocket (earlier protocol) driving the SFU.
-//! * [`ws_device`]: the device protocol over WebSocket (JSON frames, token identity).
+//! * [`ws_device`]: the device protocol over WebSocket (JSON frames, token
+//!   identity), for browsers and devices without a certificate.
 
 pub mod backoff;
 pub mod client;
@@ -22,12 +23,13 @@ mod error;
 pub mod ids;
 pub mod metrics;
 pub mod pb;
+pub mod grants;
 pub mod pki;
-pub mod protocol;
 pub mod quic;
+pub mod revocations;
 pub mod service;
+pub mod tokens;
 pub mod wire;
-pub mod ws;
 pub mod ws_device;
 
 pub use error::Error;

@@ -78,6 +78,7 @@ pub fn families(stats: &Stats, gauges: &Gauges) -> Vec<MetricFamily> {
         Family::counter("fleetcall_calls_created_total", "Calls created, by kind.")
             .value(&[("kind", "direct")], total(stats.direct_calls_created))
             .value(&[("kind", "group")], total(stats.group_calls_created))
+            .value(&[("kind", "room")], total(stats.rooms_opened))
             .build(),
         transitions.build(),
         removed.build(),

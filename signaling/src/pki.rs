@@ -12,19 +12,28 @@
 //! ```
 //!
 //! `fleetcall device enroll <id>` writes `<id>.pem`, `<id>.key` and a copy of
-//! `ca.pem` for the device to trust the server.
+//! `ca.pem` for the device to trust the server. A device certificate is valid
+//! for a configurable time (default 1 year) from its enrollment, and carries
+//! the named rooms the device may join as SAN URIs
+//! (`urn:fleetcall:room:ward-3`, `urn:fleetcall:room:ward-*`); calls it is
+//! invited to need no grant. Revocation lives in [`crate::revocations`].
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::grants::{Credential, CredentialKey, Grant, ROOM_URI_PREFIX, RoomPattern};
+use crate::ids::DeviceId;
 
 /// ALPN protocol of the device control plane.
 pub const ALPN: &[u8] = b"fleetcall/1";
@@ -59,6 +68,33 @@ pub enum PkiError {
     /// TLS configuration failed.
     #[error("tls: {0}")]
     Tls(#[from] rustls::Error),
+    /// A room grant is not a room name or `prefix*`.
+    #[error("invalid room grant {0:?}")]
+    InvalidRoom(String),
+    /// A validity of zero, or too long to express.
+    #[error("invalid certificate validity")]
+    InvalidValidity,
+}
+
+/// Default validity of a device certificate.
+pub const DEVICE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How to enroll a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrollment {
+    /// The certificate is valid this long from now.
+    pub validity: Duration,
+    /// Named rooms the device may join.
+    pub rooms: Vec<RoomPattern>,
+    /// Issue no earlier than this (Unix seconds): the moment after its id's
+    /// last revocation, so a new certificate is never revoked by an old entry.
+    pub not_before: u64,
+}
+
+impl Default for Enrollment {
+    fn default() -> Self {
+        Enrollment { validity: DEVICE_VALIDITY, rooms: Vec::new(), not_before: 0 }
+    }
 }
 
 /// Checks a device id.
@@ -66,53 +102,6 @@ pub fn valid_device_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_DEVICE_ID
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
-/// Bearer tokens for devices that cannot hold a client certificate
-/// (browsers on the WebSocket): `<device id>.<hex HMAC-SHA256 of the id>`,
-/// keyed by a secret created in the PKI directory on first use. Possession of
-/// the token is the identity, like the key of a certificate; re-keying the
-/// secret revokes every token at once.
-#[derive(Debug, Clone)]
-pub struct DeviceTokens {
-    key: ring::hmac::Key,
-}
-
-impl DeviceTokens {
-    /// Opens (or creates) the token secret in `dir`.
-    pub fn open_or_init(dir: &Path) -> Result<DeviceTokens, PkiError> {
-        let path = dir.join("device-token.secret");
-        if !path.exists() {
-            let mut secret = [0u8; 32];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
-                .map_err(|_| PkiError::Certificate("no system randomness".into()))?;
-            write_private(&path, &secret)?;
-        }
-        let secret = read(&path)?;
-        Ok(DeviceTokens { key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret) })
-    }
-
-    /// The token for `device_id`.
-    pub fn issue(&self, device_id: &str) -> Result<String, PkiError> {
-        if !valid_device_id(device_id) {
-            return Err(PkiError::InvalidDeviceId(device_id.to_owned()));
-        }
-        let tag = ring::hmac::sign(&self.key, device_id.as_bytes());
-        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        Ok(format!("{device_id}.{hex}"))
-    }
-
-    /// The device a token names, if the token is genuine.
-    pub fn verify(&self, token: &str) -> Option<String> {
-        let (id, hex) = token.rsplit_once('.')?;
-        if !valid_device_id(id) || hex.len() != 64 {
-            return None;
-        }
-        let tag: Vec<u8> = (0..32).map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect::<Option<_>>()?;
-        // Constant-time comparison inside ring.
-        ring::hmac::verify(&self.key, id.as_bytes(), &tag).ok()?;
-        Some(id.to_owned())
-    }
 }
 
 /// Files of an enrolled device.
@@ -159,7 +148,7 @@ impl Pki {
     }
 
     /// Issues a client certificate for `device_id` into `out_dir`.
-    pub fn enroll(&self, device_id: &str, out_dir: &Path) -> Result<DeviceFiles, PkiError> {
+    pub fn enroll(&self, device_id: &str, out_dir: &Path, enrollment: &Enrollment) -> Result<DeviceFiles, PkiError> {
         if !valid_device_id(device_id) {
             return Err(PkiError::InvalidDeviceId(device_id.to_owned()));
         }
@@ -176,6 +165,20 @@ impl Pki {
         }
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
         params.distinguished_name.push(DnType::CommonName, device_id);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let from = now.max(enrollment.not_before);
+        let until = i64::try_from(enrollment.validity.as_secs())
+            .ok()
+            .filter(|v| *v > 0)
+            .and_then(|v| v.checked_add(from as i64))
+            .ok_or(PkiError::InvalidValidity)?;
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(from as i64).map_err(|_| PkiError::InvalidValidity)?;
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(until).map_err(|_| PkiError::InvalidValidity)?;
+        for room in &enrollment.rooms {
+            let uri = format!("{ROOM_URI_PREFIX}{room}");
+            let uri = uri.as_str().try_into().map_err(|_| PkiError::InvalidRoom(room.to_string()))?;
+            params.subject_alt_names.push(SanType::URI(uri));
+        }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate().map_err(cert_err)?;
@@ -264,6 +267,12 @@ pub fn device_tls(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<rust
 
 /// The device id in a verified client certificate: its common name.
 pub fn device_id_of(cert: &CertificateDer<'_>) -> Result<String, PkiError> {
+    device_credential(cert).map(|c| c.subject)
+}
+
+/// The credential a verified client certificate proves: the device id (its
+/// common name), its public key, when it was issued, and its room grants.
+pub fn device_credential(cert: &CertificateDer<'_>) -> Result<Credential, PkiError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| PkiError::Certificate(e.to_string()))?;
     let id = parsed
         .subject()
@@ -274,7 +283,25 @@ pub fn device_id_of(cert: &CertificateDer<'_>) -> Result<String, PkiError> {
     if !valid_device_id(id) {
         return Err(PkiError::InvalidDeviceId(id.to_owned()));
     }
-    Ok(id.to_owned())
+    let identity = DeviceId::new(id).map_err(|_| PkiError::InvalidDeviceId(id.to_owned()))?;
+    let mut rooms = Vec::new();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(uri) = name
+                && let Some(room) = uri.strip_prefix(ROOM_URI_PREFIX)
+            {
+                rooms.push(RoomPattern::parse(room).map_err(|_| PkiError::InvalidRoom(room.to_owned()))?);
+            }
+        }
+    }
+    Ok(Credential {
+        identity,
+        subject: id.to_owned(),
+        key: CredentialKey::digest(parsed.public_key().raw),
+        issued_at: u64::try_from(parsed.validity().not_before.timestamp()).unwrap_or(0),
+        expires_at: u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0),
+        grant: Grant::device(rooms),
+    })
 }
 
 fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PkiError> {
@@ -295,7 +322,15 @@ fn cert_err(e: rcgen::Error) -> PkiError {
     PkiError::Certificate(e.to_string())
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
+/// `N` bytes from the system's CSPRNG.
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], PkiError> {
+    let mut bytes = [0u8; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| PkiError::Certificate("no system randomness".into()))?;
+    Ok(bytes)
+}
+
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
     fs::read(path).map_err(|source| PkiError::Io { path: path.to_owned(), source })
 }
 
@@ -304,7 +339,7 @@ fn write(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
 }
 
 /// Writes a new file only the owner can read.
-fn write_private(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
     let io = |source| PkiError::Io { path: path.to_owned(), source };
     let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
     file.write_all(contents).map_err(io)
@@ -324,13 +359,43 @@ mod tests {
     fn enrolled_device_certificate_names_the_device() {
         let dir = temp_dir("enroll");
         let pki = Pki::open_or_init(dir.join("pki"), &["127.0.0.1".into()]).unwrap();
-        let files = pki.enroll("bed-12.ward-3", &dir.join("devices")).unwrap();
+        let files = pki.enroll("bed-12.ward-3", &dir.join("devices"), &Enrollment::default()).unwrap();
         let cert = parse_certs(&fs::read(&files.cert).unwrap()).unwrap().remove(0);
         assert_eq!(device_id_of(&cert).unwrap(), "bed-12.ward-3");
         assert!(device_tls(&fs::read(&files.ca).unwrap(), &fs::read(&files.cert).unwrap(), &fs::read(&files.key).unwrap()).is_ok());
         assert!(pki.server_tls().is_ok());
         // Enrolling twice would silently replace a device's identity.
-        assert!(matches!(pki.enroll("bed-12.ward-3", &dir.join("devices")), Err(PkiError::Exists(_))));
+        assert!(matches!(pki.enroll("bed-12.ward-3", &dir.join("devices"), &Enrollment::default()), Err(PkiError::Exists(_))));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_certificate_carries_its_room_grants_validity_and_key() {
+        let dir = temp_dir("grants");
+        let pki = Pki::open_or_init(dir.join("pki"), &[]).unwrap();
+        let enrollment = Enrollment {
+            validity: Duration::from_secs(7 * 86_400),
+            rooms: vec![RoomPattern::parse("ward-3").unwrap(), RoomPattern::parse("lab-*").unwrap()],
+            not_before: 0,
+        };
+        let files = pki.enroll("bed-12", &dir.join("devices"), &enrollment).unwrap();
+        let cert = parse_certs(&fs::read(&files.cert).unwrap()).unwrap().remove(0);
+        let credential = device_credential(&cert).unwrap();
+        assert_eq!(credential.identity.as_str(), "bed-12");
+        assert_eq!(credential.grant.rooms, enrollment.rooms);
+        assert!(credential.grant.publish && credential.grant.subscribe);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        assert!(credential.issued_at.abs_diff(now) < 60, "issued {} now {now}", credential.issued_at);
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert).unwrap();
+        let validity = parsed.validity();
+        assert_eq!(validity.not_after.timestamp() - validity.not_before.timestamp(), 7 * 86_400);
+        // Another enrollment of the same id has another key.
+        let again = pki.enroll("bed-12", &dir.join("again"), &Enrollment { not_before: now + 5, ..Enrollment::default() }).unwrap();
+        let again = device_credential(&parse_certs(&fs::read(&again.cert).unwrap()).unwrap().remove(0)).unwrap();
+        assert_ne!(again.key, credential.key);
+        assert_eq!(again.issued_at, now + 5, "issued after the given moment");
+        let bad = Enrollment { validity: Duration::ZERO, ..Enrollment::default() };
+        assert!(matches!(pki.enroll("bed-13", &dir.join("devices"), &bad), Err(PkiError::InvalidValidity)));
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -345,28 +410,11 @@ mod tests {
     }
 
     #[test]
-    fn device_tokens_verify_only_their_own_id() {
-        let dir = temp_dir("tokens");
-        fs::create_dir_all(&dir).unwrap();
-        let tokens = DeviceTokens::open_or_init(&dir).unwrap();
-        let token = tokens.issue("kiosk-3").unwrap();
-        assert_eq!(tokens.verify(&token).as_deref(), Some("kiosk-3"));
-        let forged = token.replacen("kiosk-3", "kiosk-4", 1);
-        assert_eq!(tokens.verify(&forged), None);
-        assert_eq!(tokens.verify("kiosk-3"), None);
-        assert_eq!(tokens.verify("kiosk-3.zz"), None);
-        assert_eq!(tokens.verify(&format!("{token}00")), None);
-        // Reopening keeps the secret, so issued tokens stay valid.
-        assert_eq!(DeviceTokens::open_or_init(&dir).unwrap().verify(&token).as_deref(), Some("kiosk-3"));
-        let _ = fs::remove_dir_all(&dir);
-    }
-
-    #[test]
     fn bad_device_ids_are_refused() {
         let dir = temp_dir("bad");
         let pki = Pki::open_or_init(&dir, &[]).unwrap();
         for id in ["", "a b", "../etc", &"x".repeat(65)] {
-            assert!(matches!(pki.enroll(id, &dir), Err(PkiError::InvalidDeviceId(_))), "{id:?}");
+            assert!(matches!(pki.enroll(id, &dir, &Enrollment::default()), Err(PkiError::InvalidDeviceId(_))), "{id:?}");
         }
         let _ = fs::remove_dir_all(&dir);
     }

@@ -18,7 +18,8 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{Semaphore, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::ids::{ConnId, DeviceId};
+use crate::grants::Credential;
+use crate::ids::ConnId;
 use crate::pb::{self, CloseReason};
 use crate::pki;
 use crate::service::{ConnectionLink, ControlPlane};
@@ -116,15 +117,15 @@ pub async fn serve(endpoint: Endpoint, config: QuicConfig, control: ControlPlane
 }
 
 async fn serve_connection(connection: Connection, config: &QuicConfig, control: &ControlPlane) {
-    let device = match identity(&connection) {
-        Ok(device) => device,
+    let credential = match credential(&connection) {
+        Ok(credential) => credential,
         Err(e) => {
             info!(error = %e, "no usable device identity");
             close(&connection, CloseReason::ProtocolError);
             return;
         }
     };
-    let span = info_span!("device", id = %device);
+    let span = info_span!("device", id = %credential.identity);
     async {
         let (send, recv) = match tokio::time::timeout(config.stream_timeout, connection.accept_bi()).await {
             Ok(Ok(streams)) => streams,
@@ -137,7 +138,7 @@ async fn serve_connection(connection: Connection, config: &QuicConfig, control: 
                 return;
             }
         };
-        let Ok((conn, link)) = control.connection_up(device).await else {
+        let Ok((conn, link)) = control.connection_up(credential).await else {
             close(&connection, CloseReason::Shutdown);
             return;
         };
@@ -153,14 +154,14 @@ async fn serve_connection(connection: Connection, config: &QuicConfig, control: 
     .await;
 }
 
-/// The device id from the verified client certificate.
-fn identity(connection: &Connection) -> Result<DeviceId, Box<dyn std::error::Error + Send + Sync>> {
+/// The credential of the verified client certificate.
+fn credential(connection: &Connection) -> Result<Credential, Box<dyn std::error::Error + Send + Sync>> {
     let certs = connection
         .peer_identity()
         .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
         .ok_or("no client certificate")?;
     let leaf = certs.first().ok_or("empty certificate chain")?;
-    Ok(DeviceId::new(pki::device_id_of(leaf)?)?)
+    Ok(pki::device_credential(leaf)?)
 }
 
 /// Decodes frames until the stream ends; returns why it ended.

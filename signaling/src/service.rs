@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use fleetcall_sfu::audio::PolicyChange;
-use fleetcall_sfu::{LeaveReason, RoomId, SdpAnswer, SdpOffer, Session, SfuEvent, SfuHandle};
+use fleetcall_sfu::{LeaveReason, Rights, RoomId, SdpAnswer, SdpOffer, Session, SfuEvent, SfuHandle};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::Error;
 use crate::controller::{CallSnapshot, Controller, DeviceSnapshot, Gauges, Output, SfuCommand, SfuNotice, Stats};
-use crate::ids::{CallId, ConnId, DeviceId, ParticipantKey};
+use crate::grants::Credential;
+use crate::ids::{CallId, ConnId, ParticipantKey};
 use crate::pb::{self, CloseReason};
 
 /// Frames queued for one connection before it counts as not reading.
@@ -51,7 +52,7 @@ struct ConnectionEnds {
 }
 
 enum Input {
-    Up { conn: ConnId, device: DeviceId, ends: ConnectionEnds },
+    Up { conn: ConnId, credential: Credential, ends: ConnectionEnds },
     Frame { conn: ConnId, frame: pb::ClientFrame },
     WireError { conn: ConnId, error: Error },
     Down { conn: ConnId, detail: String },
@@ -60,6 +61,7 @@ enum Input {
     Calls(oneshot::Sender<Vec<CallSnapshot>>),
     Observe(oneshot::Sender<(Stats, Gauges)>),
     EndCall { call: CallId, reply: oneshot::Sender<bool> },
+    Revoke { subject: String, at: u64, reply: oneshot::Sender<usize> },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -93,14 +95,14 @@ impl ControlPlane {
         ControlPlane { input, next_conn: Arc::new(AtomicU64::new(1)) }
     }
 
-    /// Registers a new authenticated connection; frames for it arrive on the
-    /// returned link.
-    pub async fn connection_up(&self, device: DeviceId) -> Result<(ConnId, ConnectionLink), Stopped> {
+    /// Registers a new connection with the credential its transport proved;
+    /// frames for it arrive on the returned link.
+    pub async fn connection_up(&self, credential: Credential) -> Result<(ConnId, ConnectionLink), Stopped> {
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let (frames_tx, frames) = mpsc::channel(OUTBOUND_QUEUE);
         let (close_tx, close) = watch::channel(None);
         let ends = ConnectionEnds { frames: frames_tx, close: close_tx };
-        self.send(Input::Up { conn, device, ends }).await?;
+        self.send(Input::Up { conn, credential, ends }).await?;
         Ok((conn, ConnectionLink { frames, close }))
     }
 
@@ -139,6 +141,12 @@ impl ControlPlane {
         self.ask(|reply| Input::EndCall { call, reply }).await
     }
 
+    /// Revokes the credentials of `subject` issued at or before `at` (Unix
+    /// seconds): their connections close now. Returns the sessions ended.
+    pub async fn revoke(&self, subject: String, at: u64) -> Result<usize, Stopped> {
+        self.ask(|reply| Input::Revoke { subject, at, reply }).await
+    }
+
     /// Ends every call, closes every connection, and waits until done.
     pub async fn shutdown(&self) -> Result<(), Stopped> {
         self.ask(Input::Shutdown).await
@@ -159,6 +167,11 @@ fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// The wall clock, in which credentials are stated.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 async fn run_controller(
     mut ctl: Controller,
     mut input: mpsc::Receiver<Input>,
@@ -173,9 +186,9 @@ async fn run_controller(
                 let Some(input) = input else { return };
                 let now = now();
                 match input {
-                    Input::Up { conn, device, ends } => {
+                    Input::Up { conn, credential, ends } => {
                         conns.insert(conn, ends);
-                        ctl.handle_connection_up(now, conn, device);
+                        ctl.handle_connection_up(now, unix_now(), conn, credential);
                     }
                     Input::Frame { conn, frame } => ctl.handle_frame(now, conn, frame),
                     Input::WireError { conn, error } => ctl.handle_wire_error(now, conn, &error),
@@ -188,6 +201,7 @@ async fn run_controller(
                     Input::Calls(reply) => { let _ = reply.send(ctl.calls()); }
                     Input::Observe(reply) => { let _ = reply.send((ctl.stats().clone(), ctl.gauges())); }
                     Input::EndCall { call, reply } => { let _ = reply.send(ctl.handle_operator_end(now, call)); }
+                    Input::Revoke { subject, at, reply } => { let _ = reply.send(ctl.handle_revoke(now, &subject, at)); }
                     Input::Shutdown(done) => {
                         ctl.handle_shutdown(now);
                         drain(&mut ctl, &mut conns, &sfu);
@@ -267,18 +281,21 @@ async fn apply(
     keys: &mut HashMap<fleetcall_sfu::ParticipantId, ParticipantKey>,
 ) -> Option<SfuNotice> {
     match command {
-        SfuCommand::Join { room, participant, display_name, offer_sdp } => {
+        SfuCommand::Join { room, participant, display_name, offer_sdp, publish, subscribe } => {
             let offer = match SdpOffer::from_sdp_string(&offer_sdp) {
                 Ok(offer) => offer,
                 Err(e) => return Some(SfuNotice::JoinFailed { participant, error: format!("invalid SDP offer: {e}") }),
             };
+            // The SFU's room namespace is the controller's call ids.
             let room = RoomId(format!("call-{}", room.0));
-            match sfu.join(room, display_name.to_string(), offer, events.clone()).await {
+            let rights = Rights { publish, subscribe };
+            match sfu.join(room, display_name.to_string(), offer, rights, events.clone()).await {
                 Ok((session, joined)) => {
                     debug!(%participant, sfu_participant = %session.participant, "joined the SFU");
                     sessions.insert(participant, session);
                     keys.insert(session.participant, participant);
-                    Some(SfuNotice::Joined { participant, answer_sdp: joined.answer.to_sdp_string() })
+                    let media_id = session.participant.0;
+                    Some(SfuNotice::Joined { participant, answer_sdp: joined.answer.to_sdp_string(), media_id })
                 }
                 Err(e) => Some(SfuNotice::JoinFailed { participant, error: e.to_string() }),
             }

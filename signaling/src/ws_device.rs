@@ -2,23 +2,79 @@
 //! cannot speak QUIC: the same `fleetcall.v1` frames as on the QUIC stream,
 //! one canonical proto3 JSON object per text message.
 //!
-//! The identity comes from the transport: a device token
-//! ([`crate::pki::DeviceTokens`]) in the `token` query parameter, checked
-//! before the upgrade. Close codes are 4000 + [`CloseReason`].
+//! The identity comes from the transport: a signed access token
+//! ([`crate::tokens`]) in the `token` query parameter. A missing, forged or
+//! expired token still gets its socket, long enough to hear why: one
+//! `Rejected` frame (`UNAUTHENTICATED`, `CREDENTIAL_EXPIRED`) and the close
+//! (browsers cannot read an HTTP status on a refused upgrade). Close codes
+//! are 4000 + [`CloseReason`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, info, info_span};
 
 use crate::Error;
+use crate::controller::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
+use crate::grants::Credential;
 use crate::ids::{ConnId, DeviceId};
-use crate::pb::{self, CloseReason};
-use crate::service::{ConnectionLink, ControlPlane};
+use crate::pb::{self, CloseReason, ErrorCode};
+use crate::service::{ConnectionLink, ControlPlane, unix_now};
+use crate::tokens::{AccessTokens, TokenError};
 use crate::wire::{MAX_FRAME_BYTES, decode_json, encode_json};
 
-/// Upgrades an authenticated request to a device socket.
-pub fn upgrade(ws: WebSocketUpgrade, device: DeviceId, control: ControlPlane) -> Response {
+/// Checks the tokens of WebSocket clients.
+#[derive(Debug, Clone)]
+pub struct TokenCheck {
+    tokens: AccessTokens,
+    /// Numbers the connections of guest links.
+    guests: Arc<AtomicU64>,
+}
+
+/// Why a socket gets no session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// In the `Rejected` frame.
+    pub code: ErrorCode,
+    /// The close code (4000 + value).
+    pub close: CloseReason,
+    /// Human-readable, in the `Rejected` frame.
+    pub reason: String,
+}
+
+impl TokenCheck {
+    /// Checks tokens signed with `tokens`' key.
+    pub fn new(tokens: AccessTokens) -> Self {
+        TokenCheck { tokens, guests: Arc::new(AtomicU64::new(1)) }
+    }
+
+    /// The credential a token proves now, or why not. A guest link's
+    /// connections are numbered: `guest #1`, `guest #2`, ...
+    pub fn check(&self, token: Option<&str>) -> Result<Credential, Refusal> {
+        let refuse = |code, close, reason: String| Refusal { code, close, reason };
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return Err(refuse(ErrorCode::Unauthenticated, CloseReason::Unauthenticated, "an access token is required (?token=)".into()));
+        };
+        let verified = self.tokens.verify(token, unix_now()).map_err(|e| match e {
+            TokenError::Expired(_) => refuse(ErrorCode::CredentialExpired, CloseReason::CredentialExpired, e.to_string()),
+            _ => refuse(ErrorCode::Unauthenticated, CloseReason::Unauthenticated, e.to_string()),
+        })?;
+        let mut credential = verified.credential;
+        if verified.guest {
+            let n = self.guests.fetch_add(1, Ordering::Relaxed);
+            credential.identity = DeviceId::new(format!("{} #{n}", credential.subject))
+                .map_err(|e| refuse(ErrorCode::Unauthenticated, CloseReason::Unauthenticated, e.to_string()))?;
+        }
+        Ok(credential)
+    }
+}
+
+/// Upgrades a request to a device socket: a session for the token's
+/// credential, or a `Rejected` frame and a close.
+pub fn upgrade(ws: WebSocketUpgrade, credential: Result<Credential, Refusal>, control: ControlPlane) -> Response {
     // A little over the frame limit still arrives, so the controller can
     // answer FRAME_TOO_LARGE before closing; far bigger is cut by tungstenite.
     // Small buffers: a fleet of idle devices each holds one socket, and the
@@ -27,14 +83,42 @@ pub fn upgrade(ws: WebSocketUpgrade, device: DeviceId, control: ControlPlane) ->
         .max_frame_size(2 * MAX_FRAME_BYTES)
         .read_buffer_size(4096)
         .write_buffer_size(4096)
-        .on_upgrade(move |socket| {
-        let span = info_span!("ws_device", id = %device);
-        serve(socket, device, control).instrument(span)
-    })
+        .on_upgrade(move |socket| async move {
+            match credential {
+                Ok(credential) => {
+                    let span = info_span!("ws_device", id = %credential.identity);
+                    serve(socket, credential, control).instrument(span).await;
+                }
+                Err(refusal) => refuse(socket, refusal).await,
+            }
+        })
 }
 
-async fn serve(socket: WebSocket, device: DeviceId, control: ControlPlane) {
-    let Ok((conn, link)) = control.connection_up(device).await else { return };
+/// Tells a socket without a usable credential why, and closes it.
+async fn refuse(mut socket: WebSocket, refusal: Refusal) {
+    info!(code = refusal.code.as_str_name(), reason = %refusal.reason, "socket refused");
+    let frame = pb::ServerFrame {
+        reply_to: 0,
+        seq: 0,
+        kind: Some(pb::server_frame::Kind::Rejected(pb::Rejected {
+            code: refusal.code as i32,
+            reason: refusal.reason,
+            server_min_version: PROTOCOL_VERSION_MIN,
+            server_max_version: PROTOCOL_VERSION_MAX,
+        })),
+    };
+    let send = async {
+        if let Ok(text) = encode_json(&frame) {
+            socket.send(Message::Text(Utf8Bytes::from(text))).await?;
+        }
+        let close = CloseFrame { code: 4000 + refusal.close as u16, reason: Utf8Bytes::from(refusal.close.as_str_name()) };
+        socket.send(Message::Close(Some(close))).await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
+}
+
+async fn serve(socket: WebSocket, credential: Credential, control: ControlPlane) {
+    let Ok((conn, link)) = control.connection_up(credential).await else { return };
     let (sink, mut stream) = socket.split();
     let writer = tokio::spawn(write_frames(sink, link));
     let detail = loop {

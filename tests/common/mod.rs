@@ -12,6 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use fleetcall_signaling::grants::{Grant, RoomPattern};
+use fleetcall_signaling::tokens::{AccessTokens, TokenRequest};
 
 /// A running server; killed on drop.
 pub struct Server {
@@ -22,6 +24,8 @@ pub struct Server {
     pub quic_addr: std::net::SocketAddr,
     pub data_dir: PathBuf,
     pub admin_token: String,
+    /// The zero-configuration guest link the server printed (loopback only).
+    pub join_link: Option<String>,
 }
 
 impl Server {
@@ -43,6 +47,7 @@ impl Server {
         let stdout = child.stdout.take().context("stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let mut quic_addr = None;
+        let mut join_link = None;
         let url = loop {
             let Some(line) = lines.next() else {
                 let status = child.wait()?;
@@ -52,6 +57,9 @@ impl Server {
             if let Some(addr) = line.strip_prefix("fleetcall quic ") {
                 quic_addr = Some(addr.trim().parse()?);
             }
+            if let Some(link) = line.strip_prefix("fleetcall join ") {
+                join_link = Some(link.trim().to_owned());
+            }
             if let Some(url) = line.strip_prefix("fleetcall serving ") {
                 break url.trim_end_matches('/').to_owned();
             }
@@ -60,12 +68,35 @@ impl Server {
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let admin_token = std::fs::read_to_string(data_dir.join("admin-token"))?.trim().to_owned();
-        Ok(Server { child, url, quic_addr, data_dir, admin_token })
+        Ok(Server { child, url, quic_addr, data_dir, admin_token, join_link })
     }
 
-    /// The signaling WebSocket URL.
-    pub fn ws_url(&self) -> String {
-        format!("{}/ws", self.url.replacen("http", "ws", 1))
+    /// The device protocol WebSocket URL with `token`.
+    pub fn ws_url(&self, token: &str) -> String {
+        format!("{}/ws/device?token={token}", self.url.replacen("http", "ws", 1))
+    }
+
+    /// The server's token signing key (the test runs on the server's machine).
+    pub fn tokens(&self) -> AccessTokens {
+        AccessTokens::open_or_init(&self.data_dir.join("pki")).expect("the server's signing key")
+    }
+
+    /// An access token for `identity`: the named `rooms` (names or
+    /// `prefix*`), publish and subscribe, one hour.
+    pub fn token(&self, identity: &str, rooms: &[&str]) -> String {
+        self.token_with(identity, rooms, true, Duration::from_secs(3600))
+    }
+
+    /// An access token with every setting explicit.
+    pub fn token_with(&self, identity: &str, rooms: &[&str], publish: bool, ttl: Duration) -> String {
+        let grant = Grant {
+            rooms: rooms.iter().map(|r| RoomPattern::parse(r).expect("room pattern")).collect(),
+            publish,
+            subscribe: true,
+        };
+        let request = TokenRequest { identity: identity.into(), ttl, grant, guest: false };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+        self.tokens().mint(&request, now).expect("token")
     }
 
     /// `GET /api/stats` as JSON.

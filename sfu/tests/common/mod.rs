@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use fleetcall_sfu::{
-    JoinRequest, LeaveReason, ParticipantId, RoomId, Sfu, SfuConfig, SfuEvent, SfuStats,
+    JoinRequest, LeaveReason, ParticipantId, Rights, RoomId, Sfu, SfuConfig, SfuEvent, SfuStats,
 };
 use str0m::change::SdpPendingOffer;
 use str0m::format::Codec;
@@ -171,7 +171,7 @@ impl Net {
         self.next_participant += 1;
         let joined = self
             .sfu
-            .join(self.now, JoinRequest { room: RoomId::from(room), participant, name: format!("client-{index}"), offer })
+            .join(self.now, JoinRequest { room: RoomId::from(room), participant, name: format!("client-{index}"), offer, rights: Rights::ALL })
             .expect("join accepted");
         rtc.sdp_api().accept_answer(pending, joined.answer).unwrap();
         self.clients.push(Client {

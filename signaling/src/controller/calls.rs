@@ -9,6 +9,7 @@ use super::{
     Call, CallKindState, Cause, Controller, Handled, LegPhase, LivePhase, MAX_GROUP_NAME, Member,
     MemberState, Phase, Reject, Timer, Transition,
 };
+use crate::grants::RoomName;
 use crate::ids::{CallId, DeviceId, SessionId};
 use crate::pb::{self, CallKind, CallPhase, EndReason, ErrorCode, ParticipantStatus, server_frame};
 
@@ -52,6 +53,16 @@ impl Controller {
             }
         };
         Ok((role, device))
+    }
+
+    /// Refuses calls placed by a credential that may not publish (a
+    /// listener cannot ring anyone).
+    fn may_place_calls(&self, sid: SessionId) -> Result<(), Reject> {
+        match self.sessions.get(&sid) {
+            Some(s) if s.credential.grant.publish => Ok(()),
+            Some(_) => Err(Reject::new(ErrorCode::Forbidden, "this credential may only listen: it cannot place calls")),
+            None => Err(Reject::new(ErrorCode::NotRegistered, "no session")),
+        }
     }
 
     fn ended(call_id: CallId) -> Reject {
@@ -131,6 +142,7 @@ impl Controller {
         let (owner, group_name) = match &call.kind {
             CallKindState::Group { owner, name } => (owner.to_string(), name.clone()),
             CallKindState::Direct { caller, .. } => (caller.to_string(), String::new()),
+            CallKindState::Room { name, .. } => (String::new(), name.to_string()),
         };
         Some(pb::CallState {
             call_id: call_id.0,
@@ -142,6 +154,7 @@ impl Controller {
                 .map(|(d, m)| pb::Participant {
                     device_id: d.to_string(),
                     status: m.status() as i32,
+                    media_id: m.leg().map_or(0, |l| l.media_id),
                 })
                 .collect(),
             owner,
@@ -174,6 +187,7 @@ impl Controller {
         if let Some(c) = busy {
             return Err(Reject::new(ErrorCode::AlreadyInCall, "already in a call").call(c.0));
         }
+        self.may_place_calls(sid)?;
         let callee = DeviceId::new(m.callee)
             .map_err(|e| Reject::new(ErrorCode::InvalidArgument, e.to_string()))?;
         if callee == caller {
@@ -280,7 +294,7 @@ impl Controller {
             }
         };
         let call = &self.calls[&id];
-        if matches!(call.kind, CallKindState::Group { .. }) {
+        if call.is_multiparty() {
             return self.on_group_join(now, sid, call_id);
         }
         match call.members.get(&device).map(|m| &m.state) {
@@ -379,7 +393,7 @@ impl Controller {
                 Phase::Live(LivePhase::Inviting | LivePhase::Ringing),
             ) => EndReason::Cancelled,
             (CallKindState::Direct { .. }, _) => EndReason::Hangup,
-            (CallKindState::Group { .. }, _) => EndReason::Left,
+            (CallKindState::Group { .. } | CallKindState::Room { .. }, _) => EndReason::Left,
         };
         self.leave(now, id, &device, Cause::new(reason).by(&device));
         Ok(call_id)
@@ -421,6 +435,7 @@ impl Controller {
         if let Some(c) = busy {
             return Err(Reject::new(ErrorCode::AlreadyInCall, "already in a call").call(c.0));
         }
+        self.may_place_calls(sid)?;
         if m.name.len() > MAX_GROUP_NAME || m.name.chars().any(char::is_control) {
             return Err(Reject::new(
                 ErrorCode::InvalidArgument,
@@ -481,8 +496,9 @@ impl Controller {
                 return Err(Reject::new(ErrorCode::NotInCall, "not in this call").call(m.call_id));
             }
         };
+        self.may_place_calls(sid)?;
         let call = &self.calls[&id];
-        if !matches!(call.kind, CallKindState::Group { .. }) {
+        if !call.is_multiparty() {
             return Err(Reject::new(ErrorCode::InvalidState, "not a group call").call(m.call_id));
         }
         if !matches!(
@@ -493,10 +509,7 @@ impl Controller {
                 Reject::new(ErrorCode::InvalidState, "join before inviting").call(m.call_id)
             );
         }
-        let room = self
-            .config
-            .max_group_members
-            .saturating_sub(call.members.len());
+        let room = call.capacity(&self.config).saturating_sub(call.members.len());
         let invitees = parse_invitees(&m.invitees, room)?;
         for target in invitees {
             self.invite_to_group(now, id, &device, target);
@@ -517,8 +530,9 @@ impl Controller {
         if call.members.contains_key(&target) || target == *inviter {
             return;
         }
-        let name = match &call.kind {
-            CallKindState::Group { name, .. } => name.clone(),
+        let (kind, name) = match &call.kind {
+            CallKindState::Group { name, .. } => (CallKind::Group, name.clone()),
+            CallKindState::Room { name, .. } => (CallKind::Room, name.to_string()),
             CallKindState::Direct { .. } => return,
         };
         match self.availability(&target) {
@@ -532,7 +546,7 @@ impl Controller {
                     tsid,
                     server_frame::Kind::IncomingCall(pb::IncomingCall {
                         call_id: call_id.0,
-                        kind: CallKind::Group as i32,
+                        kind: kind as i32,
                         from: inviter.to_string(),
                         group_name: name,
                         ring_timeout_ms: u32::try_from(self.config.ring_timeout.as_millis())
@@ -556,28 +570,40 @@ impl Controller {
             Role::Member(id) | Role::Former(id) => id,
         };
         let call = &self.calls[&id];
-        if matches!(call.kind, CallKindState::Direct { .. }) {
+        if !call.is_multiparty() {
             return self.on_accept(now, sid, call_id);
         }
         match call.members.get(&device).map(|m| &m.state) {
             Some(MemberState::Joined(_)) => return Ok(call_id),
             Some(MemberState::Invited) => {}
             None => {
-                // A former participant rejoining (e.g. after SessionUnknown).
+                // A former participant rejoining (e.g. after SessionUnknown);
+                // a room asks its grant again.
+                if let CallKindState::Room { name, .. } = &call.kind {
+                    self.room_grant(sid, name)?;
+                }
                 if let Some(other) = self.sessions.get(&sid).and_then(|s| s.call) {
                     return Err(
                         Reject::new(ErrorCode::AlreadyInCall, "already in a call").call(other.0)
                     );
                 }
-                if call.members.len() >= self.config.max_group_members {
-                    return Err(Reject::new(ErrorCode::Overloaded, "group is full").call(call_id));
+                if call.members.len() >= call.capacity(&self.config) {
+                    return Err(Reject::new(ErrorCode::Overloaded, "the call is full").call(call_id));
                 }
             }
         }
+        self.add_joined(now, id, sid, &device);
+        Ok(call_id)
+    }
+
+    /// Files `device` (on session `sid`) as a joined member of the live
+    /// multiparty call `id` with a fresh participation, and tells everyone.
+    fn add_joined(&mut self, now: Instant, id: CallId, sid: SessionId, device: &DeviceId) {
         info!(call_id = %id, %device, "joined group");
         self.timers.cancel(Timer::Ring(id, sid));
-        let leg = self.new_leg(now, sid, id, &device);
+        let leg = self.new_leg(now, sid, id, device);
         if let Some(call) = self.calls.get_mut(&id) {
+            call.former.insert(device.clone());
             call.members.insert(
                 device.clone(),
                 Member {
@@ -595,11 +621,63 @@ impl Controller {
         }
         self.notify_others(
             id,
-            &device,
+            device,
             ParticipantStatus::Joining,
             EndReason::Unspecified,
         );
-        Ok(call_id)
+    }
+
+    /// The sender's grant must cover `room`.
+    fn room_grant(&self, sid: SessionId, room: &RoomName) -> Result<(), Reject> {
+        match self.sessions.get(&sid) {
+            Some(s) if s.credential.grant.covers(room) => Ok(()),
+            Some(_) => Err(Reject::new(ErrorCode::Forbidden, format!("this credential does not grant room {room}"))),
+            None => Err(Reject::new(ErrorCode::NotRegistered, "no session")),
+        }
+    }
+
+    // ---- named rooms ------------------------------------------------------
+
+    pub(super) fn on_room_join(&mut self, now: Instant, sid: SessionId, m: pb::RoomJoin) -> Handled {
+        let room = RoomName::new(m.room).map_err(|e| Reject::new(ErrorCode::InvalidArgument, e.to_string()))?;
+        self.room_grant(sid, &room)?;
+        let (device, busy) = match self.sessions.get(&sid) {
+            Some(s) => (s.device.clone(), s.call),
+            None => return Err(Reject::new(ErrorCode::NotRegistered, "no session")),
+        };
+        let open = self.rooms.get(&room).copied();
+        match (open, busy) {
+            // Joining twice is success.
+            (Some(id), Some(c)) if id == c => return Ok(id.0),
+            (_, Some(c)) => {
+                return Err(Reject::new(ErrorCode::AlreadyInCall, "already in a call").call(c.0));
+            }
+            (Some(id), None) => {
+                if self.calls[&id].members.len() >= self.config.max_room_members {
+                    return Err(Reject::new(ErrorCode::Overloaded, "the room is full").call(id.0));
+                }
+                self.add_joined(now, id, sid, &device);
+                return Ok(id.0);
+            }
+            (None, None) => {}
+        }
+        let call_id = self.alloc_call();
+        info!(%call_id, %room, %device, "room opened");
+        self.calls.insert(
+            call_id,
+            Call {
+                kind: CallKindState::Room { name: room.clone(), creator: device.clone() },
+                phase: Phase::Live(LivePhase::Active),
+                created_at: now,
+                members: BTreeMap::new(),
+                former: BTreeSet::new(),
+            },
+        );
+        self.rooms.insert(room, call_id);
+        self.stats.rooms_opened += 1;
+        self.record_transition(CallPhase::Unspecified, CallPhase::Active, None);
+        self.add_joined(now, call_id, sid, &device);
+        Ok(call_id.0)
     }
 
     pub(super) fn on_group_leave(&mut self, now: Instant, sid: SessionId, call_id: u64) -> Handled {
@@ -607,7 +685,7 @@ impl Controller {
         match role {
             Role::Member(id) => {
                 let call = &self.calls[&id];
-                if !matches!(call.kind, CallKindState::Group { .. }) {
+                if !call.is_multiparty() {
                     return Err(
                         Reject::new(ErrorCode::InvalidState, "not a group call; hang up")
                             .call(call_id),
@@ -645,6 +723,11 @@ impl Controller {
                 "only the owner ends a group call",
             )
             .call(call_id)),
+            CallKindState::Room { .. } => Err(Reject::new(
+                ErrorCode::Forbidden,
+                "a room has no owner: it ends when its last member leaves",
+            )
+            .call(call_id)),
             CallKindState::Direct { .. } => {
                 Err(Reject::new(ErrorCode::InvalidState, "not a group call; hang up").call(call_id))
             }
@@ -662,7 +745,9 @@ impl Controller {
             CallKindState::Direct { .. } => {
                 self.end_call(now, call_id, cause);
             }
-            CallKindState::Group { .. } => self.remove_member(now, call_id, device, cause),
+            CallKindState::Group { .. } | CallKindState::Room { .. } => {
+                self.remove_member(now, call_id, device, cause);
+            }
         }
     }
 
@@ -680,6 +765,11 @@ impl Controller {
             at: now,
         };
         let members = std::mem::take(&mut call.members);
+        if let CallKindState::Room { name, .. } = &call.kind
+            && self.rooms.get(name) == Some(&call_id)
+        {
+            self.rooms.remove(name);
+        }
         info!(%call_id, reason = ?cause.reason, by = ?cause.by, detail = %cause.detail, "call ended");
         self.record_transition(from.wire(), CallPhase::Ended, Some(cause.reason));
         if let Some(at) = cause.fault_at {

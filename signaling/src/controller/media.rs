@@ -9,6 +9,7 @@ use super::{
     Cause, Controller, Handled, Leg, LegPhase, LegTimer, Link, Output, Reject, SfuCommand,
     SfuNotice, Timer,
 };
+use crate::grants::sdp_sends_media;
 use crate::ids::{CallId, DeviceId, ParticipantKey, SessionId};
 use crate::pb::{self, EndReason, ErrorCode, ParticipantStatus, server_frame};
 
@@ -35,6 +36,7 @@ impl Controller {
             phase: LegPhase::AwaitingOffer,
             in_sfu: false,
             join_revision: 0,
+            media_id: 0,
             server_offer: None,
             device_offer: None,
             next_revision: 1,
@@ -92,6 +94,20 @@ impl Controller {
         Ok((id, device, leg.key))
     }
 
+    /// A credential that may not publish never sends: an SDP that would is
+    /// refused (the SFU also forwards nothing such a participant sends).
+    fn check_publish(&self, sid: SessionId, call_id: u64, sdp: &str) -> Result<(), Reject> {
+        let publish = self.sessions.get(&sid).is_some_and(|s| s.credential.grant.publish);
+        if !publish && sdp_sends_media(sdp) {
+            return Err(Reject::new(
+                ErrorCode::Forbidden,
+                "this credential may only listen: make every audio and video m-line recvonly",
+            )
+            .call(call_id));
+        }
+        Ok(())
+    }
+
     fn leg_mut(&mut self, key: ParticipantKey) -> Option<&mut Leg> {
         let (call, device) = self.legs.get(&key)?;
         let leg = self
@@ -113,6 +129,9 @@ impl Controller {
         if m.sdp.is_empty() {
             return Err(Reject::new(ErrorCode::InvalidArgument, "empty sdp").call(m.call_id));
         }
+        self.check_publish(sid, m.call_id, &m.sdp)?;
+        let grant = self.sessions.get(&sid).map(|s| s.credential.grant.clone());
+        let (publish, subscribe) = grant.map_or((false, false), |g| (g.publish, g.subscribe));
         let sfu_timeout = self.config.sfu_timeout;
         let leg = self
             .leg_mut(key)
@@ -136,6 +155,8 @@ impl Controller {
             participant: key,
             display_name: device,
             offer_sdp: m.sdp,
+            publish,
+            subscribe,
         }));
         Ok(m.call_id)
     }
@@ -172,6 +193,10 @@ impl Controller {
         if m.sdp.is_empty() {
             return Err(Reject::new(ErrorCode::InvalidArgument, "empty sdp").call(m.call_id));
         }
+        self.check_publish(sid, m.call_id, &m.sdp)?;
+        let Some(leg) = self.leg_mut(key) else {
+            return Err(Reject::new(ErrorCode::InvalidState, "no participation"));
+        };
         leg.server_offer = None;
         self.timers.cancel(Timer::Leg(key, LegTimer::Answer));
         self.out.push_back(Output::Sfu(SfuCommand::Answer {
@@ -191,6 +216,7 @@ impl Controller {
         if m.sdp.is_empty() {
             return Err(Reject::new(ErrorCode::InvalidArgument, "empty sdp").call(m.call_id));
         }
+        self.check_publish(sid, m.call_id, &m.sdp)?;
         let sfu_timeout = self.config.sfu_timeout;
         let leg = self
             .leg_mut(key)
@@ -233,12 +259,13 @@ impl Controller {
             return;
         };
         match notice {
-            SfuNotice::Joined { answer_sdp, .. } => {
+            SfuNotice::Joined { answer_sdp, media_id, .. } => {
                 if leg.phase != LegPhase::Joining {
                     self.stats.stale_sfu_notices += 1;
                     return;
                 }
                 leg.phase = LegPhase::Connecting;
+                leg.media_id = media_id;
                 let revision = leg.join_revision;
                 self.timers.cancel(Timer::Leg(key, LegTimer::SfuJoin));
                 self.timers.set(

@@ -23,8 +23,12 @@
 //!
 //! # Model
 //!
-//! * A **connection** ([`ConnId`]) carries one device identity, given by the
-//!   transport. Its first frame must be `Hello`.
+//! * A **connection** ([`ConnId`]) carries one [`Credential`], proved by the
+//!   transport: the device identity, a key that tells "the same credential"
+//!   apart from another one, and a [`Grant`](crate::grants::Grant). Its first
+//!   frame must be `Hello`. A revoked credential is refused; a different
+//!   credential for an identity that has a session is refused
+//!   (`IDENTITY_IN_USE`) and the incumbent keeps its calls.
 //! * A **session** ([`SessionId`]) is created by `Hello` and outlives its
 //!   connection for the resume grace. Each attachment to a connection gets a
 //!   fresh [`Epoch`]. One session per device: a fresh `Hello` ends the old one.
@@ -33,7 +37,8 @@
 //!   [`ParticipantKey`]). Its phase is live (inviting, ringing, connecting,
 //!   active) until it ends, once, with a reason; the ended state is absorbing
 //!   and kept as a tombstone for a while so late requests get consistent
-//!   answers.
+//!   answers. A **named room** is a group call found by its name, joined by
+//!   anyone whose grant covers the name, ended when its last member leaves.
 //!
 //! See `signaling/PROTOCOL.md` for the flows and the liveness rules.
 
@@ -48,12 +53,13 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use rand::{SeedableRng, rngs::StdRng};
-use tracing::{debug, trace};
+use tracing::{debug, info, trace};
 
 pub use self::sfu::{SfuCommand, SfuNotice};
 pub use self::stats::{DurationHistogram, Stats, Transition};
 use self::timers::{LegTimer, Timer, TimerTable};
 use crate::Error;
+use crate::grants::{Credential, RoomName};
 use crate::ids::{CallId, ConnId, DeviceId, Epoch, ParticipantKey, SessionId};
 use crate::pb::{
     self, CallKind, CallPhase, CloseReason, EndReason, ErrorCode, ParticipantStatus, ServerFrame,
@@ -109,6 +115,8 @@ pub struct Config {
     pub replay_limit_bytes: usize,
     /// Members (joined + invited) per group call.
     pub max_group_members: usize,
+    /// Members per named room.
+    pub max_room_members: usize,
 }
 
 impl Default for Config {
@@ -129,6 +137,7 @@ impl Default for Config {
             op_cache_size: 64,
             replay_limit_bytes: 256 * 1024,
             max_group_members: 32,
+            max_room_members: 100,
         }
     }
 }
@@ -146,9 +155,9 @@ impl Config {
                 "need 0 < degraded_after_missed < unreachable_after_missed",
             ));
         }
-        if self.op_cache_size == 0 || self.max_group_members < 2 {
+        if self.op_cache_size == 0 || self.max_group_members < 2 || self.max_room_members < 2 {
             return Err(Error::InvalidConfig(
-                "op_cache_size >= 1 and max_group_members >= 2",
+                "op_cache_size >= 1, max_group_members >= 2 and max_room_members >= 2",
             ));
         }
         Ok(())
@@ -278,6 +287,10 @@ pub struct Controller {
     devices: BTreeMap<DeviceId, Device>,
     sessions: BTreeMap<SessionId, Session>,
     calls: BTreeMap<CallId, Call>,
+    /// Live named rooms.
+    rooms: BTreeMap<RoomName, CallId>,
+    /// Subject -> Unix seconds of its latest revocation.
+    revoked: BTreeMap<String, u64>,
     /// Every participant the controller has or may have in the SFU.
     legs: BTreeMap<ParticipantKey, (CallId, DeviceId)>,
     timers: TimerTable,
@@ -291,6 +304,7 @@ pub struct Controller {
 #[derive(Debug)]
 struct Conn {
     device: DeviceId,
+    credential: Credential,
     state: ConnState,
     errors: u32,
 }
@@ -314,6 +328,9 @@ struct Device {
 #[derive(Debug)]
 struct Session {
     device: DeviceId,
+    /// The credential that created it; a resume or a replacement must
+    /// present the same one.
+    credential: Credential,
     epoch: Epoch,
     token: [u8; 16],
     link: Link,
@@ -363,6 +380,8 @@ struct Call {
 enum CallKindState {
     Direct { caller: DeviceId, callee: DeviceId },
     Group { owner: DeviceId, name: String },
+    /// A named room; it has no owner.
+    Room { name: RoomName, creator: DeviceId },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -422,6 +441,8 @@ struct Leg {
     in_sfu: bool,
     /// Revision of the device's joining offer, echoed in the answer.
     join_revision: u64,
+    /// The participant's id in the SFU, once joined (0 before).
+    media_id: u64,
     /// A server offer awaiting the device's answer: (revision, sdp).
     server_offer: Option<(u64, String)>,
     /// A device offer (ICE restart) awaiting the SFU's answer: its revision.
@@ -473,6 +494,7 @@ impl Call {
         match &self.kind {
             CallKindState::Direct { caller, .. } => caller,
             CallKindState::Group { owner, .. } => owner,
+            CallKindState::Room { creator, .. } => creator,
         }
     }
 
@@ -480,6 +502,20 @@ impl Call {
         match self.kind {
             CallKindState::Direct { .. } => CallKind::Direct,
             CallKindState::Group { .. } => CallKind::Group,
+            CallKindState::Room { .. } => CallKind::Room,
+        }
+    }
+
+    /// Group calls and rooms: participants come and go, the call goes on.
+    fn is_multiparty(&self) -> bool {
+        !matches!(self.kind, CallKindState::Direct { .. })
+    }
+
+    /// Most members (joined + invited) the call may hold.
+    fn capacity(&self, config: &Config) -> usize {
+        match self.kind {
+            CallKindState::Room { .. } => config.max_room_members,
+            _ => config.max_group_members,
         }
     }
 }
@@ -559,6 +595,8 @@ impl Controller {
             devices: BTreeMap::new(),
             sessions: BTreeMap::new(),
             calls: BTreeMap::new(),
+            rooms: BTreeMap::new(),
+            revoked: BTreeMap::new(),
             legs: BTreeMap::new(),
             timers: TimerTable::default(),
             out: VecDeque::new(),
@@ -579,14 +617,20 @@ impl Controller {
 
     // ---- inputs -----------------------------------------------------------
 
-    /// A transport connection came up, authenticated as `device`.
-    pub fn handle_connection_up(&mut self, now: Instant, conn: ConnId, device: DeviceId) {
+    /// A transport connection came up with a proven `credential`; `unix_now`
+    /// is the driver's wall clock (Unix seconds), the clock credentials are
+    /// stated in. A revoked credential is answered
+    /// `Rejected{CREDENTIAL_REVOKED}` and closed; the connection closes
+    /// (`CREDENTIAL_EXPIRED`) when the credential expires.
+    pub fn handle_connection_up(&mut self, now: Instant, unix_now: u64, conn: ConnId, credential: Credential) {
         let now = self.advance(now);
         if self.conns.contains_key(&conn) {
             // A driver bug; keep the first one.
             debug!(%conn, "duplicate connection id ignored");
             return;
         }
+        let device = credential.identity.clone();
+        let valid_for = Duration::from_secs(credential.expires_at.saturating_sub(unix_now));
         debug!(%conn, %device, "connection up");
         self.devices
             .entry(device.clone())
@@ -598,16 +642,67 @@ impl Controller {
                 last_error: None,
                 reachability: Reachability::Unreachable,
             });
+        let revoked = self.is_revoked(&credential);
         self.conns.insert(
             conn,
             Conn {
                 device,
+                credential,
                 state: ConnState::AwaitingHello,
                 errors: 0,
             },
         );
+        if revoked {
+            info!(%conn, "revoked credential refused");
+            self.reject(conn, ErrorCode::CredentialRevoked, "this credential has been revoked", CloseReason::Revoked);
+            return;
+        }
         self.timers
             .set(Timer::Hello(conn), now + self.config.hello_timeout);
+        self.timers.set(Timer::CredentialExpiry(conn), now + valid_for);
+    }
+
+    /// Revokes every credential of `subject` issued at or before `at` (Unix
+    /// seconds): their connections close (`REVOKED`), their sessions end
+    /// without resume, and their calls converge (`END_REASON_REVOKED`); later
+    /// connections with them are refused. Returns how many sessions ended.
+    pub fn handle_revoke(&mut self, now: Instant, subject: &str, at: u64) -> usize {
+        let now = self.advance(now);
+        let cutoff = self.revoked.entry(subject.to_owned()).or_insert(at);
+        *cutoff = (*cutoff).max(at);
+        info!(subject, at, "credentials revoked");
+        let conns: Vec<ConnId> = self.conns.iter().filter(|(_, c)| self.is_revoked(&c.credential)).map(|(id, _)| *id).collect();
+        let sessions: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| self.is_revoked(&s.credential)).map(|(id, _)| *id).collect();
+        for sid in &sessions {
+            let device = self.sessions[sid].device.clone();
+            let cause = Cause::new(EndReason::Revoked).by(&device).detail("the device's credential was revoked");
+            self.terminate_session(now, *sid, cause);
+        }
+        for conn in conns {
+            self.note_device_error(conn, "credential revoked");
+            self.close(conn, CloseReason::Revoked);
+        }
+        sessions.len()
+    }
+
+    fn is_revoked(&self, credential: &Credential) -> bool {
+        self.revoked.get(&credential.subject).is_some_and(|at| credential.issued_at <= *at)
+    }
+
+    /// Refuses a connection: `Rejected{code}`, then the close.
+    fn reject(&mut self, conn: ConnId, code: ErrorCode, reason: &str, close: CloseReason) {
+        *self.stats.errors_sent.entry(code).or_default() += 1;
+        self.send(
+            conn,
+            0,
+            server_frame::Kind::Rejected(pb::Rejected {
+                code: code as i32,
+                reason: reason.into(),
+                server_min_version: PROTOCOL_VERSION_MIN,
+                server_max_version: PROTOCOL_VERSION_MAX,
+            }),
+        );
+        self.close(conn, close);
     }
 
     /// A transport connection went away (closed by the peer, timed out,
@@ -620,6 +715,7 @@ impl Controller {
         };
         debug!(%conn, device = %c.device, detail, "connection down");
         self.timers.cancel(Timer::Hello(conn));
+        self.timers.cancel(Timer::CredentialExpiry(conn));
         if let ConnState::Attached(sid) = c.state {
             let attached_here = self
                 .sessions
@@ -986,6 +1082,33 @@ impl Controller {
             {
                 bad.push(format!("{conn} awaits hello without a deadline"));
             }
+            if self.timers.get(Timer::CredentialExpiry(*conn)).is_none() {
+                bad.push(format!("{conn} has no credential expiry"));
+            }
+            if self.is_revoked(&c.credential) {
+                bad.push(format!("{conn} carries a revoked credential"));
+            }
+        }
+        for (name, id) in &self.rooms {
+            let indexed = self.calls.get(id).is_some_and(|c| {
+                c.is_live() && matches!(&c.kind, CallKindState::Room { name: n, .. } if n == name)
+            });
+            if !indexed {
+                bad.push(format!("room {name} points at {id}, not its live call"));
+            }
+        }
+        for (id, call) in &self.calls {
+            if let CallKindState::Room { name, .. } = &call.kind
+                && call.is_live()
+                && self.rooms.get(name) != Some(id)
+            {
+                bad.push(format!("{id}: live room {name} is not indexed"));
+            }
+        }
+        for s in self.sessions.values() {
+            if self.is_revoked(&s.credential) {
+                bad.push(format!("{} holds a session with a revoked credential", s.device));
+            }
         }
         bad
     }
@@ -1015,6 +1138,7 @@ impl Controller {
                     self.close(conn, CloseReason::HelloTimeout);
                 }
             }
+            Timer::CredentialExpiry(conn) => self.on_credential_expired(now, conn),
             Timer::Heartbeat(sid, epoch) => self.on_heartbeat_timer(now, sid, epoch),
             Timer::ResumeGrace(sid, epoch) => self.on_grace_timer(now, sid, epoch),
             Timer::Ring(call, sid) => self.on_ring_timer(now, call, sid),
@@ -1080,6 +1204,7 @@ impl Controller {
             K::GroupJoin(m) => self.on_group_join(now, sid, m.call_id),
             K::GroupLeave(m) => self.on_group_leave(now, sid, m.call_id),
             K::GroupEnd(m) => self.on_group_end(now, sid, m.call_id),
+            K::RoomJoin(m) => self.on_room_join(now, sid, m),
             K::SdpOffer(m) => self.on_sdp_offer(now, sid, m),
             K::SdpAnswer(m) => self.on_sdp_answer(now, sid, m),
             K::IceRestart(m) => self.on_ice_restart(now, sid, m),
@@ -1202,6 +1327,7 @@ impl Controller {
         }
         debug!(%conn, ?reason, "closing connection");
         self.timers.cancel(Timer::Hello(conn));
+        self.timers.cancel(Timer::CredentialExpiry(conn));
         *self.stats.connections_closed.entry(reason).or_default() += 1;
         self.out.push_back(Output::Close { conn, reason });
     }

@@ -32,29 +32,29 @@ impl Controller {
                 hello.min_version, hello.max_version
             );
             info!(%conn, %reason, "hello rejected");
-            *self
-                .stats
-                .errors_sent
-                .entry(ErrorCode::UnsupportedVersion)
-                .or_default() += 1;
-            self.send(
-                conn,
-                0,
-                server_frame::Kind::Rejected(pb::Rejected {
-                    code: ErrorCode::UnsupportedVersion as i32,
-                    reason: reason.clone(),
-                    server_min_version: PROTOCOL_VERSION_MIN,
-                    server_max_version: PROTOCOL_VERSION_MAX,
-                }),
-            );
             self.note_device_error(conn, &reason);
-            self.close(conn, CloseReason::UnsupportedVersion);
+            self.reject(conn, ErrorCode::UnsupportedVersion, &reason, CloseReason::UnsupportedVersion);
             return;
         };
         self.timers.cancel(Timer::Hello(conn));
-        let Some(device) = self.conns.get(&conn).map(|c| c.device.clone()) else {
+        let Some((device, credential)) = self.conns.get(&conn).map(|c| (c.device.clone(), c.credential.clone())) else {
             return;
         };
+        // An identity with a session belongs to the credential that made it:
+        // another credential neither resumes nor replaces it.
+        if let Some(old) = self.devices.get(&device).and_then(|d| d.session)
+            && self.sessions.get(&old).is_some_and(|s| s.credential.key != credential.key)
+        {
+            info!(%conn, %device, "identity held by another credential: refused");
+            self.note_device_error(conn, "refused a connection with a different credential for this identity");
+            self.reject(
+                conn,
+                ErrorCode::IdentityInUse,
+                "this identity is in use by a different credential",
+                CloseReason::IdentityInUse,
+            );
+            return;
+        }
         if let Some(d) = self.devices.get_mut(&device) {
             d.version = truncate(&hello.software_version, MAX_SOFTWARE_VERSION);
         }
@@ -103,6 +103,7 @@ impl Controller {
             sid,
             Session {
                 device: device.clone(),
+                credential,
                 epoch: Epoch(0),
                 token,
                 link: Link::Detached { since: now },
@@ -207,6 +208,11 @@ impl Controller {
             max_frame_bytes: MAX_FRAME_BYTES as u32,
             device_id: s.device.to_string(),
             call_id: s.call.map_or(0, |c| c.0),
+            grant: Some(pb::Grant {
+                rooms: s.credential.grant.rooms.iter().map(ToString::to_string).collect(),
+                publish: s.credential.grant.publish,
+                subscribe: s.credential.grant.subscribe,
+            }),
         };
         let device = s.device.clone();
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -351,6 +357,24 @@ impl Controller {
         }
     }
 
+    /// The connection's credential expired: the connection closes and its
+    /// session ends (a new credential starts a new one).
+    pub(super) fn on_credential_expired(&mut self, now: Instant, conn: ConnId) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let (state, device) = (c.state, c.device.clone());
+        info!(%conn, %device, "credential expired: closing");
+        if let ConnState::Attached(sid) = state
+            && self.sessions.get(&sid).is_some_and(|s| s.link == Link::Attached(conn))
+        {
+            let cause = Cause::new(EndReason::CredentialExpired).by(&device).detail("the device's credential expired");
+            self.terminate_session(now, sid, cause);
+        }
+        self.note_device_error(conn, "credential expired");
+        self.close(conn, CloseReason::CredentialExpired);
+    }
+
     pub(super) fn on_grace_timer(&mut self, now: Instant, sid: SessionId, epoch: Epoch) {
         let Some(s) = self.sessions.get(&sid) else {
             return;
@@ -404,6 +428,7 @@ impl Controller {
         let Some(c) = self.calls.get(&call) else {
             return;
         };
+        let media_id = c.members.get(device).and_then(|m| m.leg()).map_or(0, |l| l.media_id);
         let targets: Vec<SessionId> = c
             .members
             .iter()
@@ -418,6 +443,7 @@ impl Controller {
                     device_id: device.to_string(),
                     status: status as i32,
                     reason: reason as i32,
+                    media_id,
                 }),
             );
         }

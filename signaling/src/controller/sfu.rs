@@ -1,8 +1,10 @@
 //! The boundary between the controller and the SFU, as plain messages.
 //!
-//! Each call is one SFU room (a 1:1 call is a two-person room). Each device's
-//! participation in a call is one SFU participant named by a
-//! [`ParticipantKey`] (session id + a fresh epoch), so a notice about an old
+//! Each call is one SFU room (a 1:1 call is a two-person room, a named room
+//! a group call); the SFU's room ids are the controller's call ids, never a
+//! name a client chose. Each device's participation in a call is one SFU
+//! participant named by a [`ParticipantKey`] (session id + a fresh epoch),
+//! so a notice about an old
 //! participation can never touch a newer one: the controller ignores notices
 //! whose key it no longer knows.
 //!
@@ -29,6 +31,11 @@ pub enum SfuCommand {
         display_name: DeviceId,
         /// The device's SDP offer.
         offer_sdp: String,
+        /// Whether its grant lets it send media: without, the SFU forwards
+        /// nothing it sends.
+        publish: bool,
+        /// Whether its grant lets it receive the others' media.
+        subscribe: bool,
     },
     /// The device's answer to a server-initiated offer (`SfuNotice::Offer`).
     Answer {
@@ -73,6 +80,9 @@ pub enum SfuNotice {
         participant: ParticipantKey,
         /// SDP answer for the device.
         answer_sdp: String,
+        /// The participant's id inside the SFU: the msid stream id of its
+        /// tracks and the CSRC of its audio in slots.
+        media_id: u64,
     },
     /// The join was refused (bad SDP, room full, ...); nothing was created.
     JoinFailed {

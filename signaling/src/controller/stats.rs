@@ -17,6 +17,8 @@ pub struct Stats {
     pub direct_calls_created: u64,
     /// Group calls created.
     pub group_calls_created: u64,
+    /// Named rooms opened (a room reopened after it emptied counts again).
+    pub rooms_opened: u64,
     /// Call phase transitions; `from: Unspecified` is creation, `to: Ended`
     /// carries the reason.
     pub call_transitions: BTreeMap<Transition, u64>,

@@ -16,6 +16,8 @@ use crate::ids::{CallId, ConnId, Epoch, ParticipantKey, SessionId};
 pub enum Timer {
     /// A new connection must send `Hello` in time.
     Hello(ConnId),
+    /// The connection's credential expires: the connection closes.
+    CredentialExpiry(ConnId),
     /// Send the next heartbeat and count the previous one if unacked.
     Heartbeat(SessionId, Epoch),
     /// A detached session is swept when its resume grace ends.
