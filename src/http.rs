@@ -180,16 +180,15 @@ async fn revoke(Path(id): Path<String>, State(state): State<AppState>) -> Respon
     if id.is_empty() || id.len() > fleetcall_signaling::ids::MAX_DEVICE_ID {
         return (StatusCode::BAD_REQUEST, Json(json!({ "error": "not an identity" }))).into_response();
     }
-    let at = unix_now();
     // Persisted before it is enforced, so a crash never forgets a revocation.
     let list = state.revocations.clone();
     let subject = id.clone();
-    let saved = tokio::task::spawn_blocking(move || list.lock().expect("revocation list lock").revoke(&subject, at)).await;
-    match saved {
-        Ok(Ok(())) => {}
+    let saved = tokio::task::spawn_blocking(move || list.lock().expect("revocation list lock").revoke(&subject, unix_now())).await;
+    let at = match saved {
+        Ok(Ok(at)) => at,
         Ok(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e.to_string() }))).into_response(),
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e.to_string() }))).into_response(),
-    }
+    };
     match state.control.revoke(id.clone(), at).await {
         Ok(sessions) => Json(json!({ "subject": id, "revoked_at": at, "sessions_ended": sessions })).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),

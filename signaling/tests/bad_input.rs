@@ -6,6 +6,7 @@ mod common;
 
 use bytes::{BufMut, BytesMut};
 use common::*;
+use fleetcall_signaling::grants::Grant;
 use fleetcall_signaling::Error;
 use fleetcall_signaling::controller::{Output, Reachability};
 use fleetcall_signaling::ids::{ConnId, DeviceId};
@@ -148,7 +149,7 @@ fn frames_before_hello_close_with_not_registered() {
     let now = sim.now;
     let conn = ConnId(500);
     sim.ctl
-        .handle_connection_up(now, conn, DeviceId::new("early").unwrap());
+        .handle_connection_up(now, common::UNIX_START, conn, common::credential("early", "early", Grant::device(Vec::new())));
     sim.ctl.handle_frame(
         now,
         conn,

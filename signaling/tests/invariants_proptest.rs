@@ -9,8 +9,15 @@
 //! 4. no session of an unreachable device older than the grace;
 //!
 //! plus the controller's own audit (no waiting state without a deadline,
-//! indexes consistent) and, after the network heals, convergence: no call
-//! stuck in setup, every live call fully connected.
+//! indexes consistent, no revoked credential holding anything) and, after
+//! the network heals, convergence: no call stuck in setup, every live call
+//! fully connected.
+//!
+//! Devices d0..d2 are QUIC devices (protobuf framing; d0's certificate grants
+//! room `room-a`), d3 and d4 browsers (JSON framing, tokens for every room):
+//! all of them call, join groups and named rooms, get revoked and come back
+//! with new credentials, and meet impostors presenting another credential
+//! for their identity.
 //!
 //! Each case prints its sim seed; proptest stores failing inputs in
 //! `invariants_proptest.proptest-regressions` and replays them first.
@@ -22,6 +29,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use common::*;
+use fleetcall_signaling::grants::{Grant, RoomPattern};
 use fleetcall_signaling::ids::CallId;
 use fleetcall_signaling::pb::{
     self, CallPhase, EndReason, ParticipantStatus, client_frame::Kind as C,
@@ -30,6 +38,8 @@ use fleetcall_signaling::wire::FrameDecoder;
 use proptest::prelude::*;
 
 const DEVICES: usize = 5;
+/// Named rooms the devices use; only browsers and d0 are granted any.
+const ROOMS: [&str; 2] = ["room-a", "room-b"];
 
 fn name(i: usize) -> String {
     format!("d{}", i % DEVICES)
@@ -47,6 +57,9 @@ enum Action {
     GroupJoin(usize),
     GroupLeave(usize),
     GroupEnd(usize),
+    RoomJoin(usize, usize),
+    Revoke(usize),
+    Impostor(usize),
     IceRestart(usize),
     ReplayLastOp(usize),
     Garbage(usize),
@@ -74,6 +87,9 @@ fn action() -> impl Strategy<Value = Action> {
         2 => d.clone().prop_map(Action::GroupJoin),
         1 => d.clone().prop_map(Action::GroupLeave),
         1 => d.clone().prop_map(Action::GroupEnd),
+        3 => (d.clone(), 0..ROOMS.len()).prop_map(|(a, r)| Action::RoomJoin(a, r)),
+        1 => d.clone().prop_map(Action::Revoke),
+        1 => d.clone().prop_map(Action::Impostor),
         1 => d.clone().prop_map(Action::IceRestart),
         1 => d.clone().prop_map(Action::ReplayLastOp),
         1 => d.clone().prop_map(Action::Garbage),
@@ -172,6 +188,52 @@ fn apply(sim: &mut Sim, action: &Action, last_op: &mut BTreeMap<String, (u64, C)
             let call_id = call_of(sim, &name(*a));
             req(sim, name(*a), C::GroupEnd(pb::GroupEnd { call_id }));
         }
+        Action::RoomJoin(a, r) => {
+            req(sim, name(*a), C::RoomJoin(pb::RoomJoin { room: ROOMS[*r].into() }));
+        }
+        Action::Revoke(a) => {
+            // Revoked now; the device is re-enrolled with a new key issued a
+            // second later, and reconnects with it on its next action.
+            let dev = name(*a);
+            // As the revocation list does: a revocation covers every
+            // credential issued so far, also one issued "a second after" an
+            // earlier revocation in this same second.
+            let unix = sim.unix_now().max(sim.dev(&dev).credential.issued_at);
+            let now = sim.now;
+            sim.ctl.handle_revoke(now, &dev, unix);
+            sim.drain();
+            if let Some(conn) = sim.dev(&dev).conn {
+                let closed = sim.dev(&dev).closes.last().copied();
+                panic!("seed {}: {dev} still connected ({conn}) after its revocation, last close {closed:?}", sim.seed);
+            }
+            let serial = sim.dev(&dev).credential.issued_at;
+            let fresh = sim.dev_mut(&dev);
+            fresh.credential.issued_at = unix + 1;
+            fresh.credential.key = fleetcall_signaling::grants::CredentialKey::digest(format!("{dev} after {serial}").as_bytes());
+            fresh.session = None;
+        }
+        Action::Impostor(a) => {
+            // Another credential for a live identity: refused, and the
+            // incumbent keeps its session.
+            let dev = name(*a);
+            let id = fleetcall_signaling::ids::DeviceId::new(dev.clone()).unwrap();
+            let Some(incumbent) = sim.ctl.device(&id).and_then(|d| d.sessions.first().copied()) else {
+                return;
+            };
+            let impostor = format!("impostor-{dev}");
+            sim.devs.remove(&impostor);
+            let grant = sim.dev(&dev).credential.grant.clone();
+            // Issued with the device's own, so no revocation covers it.
+            let mut forged = credential(&dev, &impostor, grant);
+            forged.issued_at = sim.dev(&dev).credential.issued_at;
+            sim.add_unwelcomed(&impostor, Transport::WebSocket, Auto::default(), forged);
+            sim.run_for(Duration::from_millis(200));
+            // (The device itself may start a new session meanwhile; the impostor
+            // never gets one.)
+            assert_eq!(sim.dev(&impostor).closes.first(), Some(&pb::CloseReason::IdentityInUse), "seed {} t={}: {dev} (session {incumbent:?}); the impostor got {:?}", sim.seed, sim.t(), sim.dev(&impostor).inbox);
+            assert!(sim.dev(&impostor).session.is_none(), "seed {}: the impostor got a session", sim.seed);
+            sim.devs.remove(&impostor);
+        }
         Action::IceRestart(a) => {
             let call_id = call_of(sim, &name(*a));
             let kind = C::IceRestart(pb::IceRestart {
@@ -264,7 +326,13 @@ fn run_case(seed: u64, jitter_ms: u64, actions: &[Action]) -> Sim {
             accept: i >= 3,
             ..Auto::default()
         };
-        sim.add_with(&name(i), Transport::Quic, auto);
+        let dev = name(i);
+        let (transport, grant) = match i {
+            0 => (Transport::Quic, Grant::device(vec![RoomPattern::parse("room-a").unwrap()])),
+            1 | 2 => (Transport::Quic, Grant::device(Vec::new())),
+            _ => (Transport::WebSocket, all_rooms()),
+        };
+        sim.add_credentialed(&dev, transport, auto, credential(&dev, &dev, grant));
     }
     let mut seen = BTreeMap::new();
     let mut last_op = BTreeMap::new();
@@ -378,9 +446,11 @@ fn long_fixed_sequence() {
         .map(|(_, n)| n)
         .sum();
     assert!(
-        st.direct_calls_created >= 10 && st.group_calls_created >= 5,
+        st.direct_calls_created >= 10 && st.group_calls_created >= 5 && st.rooms_opened >= 3,
         "{st:?}"
     );
+    assert!(st.errors_sent.get(&pb::ErrorCode::IdentityInUse).is_some_and(|n| *n >= 1), "{st:?}");
+    assert!(st.connections_closed.get(&pb::CloseReason::Revoked).is_some_and(|n| *n >= 1), "{st:?}");
     assert!(ended >= 10, "{st:?}");
     let reached_active = st
         .call_transitions

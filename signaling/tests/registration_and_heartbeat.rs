@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use fleetcall_signaling::grants::Grant;
 use fleetcall_signaling::controller::Reachability;
 use fleetcall_signaling::ids::{ConnId, DeviceId};
 use fleetcall_signaling::pb::{
@@ -77,7 +78,7 @@ fn unsupported_version_is_rejected_and_closed() {
     let conn = ConnId(99);
     let now = sim.now;
     sim.ctl
-        .handle_connection_up(now, conn, DeviceId::new("future").unwrap());
+        .handle_connection_up(now, common::UNIX_START, conn, common::credential("future", "future", Grant::device(Vec::new())));
     let hello = pb::ClientFrame {
         op_id: 0,
         kind: Some(C::Hello(pb::Hello {
@@ -124,7 +125,7 @@ fn a_connection_that_never_says_hello_is_closed() {
     let mut sim = Sim::new(seed_from_env(5));
     let now = sim.now;
     sim.ctl
-        .handle_connection_up(now, ConnId(7), DeviceId::new("mute").unwrap());
+        .handle_connection_up(now, common::UNIX_START, ConnId(7), common::credential("mute", "mute", Grant::device(Vec::new())));
     assert_eq!(sim.ctl.poll_timeout(), Some(now + secs(10)));
     sim.ctl.handle_timeout(now + secs(10));
     assert_eq!(
@@ -146,7 +147,7 @@ fn due_timers_fire_before_input_even_if_the_driver_is_late() {
     let now = sim.now;
     let conn = ConnId(8);
     sim.ctl
-        .handle_connection_up(now, conn, DeviceId::new("late").unwrap());
+        .handle_connection_up(now, common::UNIX_START, conn, common::credential("late", "late", Grant::device(Vec::new())));
     let hello = pb::ClientFrame {
         op_id: 0,
         kind: Some(C::Hello(pb::Hello {
@@ -168,7 +169,7 @@ fn due_timers_fire_before_input_even_if_the_driver_is_late() {
     // seen (+10 s), so this connection's own deadline is +20 s and its Hello
     // is welcomed; the heartbeat timestamp shows the clamped time.
     sim.ctl
-        .handle_connection_up(now, ConnId(9), DeviceId::new("early").unwrap());
+        .handle_connection_up(now, common::UNIX_START, ConnId(9), common::credential("early", "early", Grant::device(Vec::new())));
     sim.ctl
         .handle_frame(now + secs(10) - ms(1), ConnId(9), hello);
     let outs: Vec<_> = std::iter::from_fn(|| sim.ctl.poll_output()).collect();

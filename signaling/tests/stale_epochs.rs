@@ -37,6 +37,7 @@ fn a_late_removal_for_an_old_participation_is_ignored() {
         SfuNotice::Joined {
             participant: old,
             answer_sdp: "v=0".into(),
+            media_id: 99,
         },
     ] {
         sim.ctl.handle_sfu(now, notice);

@@ -159,6 +159,12 @@ impl Net {
 
     /// Like [`Net::join`], optionally also publishing a VP8 video track.
     pub fn join_with(&mut self, room: &str, video: bool) -> usize {
+        self.join_as(room, video, Rights::ALL)
+    }
+
+    /// Like [`Net::join_with`], with the grant's `rights` (the client offers
+    /// and sends its audio whatever they are).
+    pub fn join_as(&mut self, room: &str, video: bool, rights: Rights) -> usize {
         let index = self.clients.len() as u8;
         let addr: SocketAddr = format!("10.0.0.{}:{}", index + 1, 4000 + index as u16).parse().unwrap();
         let mut rtc = Rtc::builder().enable_raw_packets(self.record_rtp).build(self.now);
@@ -171,7 +177,7 @@ impl Net {
         self.next_participant += 1;
         let joined = self
             .sfu
-            .join(self.now, JoinRequest { room: RoomId::from(room), participant, name: format!("client-{index}"), offer, rights: Rights::ALL })
+            .join(self.now, JoinRequest { room: RoomId::from(room), participant, name: format!("client-{index}"), offer, rights })
             .expect("join accepted");
         rtc.sdp_api().accept_answer(pending, joined.answer).unwrap();
         self.clients.push(Client {

@@ -657,6 +657,11 @@ impl Controller {
             self.reject(conn, ErrorCode::CredentialRevoked, "this credential has been revoked", CloseReason::Revoked);
             return;
         }
+        if valid_for.is_zero() {
+            info!(%conn, "expired credential refused");
+            self.reject(conn, ErrorCode::CredentialExpired, "this credential has expired", CloseReason::CredentialExpired);
+            return;
+        }
         self.timers
             .set(Timer::Hello(conn), now + self.config.hello_timeout);
         self.timers.set(Timer::CredentialExpiry(conn), now + valid_for);

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use fleetcall_signaling::controller::{Config, Controller, Output, SfuCommand, SfuNotice};
+use fleetcall_signaling::grants::{Credential, CredentialKey, Grant, RoomPattern};
 use fleetcall_signaling::ids::{CallId, ConnId, DeviceId, ParticipantKey};
 use fleetcall_signaling::pb::{
     self, CallEnded, ClientFrame, CloseReason, ServerFrame, client_frame::Kind as C,
@@ -65,10 +66,34 @@ impl Default for Auto {
     }
 }
 
+/// Unix seconds at the start of every simulation (credentials are stated in
+/// wall-clock time).
+pub const UNIX_START: u64 = 1_800_000_000;
+
+/// A device credential: its identity, a key derived from `key_name`, issued
+/// at the simulation's start, valid for a year, with `grant`.
+pub fn credential(identity: &str, key_name: &str, grant: Grant) -> Credential {
+    Credential {
+        identity: DeviceId::new(identity).unwrap(),
+        subject: identity.to_string(),
+        key: CredentialKey::digest(key_name.as_bytes()),
+        issued_at: UNIX_START,
+        expires_at: UNIX_START + 365 * 86_400,
+        grant,
+    }
+}
+
+/// A grant for every room.
+pub fn all_rooms() -> Grant {
+    Grant::device(vec![RoomPattern::parse("*").unwrap()])
+}
+
 /// A simulated device.
 #[derive(Debug)]
 pub struct Dev {
     pub id: DeviceId,
+    /// Presented on every connection.
+    pub credential: Credential,
     pub transport: Transport,
     pub conn: Option<ConnId>,
     /// (session id, resume token) from the last Welcome.
@@ -126,6 +151,8 @@ pub struct FakeSfu {
     pub refuse_once: BTreeSet<DeviceId>,
     /// Devices whose media never connects.
     pub no_media: BTreeSet<DeviceId>,
+    /// The SFU's next media id.
+    next_media_id: u64,
     /// Send renegotiation offers to others when a participant connects.
     pub renegotiate: bool,
     /// Never answer anything (a stuck SFU).
@@ -182,6 +209,7 @@ impl Sim {
                 refuse: BTreeSet::new(),
                 refuse_once: BTreeSet::new(),
                 no_media: BTreeSet::new(),
+                next_media_id: 1,
                 renegotiate: true,
                 silent: false,
                 offers: 0,
@@ -207,8 +235,30 @@ impl Sim {
     }
 
     pub fn add_with(&mut self, name: &str, transport: Transport, auto: Auto) -> &mut Self {
+        // QUIC devices: their certificate, no room grants. WebSocket clients:
+        // a token for every room.
+        let grant = match transport {
+            Transport::Quic => Grant::device(Vec::new()),
+            Transport::WebSocket => all_rooms(),
+        };
+        self.add_credentialed(name, transport, auto, credential(name, name, grant))
+    }
+
+    /// Adds a device presenting `credential`, connects it and waits for its
+    /// Welcome.
+    pub fn add_credentialed(&mut self, name: &str, transport: Transport, auto: Auto, credential: Credential) -> &mut Self {
+        self.add_unwelcomed(name, transport, auto, credential);
+        let welcomed = self.run_until_cond(secs(1), |s| s.dev(name).session.is_some());
+        assert!(welcomed.is_some(), "{name} was not welcomed");
+        self
+    }
+
+    /// Adds a device and connects it without waiting for anything (it may be
+    /// refused).
+    pub fn add_unwelcomed(&mut self, name: &str, transport: Transport, auto: Auto, credential: Credential) {
         let dev = Dev {
-            id: DeviceId::new(name).unwrap(),
+            id: credential.identity.clone(),
+            credential,
             transport,
             conn: None,
             session: None,
@@ -234,9 +284,11 @@ impl Sim {
         };
         self.devs.insert(name.to_string(), dev);
         self.connect(name, false);
-        let welcomed = self.run_until_cond(secs(1), |s| s.dev(name).session.is_some());
-        assert!(welcomed.is_some(), "{name} was not welcomed");
-        self
+    }
+
+    /// The wall clock of the simulation, in Unix seconds.
+    pub fn unix_now(&self) -> u64 {
+        UNIX_START + (self.now - self.start).as_secs()
     }
 
     pub fn dev(&self, name: &str) -> &Dev {
@@ -262,9 +314,10 @@ impl Sim {
         dev.frozen = false;
         dev.to_server.clear();
         dev.to_device.clear();
-        let id = dev.id.clone();
+        let credential = dev.credential.clone();
         self.conns.insert(conn, name.to_string());
-        self.ctl.handle_connection_up(now, conn, id);
+        let unix_now = self.unix_now();
+        self.ctl.handle_connection_up(now, unix_now, conn, credential);
         self.drain();
         let resume = if resume {
             let last_seq = self.dev(name).last_seq;
@@ -716,12 +769,12 @@ impl Sim {
             S::Ack(a)
                 if matches!(
                     op_kind,
-                    Some("invite" | "group_create" | "group_join" | "accept")
+                    Some("invite" | "group_create" | "group_join" | "accept" | "room_join")
                 ) && a.call_id != 0 =>
             {
                 // Not yet in the view if the call already ended (busy...).
                 let ended = dev.ended.iter().any(|(_, e)| e.call_id == a.call_id);
-                if !ended || op_kind == Some("group_join") {
+                if !ended || matches!(op_kind, Some("group_join" | "room_join")) {
                     dev.in_call.insert(a.call_id);
                 }
             }
@@ -831,11 +884,14 @@ impl Sim {
                         connected: false,
                     },
                 );
+                let media_id = self.sfu.next_media_id;
+                self.sfu.next_media_id += 1;
                 self.sfu.pending.push_back((
                     now + self.sfu.join_delay,
                     SfuNotice::Joined {
                         participant,
                         answer_sdp: "v=0 sfu answer".into(),
+                        media_id,
                     },
                 ));
                 if media {
@@ -972,6 +1028,7 @@ fn kind_name(kind: &C) -> &'static str {
         C::Accept(_) => "accept",
         C::GroupCreate(_) => "group_create",
         C::GroupJoin(_) => "group_join",
+        C::RoomJoin(_) => "room_join",
         _ => "other",
     }
 }
