@@ -37,11 +37,18 @@ impl Revocations {
     }
 
     /// Revokes every credential of `subject` issued at or before `at` (Unix
-    /// seconds) and saves the list.
-    pub fn revoke(&mut self, subject: &str, at: u64) -> Result<(), PkiError> {
-        let entry = self.revoked.entry(subject.to_owned()).or_insert(at);
-        *entry = (*entry).max(at);
-        self.save()
+    /// seconds), saves the list, and returns the moment in force. Each
+    /// revocation moves that moment forward, at least by a second: a
+    /// credential issued after an earlier revocation in the same second
+    /// (stamped the second after it) is covered too.
+    pub fn revoke(&mut self, subject: &str, at: u64) -> Result<u64, PkiError> {
+        let cutoff = match self.revoked.get(subject) {
+            Some(previous) => at.max(previous + 1),
+            None => at,
+        };
+        self.revoked.insert(subject.to_owned(), cutoff);
+        self.save()?;
+        Ok(cutoff)
     }
 
     /// Whether a credential of `subject` issued at `issued_at` is revoked.
@@ -82,13 +89,17 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let mut list = Revocations::open(&dir).unwrap();
         assert!(!list.is_revoked("bed-12", 100));
-        list.revoke("bed-12", 1000).unwrap();
-        list.revoke("bed-12", 900).unwrap(); // an older moment never shortens it
-        let list = Revocations::open(&dir).unwrap();
+        assert_eq!(list.revoke("bed-12", 1000).unwrap(), 1000);
+        let mut list = Revocations::open(&dir).unwrap();
         assert!(list.is_revoked("bed-12", 1000) && list.is_revoked("bed-12", 5));
         assert!(!list.is_revoked("bed-12", 1001), "re-enrolled after the revocation");
         assert!(!list.is_revoked("bed-13", 5));
         assert_eq!(list.revoked_at("bed-12"), Some(1000));
+        // Revoked again in the same second (or by a clock that stepped back):
+        // the moment still advances, covering what was issued since.
+        assert_eq!(list.revoke("bed-12", 1000).unwrap(), 1001);
+        assert_eq!(list.revoke("bed-12", 900).unwrap(), 1002);
+        assert!(list.is_revoked("bed-12", 1002));
         fs::write(dir.join("revoked.json"), b"{not json").unwrap();
         assert!(Revocations::open(&dir).is_err(), "a damaged list is an error, never an empty list");
         let _ = fs::remove_dir_all(&dir);
