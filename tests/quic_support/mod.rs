@@ -21,7 +21,7 @@ use fleetcall_signaling::backoff::Backoff;
 use fleetcall_signaling::client::{Client, ClientConfig, ClientEvent};
 use fleetcall_signaling::ids::CallId;
 use fleetcall_signaling::pb::{self, CallPhase, EndReason, ServerFrame};
-use fleetcall_signaling::pki::{DeviceFiles, Pki};
+use fleetcall_signaling::pki::{DeviceFiles, Enrollment, Pki};
 use fleetcall_signaling::wire::{encode_frame, FrameDecoder};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -34,7 +34,7 @@ pub const PROMPT: Duration = Duration::from_secs(5);
 /// Issues a certificate for `id` from the server's CA.
 pub fn enroll(server: &Server, id: &str) -> anyhow::Result<DeviceFiles> {
     let pki = Pki::open_or_init(server.data_dir.join("pki"), &[])?;
-    Ok(pki.enroll(id, &server.data_dir.join("devices"))?)
+    Ok(pki.enroll(id, &server.data_dir.join("devices"), &Enrollment::default())?)
 }
 
 /// Client settings for an enrolled device, with quick reconnects.
@@ -91,7 +91,11 @@ pub struct Device {
 impl Device {
     /// Enrolls `id` and registers it.
     pub async fn connect(server: &Server, id: &str) -> anyhow::Result<Device> {
-        let files = enroll(server, id)?;
+        Device::connect_enrolled(server, id, enroll(server, id)?).await
+    }
+
+    /// Registers `id` with the identity in `files`.
+    pub async fn connect_enrolled(server: &Server, id: &str, files: DeviceFiles) -> anyhow::Result<Device> {
         let (client, mut raw) = Client::connect(client_config(server, &files)?).await.with_context(|| format!("{id} connecting"))?;
         let (forward, events) = mpsc::unbounded_channel();
         let media: Arc<Mutex<Option<(CallId, MediaPeer)>>> = Arc::default();
@@ -364,9 +368,25 @@ impl Raw {
 
     /// Enrolls `id` and connects as it.
     pub async fn enrolled(server: &Server, id: &str) -> anyhow::Result<Raw> {
-        let files = enroll(server, id)?;
+        Raw::with_files(server, &enroll(server, id)?).await
+    }
+
+    /// Connects with an enrolled device's certificate.
+    pub async fn with_files(server: &Server, files: &DeviceFiles) -> anyhow::Result<Raw> {
         let tls = fleetcall_signaling::pki::device_tls(&std::fs::read(&files.ca)?, &std::fs::read(&files.cert)?, &std::fs::read(&files.key)?)?;
         Raw::connect(server, tls).await
+    }
+
+    /// Sends `Hello` and returns the `Rejected` frame the server answers with.
+    pub async fn rejected(&mut self) -> anyhow::Result<pb::Rejected> {
+        let hello = pb::Hello { min_version: 1, max_version: 1, software_version: "raw".into(), resume: None };
+        // The server may refuse before reading it (a revoked credential).
+        let _ = self.send_frame(0, pb::client_frame::Kind::Hello(hello)).await;
+        self.next(PROMPT, |f| match &f.kind {
+            Some(pb::server_frame::Kind::Rejected(r)) => Some(r.clone()),
+            _ => None,
+        })
+        .await
     }
 
     pub async fn send_bytes(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
