@@ -95,6 +95,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
 #[derive(Debug, serde::Deserialize)]
 struct DeviceQuery {
     token: Option<String>,
+    /// A guest link's tab, so a reconnecting tab keeps its guest number.
+    tab: Option<String>,
 }
 
 /// The device protocol over WebSocket; the token is the identity. A page
@@ -112,7 +114,7 @@ async fn device_websocket(
     if !origin_allowed(&headers, state.scheme, &state.allowed_origins) {
         return (StatusCode::FORBIDDEN, Json(json!({ "error": "origin_not_allowed", "message": "this page's origin may not open the device socket" }))).into_response();
     }
-    let credential = state.token_check.check(query.token.as_deref());
+    let credential = state.token_check.check(query.token.as_deref(), query.tab.as_deref());
     ws_device::upgrade(upgrade, credential, state.control)
 }
 
@@ -306,6 +308,7 @@ fn call_json(c: &CallSnapshot) -> Value {
         "phase": c.phase.as_str_name(),
         "end_reason": c.end_reason.map(|r| r.as_str_name()),
         "initiator": c.initiator.as_str(),
+        "name": c.name,
         "age_secs": age_secs(c.created_at),
         "ended_secs_ago": c.ended_at.map(age_secs),
         "members": c.members.iter().map(|(device, status, media)| json!({

@@ -1,7 +1,8 @@
-//! Three headless Chromium pages in one room with one audio slot: each page
-//! plays its own generated WAV as its microphone (Alice talks first, then
-//! Bob, Carol never), the page shows who talks, and Carol's single slot
-//! carries Alice then Bob as one continuous stream.
+//! Three headless Chromium pages in one room with one audio slot, each with
+//! its own token: each page plays its own generated WAV as its microphone
+//! (Alice talks first, then Bob, Carol never), the page shows who talks (the
+//! identities of the tokens), and Carol's single slot carries Alice then Bob
+//! as one continuous stream.
 
 mod common;
 
@@ -71,7 +72,8 @@ async fn one_slot_follows_the_talker_and_stays_continuous() -> anyhow::Result<()
     for name in ["Alice", "Bob", "Carol"] {
         let flag = format!("--use-file-for-fake-audio-capture={}%noloop", wav(&name.to_lowercase()).display());
         let mut browser = Browser::launch_with(&[flag]).await?;
-        let page = browser.open(&format!("{}/?room=speakers&name={name}&autojoin=1", server.url)).await?;
+        let token = server.token(name, &["speakers"]);
+        let page = browser.open(&format!("{}/?room=speakers&token={token}&autojoin=1", server.url)).await?;
         browser.wait_for(&page, STATE, "connected", Duration::from_secs(30)).await?;
         browsers.push(browser);
         pages.push(page);
@@ -106,6 +108,9 @@ async fn one_slot_follows_the_talker_and_stays_continuous() -> anyhow::Result<()
     assert!(seen.contains(&"Alice".to_owned()) && seen.ends_with(&["Bob".to_owned()]), "Carol's page showed {seen:?}");
     // Bob's own page names him as the talker too.
     assert_eq!(browsers[1].eval(&pages[1], SPEAKER).await?, serde_json::json!("Bob (you)"));
+    // Carol's slot caption names Bob from the packets' CSRC (his media id).
+    let caption = "(document.querySelector('#media-slot-0 figcaption') || {}).textContent || ''";
+    browsers[carol].wait_for(&pages[carol], caption, "Bob", Duration::from_secs(5)).await?;
 
     let (first_at, first) = samples.first().cloned().expect("slot stats");
     let (last_at, last) = samples.last().cloned().expect("slot stats");

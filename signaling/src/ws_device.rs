@@ -9,8 +9,8 @@
 //! (browsers cannot read an HTTP status on a refused upgrade). Close codes
 //! are 4000 + [`CloseReason`].
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, info, info_span};
 
 use crate::Error;
 use crate::controller::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
-use crate::grants::Credential;
+use crate::grants::{Credential, CredentialKey};
 use crate::ids::{ConnId, DeviceId};
 use crate::pb::{self, CloseReason, ErrorCode};
 use crate::service::{ConnectionLink, ControlPlane, unix_now};
@@ -30,9 +30,23 @@ use crate::wire::{MAX_FRAME_BYTES, decode_json, encode_json};
 #[derive(Debug, Clone)]
 pub struct TokenCheck {
     tokens: AccessTokens,
-    /// Numbers the connections of guest links.
-    guests: Arc<AtomicU64>,
+    /// The number of each guest (link, tab) seen, so a reconnecting tab
+    /// keeps its identity and resumes its session.
+    guests: Arc<Mutex<Guests>>,
 }
+
+#[derive(Debug, Default)]
+struct Guests {
+    numbers: HashMap<(CredentialKey, String), u64>,
+    next: u64,
+}
+
+/// Guests remembered at most (demo links live two hours; beyond this the
+/// oldest tabs just get a new number when they reconnect).
+const MAX_GUESTS: usize = 10_000;
+
+/// Longest tab id a guest may name itself by.
+const MAX_GUEST_TAB: usize = 64;
 
 /// Why a socket gets no session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,12 +62,13 @@ pub struct Refusal {
 impl TokenCheck {
     /// Checks tokens signed with `tokens`' key.
     pub fn new(tokens: AccessTokens) -> Self {
-        TokenCheck { tokens, guests: Arc::new(AtomicU64::new(1)) }
+        TokenCheck { tokens, guests: Arc::default() }
     }
 
-    /// The credential a token proves now, or why not. A guest link's
-    /// connections are numbered: `guest #1`, `guest #2`, ...
-    pub fn check(&self, token: Option<&str>) -> Result<Credential, Refusal> {
+    /// The credential a token proves now, or why not. Each tab of a guest
+    /// link (`tab`: an id the page chose, kept across its reconnects) is a
+    /// numbered identity: `guest #1`, `guest #2`, ...
+    pub fn check(&self, token: Option<&str>, tab: Option<&str>) -> Result<Credential, Refusal> {
         let refuse = |code, close, reason: String| Refusal { code, close, reason };
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(refuse(ErrorCode::Unauthenticated, CloseReason::Unauthenticated, "an access token is required (?token=)".into()));
@@ -64,11 +79,28 @@ impl TokenCheck {
         })?;
         let mut credential = verified.credential;
         if verified.guest {
-            let n = self.guests.fetch_add(1, Ordering::Relaxed);
+            let n = self.guest_number(credential.key, tab);
             credential.identity = DeviceId::new(format!("{} #{n}", credential.subject))
                 .map_err(|e| refuse(ErrorCode::Unauthenticated, CloseReason::Unauthenticated, e.to_string()))?;
         }
         Ok(credential)
+    }
+}
+
+impl TokenCheck {
+    fn guest_number(&self, link: CredentialKey, tab: Option<&str>) -> u64 {
+        // A poisoned lock only means a panic elsewhere mid-insert; the map
+        // is still a valid map.
+        let mut guests = self.guests.lock().unwrap_or_else(|e| e.into_inner());
+        guests.next += 1;
+        let fresh = guests.next;
+        let Some(tab) = tab.filter(|t| !t.is_empty() && t.len() <= MAX_GUEST_TAB) else {
+            return fresh;
+        };
+        if guests.numbers.len() >= MAX_GUESTS {
+            guests.numbers.clear();
+        }
+        *guests.numbers.entry((link, tab.to_owned())).or_insert(fresh)
     }
 }
 
@@ -185,4 +217,58 @@ async fn write_frames(mut sink: futures_util::stream::SplitSink<WebSocket, Messa
     }
     let frame = CloseFrame { code: 4000 + reason as u16, reason: Utf8Bytes::from(reason.as_str_name()) };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::grants::{Grant, RoomPattern};
+    use crate::tokens::TokenRequest;
+
+    fn check() -> (TokenCheck, AccessTokens) {
+        let tokens = AccessTokens::from_secret(b"0123456789abcdef0123456789abcdef");
+        (TokenCheck::new(tokens.clone()), tokens)
+    }
+
+    fn mint(tokens: &AccessTokens, guest: bool, ttl: Duration) -> String {
+        let grant = Grant { rooms: vec![RoomPattern::parse("demo").unwrap()], publish: true, subscribe: true };
+        tokens.mint(&TokenRequest { identity: "guest".into(), ttl, grant, guest }, unix_now()).unwrap()
+    }
+
+    #[test]
+    fn each_tab_of_a_guest_link_keeps_its_own_number() {
+        let (check, tokens) = check();
+        let link = mint(&tokens, true, Duration::from_secs(60));
+        let id = |tab| check.check(Some(&link), tab).unwrap().identity.to_string();
+        let first = id(Some("tab-a"));
+        assert_eq!(id(Some("tab-a")), first, "a reconnecting tab keeps its identity");
+        let second = id(Some("tab-b"));
+        assert_ne!(second, first);
+        assert!(first.starts_with("guest #") && second.starts_with("guest #"));
+        // Without a (usable) tab id every connection is a new guest.
+        assert_ne!(id(None), id(None));
+        assert_ne!(id(Some(&"x".repeat(MAX_GUEST_TAB + 1))), first);
+        // Tokens that are not guest links keep their subject.
+        let plain = mint(&tokens, false, Duration::from_secs(60));
+        assert_eq!(check.check(Some(&plain), Some("tab-a")).unwrap().identity.as_str(), "guest");
+    }
+
+    #[test]
+    fn missing_bad_and_expired_tokens_are_refused_with_their_reason() {
+        let (check, tokens) = check();
+        let refusal = |token: Option<&str>| check.check(token, None).unwrap_err();
+        assert_eq!(refusal(None).code, ErrorCode::Unauthenticated);
+        assert_eq!(refusal(Some("")).close, CloseReason::Unauthenticated);
+        assert_eq!(refusal(Some("not.a.token")).code, ErrorCode::Unauthenticated);
+        let other = AccessTokens::from_secret(b"another installation's key......");
+        let foreign = other.mint(&TokenRequest { identity: "x".into(), ttl: Duration::from_secs(60), grant: Grant::device(Vec::new()), guest: false }, unix_now()).unwrap();
+        assert!(refusal(Some(&foreign)).reason.contains("signature"));
+        let old = tokens
+            .mint(&TokenRequest { identity: "x".into(), ttl: Duration::from_secs(60), grant: Grant::device(Vec::new()), guest: false }, unix_now() - 120)
+            .unwrap();
+        let expired = refusal(Some(&old));
+        assert_eq!((expired.code, expired.close), (ErrorCode::CredentialExpired, CloseReason::CredentialExpired));
+    }
 }

@@ -21,9 +21,10 @@ pub struct Browser {
     next_id: u64,
 }
 
-/// An open page: its DevTools session id.
+/// An open page: its target and DevTools session ids.
 #[derive(Debug, Clone)]
 pub struct Page {
+    target: String,
     session: String,
 }
 
@@ -83,7 +84,13 @@ impl Browser {
         let target_id = target["targetId"].as_str().context("targetId")?.to_owned();
         let attached = self.call(None, "Target.attachToTarget", json!({ "targetId": target_id, "flatten": true })).await?;
         let session = attached["sessionId"].as_str().context("sessionId")?.to_owned();
-        Ok(Page { session })
+        Ok(Page { target: target_id, session })
+    }
+
+    /// Closes the tab as a user would: the page gets `pagehide` first.
+    pub async fn close(&mut self, page: &Page) -> anyhow::Result<()> {
+        self.call(None, "Target.closeTarget", json!({ "targetId": page.target })).await?;
+        Ok(())
     }
 
     /// Evaluates `expression` (awaiting a promise) and returns its JSON value.

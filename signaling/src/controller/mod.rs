@@ -244,8 +244,10 @@ pub struct CallSnapshot {
     pub phase: CallPhase,
     /// Why it ended.
     pub end_reason: Option<EndReason>,
-    /// Caller (1:1) or owner (group).
+    /// Caller (1:1), owner (group) or who opened it (room).
     pub initiator: DeviceId,
+    /// The group's or the room's name (empty for 1:1 calls).
+    pub name: String,
     /// When it was created.
     pub created_at: Instant,
     /// When it ended.
@@ -950,6 +952,11 @@ impl Controller {
             phase: c.phase.wire(),
             end_reason,
             initiator: c.initiator().clone(),
+            name: match &c.kind {
+                CallKindState::Direct { .. } => String::new(),
+                CallKindState::Group { name, .. } => name.clone(),
+                CallKindState::Room { name, .. } => name.to_string(),
+            },
             created_at: c.created_at,
             ended_at,
             members: c
