@@ -1,9 +1,10 @@
 //! Bad input costs nothing but itself. Two `webrtc` crate clients stay in a
-//! call on a real `fleetcall` process while other sockets send malformed and
-//! oversize signaling messages, joins to bad rooms and with bad SDP, and
-//! thousands of garbage datagrams at the media port. Each gets a clear error
-//! or is dropped and counted; the call keeps its audio and nothing is left
-//! behind.
+//! room on a real `fleetcall` process while other sockets send malformed,
+//! unknown and oversize device-protocol frames, frames before `hello`, joins
+//! of bad rooms and rooms not granted, requests for calls they are not in,
+//! bad SDP, and thousands of garbage datagrams at the media port. Each gets
+//! a clear error (or close code) or is dropped and counted; the call keeps
+//! its audio and nothing is left behind.
 
 mod common;
 
@@ -11,112 +12,211 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use fleetcall_signaling::protocol::MAX_FRAME_BYTES;
-use futures_util::{SinkExt, StreamExt};
+use fleetcall_signaling::wire::MAX_FRAME_BYTES;
 use serde_json::{json, Value};
 use tokio::net::UdpSocket;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
-use common::webrtc_peer::{next_json, Peer};
+use common::webrtc_peer::{close_code, error_code, hello, Door, Intruder, Peer, Plan, Raw};
 use common::{http_get_status, Server};
-
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Generous bounds for a busy 2-core machine; a healthy run needs a fraction.
 const LIMIT: Duration = Duration::from_secs(15);
 /// Half a second of 20 ms frames.
 const SOME_AUDIO: u64 = 25;
+/// The server's deadline for `hello` after connect.
+const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+/// Bad frames a connection may send before it is closed.
+const BAD_FRAME_BUDGET: usize = 16;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_signaling_gets_clear_errors_and_the_call_goes_on() -> anyhow::Result<()> {
     let server = Server::start(&[])?;
     let (a, b) = two_in_a_call(&server, "ward-1").await?;
+    let call = a.call_id.clone();
+    // Says nothing at all; checked at the end, after the hello deadline.
+    let connected_at = Instant::now();
+    let mut mute = Raw::connect(&server.ws_url(&server.token("mute", &["ward-1"]))).await?;
 
-    // One socket takes every non-fatal mistake in turn and stays usable.
-    let mut ws = connect(&server).await?;
-    let join = |room: &str, name: &str, sdp: &str| json!({ "type": "join", "room": room, "name": name, "sdp": sdp }).to_string();
-    let long_room = "r".repeat(200);
-    let long_name = "n".repeat(65);
-    let cases: Vec<(&str, Message, &str)> = vec![
-        ("not JSON", Message::text("hello?"), "bad_message"),
-        ("empty text", Message::text(""), "bad_message"),
-        ("JSON, not an object", Message::text("[1,2,3]"), "bad_message"),
-        ("no type", Message::text(r#"{"room":"ward-1"}"#), "bad_message"),
-        ("unknown type", Message::text(r#"{"type":"fly"}"#), "bad_message"),
-        ("join without fields", Message::text(r#"{"type":"join"}"#), "bad_message"),
-        ("binary frame", Message::binary(vec![0u8, 159, 146, 150]), "bad_message"),
-        ("answer before join", Message::text(r#"{"type":"answer","sdp":"v=0"}"#), "not_joined"),
-        ("offer before join", Message::text(r#"{"type":"offer","sdp":"v=0"}"#), "not_joined"),
-        ("leave before join", Message::text(r#"{"type":"leave"}"#), "not_joined"),
-        ("room with a space", Message::text(join("a b", "Nurse", "v=0")), "invalid_room"),
-        ("empty room", Message::text(join("", "Nurse", "v=0")), "invalid_room"),
-        ("200-character room", Message::text(join(&long_room, "Nurse", "v=0")), "invalid_room"),
-        ("room with a slash", Message::text(join("ward/1", "Nurse", "v=0")), "invalid_room"),
-        ("room with non-ASCII", Message::text(join("station-ä", "Nurse", "v=0")), "invalid_room"),
-        ("empty name", Message::text(join("ward-1", "", "v=0")), "invalid_name"),
-        ("blank name", Message::text(join("ward-1", "   ", "v=0")), "invalid_name"),
-        ("name with a newline", Message::text(join("ward-1", "a\nb", "v=0")), "invalid_name"),
-        ("65-byte name", Message::text(join("ward-1", &long_name, "v=0")), "invalid_name"),
-        // A room no one has created: the bad offer must not leave it behind.
-        ("SDP that is not SDP", Message::text(join("ward-new", "Nurse", "not sdp")), "invalid_sdp"),
-        ("empty SDP", Message::text(join("ward-new", "Nurse", "")), "invalid_sdp"),
-        ("SDP cut after one line", Message::text(join("ward-new", "Nurse", "v=0\r\n")), "invalid_sdp"),
-        // Into the live call's room: refused without touching it.
-        ("SDP that is not SDP, busy room", Message::text(join("ward-1", "Nurse", "not sdp")), "invalid_sdp"),
-        // Still idle after all of that.
-        ("leave after the errors", Message::text(r#"{"type":"leave"}"#), "not_joined"),
+    // One registered session takes every non-fatal mistake in turn and stays
+    // usable. Its token grants ward-1 (the live room) and ward-new.
+    let nurse = Intruder::attempt(&server, Plan::with_token("Nurse", Some(server.token("Nurse", &["ward-1", "ward-new"])), Door::None)).await?;
+    assert!(nurse.refusal.is_none() && nurse.welcome.is_some(), "{:?}: {}", nurse.refusal, nurse.message_summary());
+    // Frames that are not a request the server knows: answered, counted
+    // against the connection's budget, and nothing else.
+    let bad_frames: Vec<(&str, Message, &str)> = vec![
+        ("not JSON", Message::text("hello?"), "ERROR_CODE_MALFORMED_FRAME"),
+        ("empty text", Message::text(""), "ERROR_CODE_MALFORMED_FRAME"),
+        ("JSON, not an object", Message::text("[1,2,3]"), "ERROR_CODE_MALFORMED_FRAME"),
+        ("a JSON string", Message::text(r#""roomJoin""#), "ERROR_CODE_MALFORMED_FRAME"),
+        ("binary frame", Message::binary(vec![0u8, 159, 146, 150]), "ERROR_CODE_MALFORMED_FRAME"),
+        ("opId not a number", Message::text(r#"{"opId":"x","roomJoin":{"room":"ward-1"}}"#), "ERROR_CODE_MALFORMED_FRAME"),
+        ("a field of the wrong type", Message::text(r#"{"opId":"900","roomJoin":{"room":7}}"#), "ERROR_CODE_MALFORMED_FRAME"),
+        ("two kinds in one frame", Message::text(r#"{"opId":"901","roomJoin":{"room":"ward-1"},"hangup":{"callId":"1"}}"#), "ERROR_CODE_MALFORMED_FRAME"),
+        ("unknown kind", Message::text(r#"{"opId":"902","teleport":{"to":"ward-1"}}"#), "ERROR_CODE_UNKNOWN_MESSAGE"),
+        ("no kind at all", Message::text("{}"), "ERROR_CODE_UNKNOWN_MESSAGE"),
+        ("request without opId", Message::text(r#"{"roomJoin":{"room":"ward-1"}}"#), "ERROR_CODE_MISSING_OP_ID"),
     ];
-    for (what, message, code) in cases {
-        expect_error(&mut ws, what, message, code).await?;
+    assert!(bad_frames.len() < BAD_FRAME_BUDGET);
+    for (what, message, code) in bad_frames {
+        let mark = nurse.message_count();
+        nurse.send_message(message)?;
+        let (_, reply) = nurse.wait_message_since(mark, LIMIT, |m| m.get("error").is_some() || m.get("_closed").is_some()).await.context(what)?;
+        expect_error(what, &reply, code)?;
     }
+    // Requests the server understands but refuses; they cost no budget.
+    let long_room = "r".repeat(200);
+    let live = json!(call);
+    let requests: Vec<(&str, Value, &str)> = vec![
+        ("room with a space", json!({ "roomJoin": { "room": "a b" } }), "ERROR_CODE_INVALID_ARGUMENT"),
+        ("empty room", json!({ "roomJoin": { "room": "" } }), "ERROR_CODE_INVALID_ARGUMENT"),
+        ("200-character room", json!({ "roomJoin": { "room": long_room } }), "ERROR_CODE_INVALID_ARGUMENT"),
+        ("room with a slash", json!({ "roomJoin": { "room": "ward/1" } }), "ERROR_CODE_INVALID_ARGUMENT"),
+        ("room with non-ASCII", json!({ "roomJoin": { "room": "station-ä" } }), "ERROR_CODE_INVALID_ARGUMENT"),
+        ("room the token does not grant", json!({ "roomJoin": { "room": "ward-9" } }), "ERROR_CODE_FORBIDDEN"),
+        ("offer into no call", json!({ "sdpOffer": { "callId": "999", "revision": "1", "sdp": "v=0" } }), "ERROR_CODE_UNKNOWN_CALL"),
+        ("offer into the live room, not joined", json!({ "sdpOffer": { "callId": live, "revision": "1", "sdp": a.local_sdp().await? } }), "ERROR_CODE_NOT_IN_CALL"),
+        ("groupJoin of the room's call, not joined", json!({ "groupJoin": { "callId": live } }), "ERROR_CODE_NOT_IN_CALL"),
+        ("groupEnd of the room's call, not joined", json!({ "groupEnd": { "callId": live } }), "ERROR_CODE_NOT_IN_CALL"),
+        ("answer with no call", json!({ "sdpAnswer": { "callId": live, "revision": "1", "sdp": "v=0" } }), "ERROR_CODE_NOT_IN_CALL"),
+        ("hangup of no call", json!({ "hangup": { "callId": "999" } }), "ERROR_CODE_UNKNOWN_CALL"),
+        ("invite with an empty callee", json!({ "invite": { "callee": "" } }), "ERROR_CODE_INVALID_ARGUMENT"),
+        ("invite yourself", json!({ "invite": { "callee": "Nurse" } }), "ERROR_CODE_INVALID_ARGUMENT"),
+    ];
+    for (what, body, code) in requests {
+        let reply = nurse.request(body).await.context(what)?;
+        expect_error(what, &reply, code)?;
+    }
+    let mark = nurse.message_count();
+    nurse.send(hello())?;
+    let (_, reply) = nurse.wait_message_since(mark, LIMIT, |m| m.get("error").is_some() || m.get("welcome").is_some()).await?;
+    expect_error("second hello", &reply, "ERROR_CODE_UNEXPECTED_HELLO")?;
+
+    // Bad SDP into a room nobody is in: the controller passes it on, the
+    // media server refuses it, the participation ends with a clear reason
+    // and the room does not outlive it.
+    for (what, sdp) in [("SDP that is not SDP", "not sdp"), ("SDP cut after one line", "v=0\r\n")] {
+        let reply = nurse.request(json!({ "roomJoin": { "room": "ward-new" } })).await?;
+        let fresh = reply["ack"]["callId"].as_str().with_context(|| format!("{what}: roomJoin answered {reply}"))?.to_owned();
+        assert_ne!(fresh, call, "{what}: ward-new is its own call");
+        let reply = nurse.request(json!({ "sdpOffer": { "callId": fresh, "revision": "1", "sdp": sdp } })).await?;
+        assert!(reply.get("ack").is_some(), "{what}: {reply}");
+        let (_, ended) = nurse.wait_message(LIMIT, |m| m["callEnded"]["callId"] == fresh.as_str()).await?;
+        assert_eq!(ended["callEnded"]["reason"], "END_REASON_MEDIA_FAILED", "{what}: {ended}");
+        assert!(ended["callEnded"]["detail"].as_str().is_some_and(|d| !d.is_empty()), "{what}: {ended}");
+    }
+    let reply = nurse.request(json!({ "roomJoin": { "room": "ward-new" } })).await?;
+    let fresh = reply["ack"]["callId"].as_str().with_context(|| format!("roomJoin answered {reply}"))?.to_owned();
+    let reply = nurse.request(json!({ "sdpOffer": { "callId": fresh, "revision": "1", "sdp": "" } })).await?;
+    expect_error("empty SDP", &reply, "ERROR_CODE_INVALID_ARGUMENT")?;
+    let reply = nurse.request(json!({ "groupLeave": { "callId": fresh } })).await?;
+    assert!(reply.get("ack").is_some(), "{reply}");
     let stats = server.stats().await?;
     assert_eq!((stats["rooms"].as_u64(), stats["participants"].as_u64()), (Some(1), Some(2)), "{stats}");
+    assert_eq!(live_calls(&server).await?, [call.clone()], "only the room with the two peers is live");
 
     // Mistakes on a joined socket are refused and leave the session alone.
     // Both peers answered the server's only offer before they heard each
     // other, and nobody joins or leaves here, so no offer is outstanding.
     let a_sdp = a.local_sdp().await?;
-    let joined_cases = [
-        ("second join", join("ward-2", "A", &a_sdp), "already_joined"),
-        ("answer with no offer pending", json!({ "type": "answer", "sdp": a_sdp }).to_string(), "no_pending_offer"),
-        ("answer that is not SDP", json!({ "type": "answer", "sdp": "not sdp" }).to_string(), "invalid_sdp"),
-        ("offer that is not SDP", json!({ "type": "offer", "sdp": "not sdp" }).to_string(), "invalid_sdp"),
-        ("unknown type while joined", r#"{"type":"fly"}"#.to_owned(), "bad_message"),
+    let session = a.session_id();
+    let reply = a.request(json!({ "roomJoin": { "room": "ward-1" } })).await?;
+    assert_eq!(reply["ack"]["callId"], call.as_str(), "joining the room one is in is success: {reply}");
+    let joined_cases: Vec<(&str, Value, &str)> = vec![
+        ("join a room not granted", json!({ "roomJoin": { "room": "ward-2" } }), "ERROR_CODE_FORBIDDEN"),
+        ("answer with no offer pending", json!({ "sdpAnswer": { "callId": call, "sessionId": session, "revision": "1", "sdp": a_sdp } }), "ERROR_CODE_NO_PENDING_OFFER"),
+        ("a second join offer", json!({ "sdpOffer": { "callId": call, "sessionId": session, "revision": "2", "sdp": a_sdp } }), "ERROR_CODE_INVALID_STATE"),
+        ("an offer naming another session", json!({ "sdpOffer": { "callId": call, "sessionId": "123456", "revision": "2", "sdp": a_sdp } }), "ERROR_CODE_STALE_SESSION"),
+        ("ICE restart with an empty SDP", json!({ "iceRestart": { "callId": call, "sessionId": session, "revision": "2", "sdp": "" } }), "ERROR_CODE_INVALID_ARGUMENT"),
+        ("end a room (it has no owner)", json!({ "groupEnd": { "callId": call } }), "ERROR_CODE_FORBIDDEN"),
+        ("invite while in a call", json!({ "invite": { "callee": "B" } }), "ERROR_CODE_ALREADY_IN_CALL"),
+        ("unknown kind while joined", json!({ "teleport": {} }), "ERROR_CODE_UNKNOWN_MESSAGE"),
     ];
-    for (what, text, code) in joined_cases {
-        let mark = a.message_count();
-        a.send_text(text)?;
-        let (_, error) = a.wait_message_since(mark, LIMIT, |m| m["type"] == "error").await?;
-        assert_eq!(error["code"], code, "{what}: {error}");
-        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {error}");
+    for (what, body, code) in joined_cases {
+        let reply = a.request(body).await.context(what)?;
+        expect_error(what, &reply, code)?;
     }
 
+    // Frames before hello end the connection with a reason.
+    let token = server.token("early", &["ward-1"]);
+    let before_hello: Vec<(&str, Value, &str, u16)> = vec![
+        ("a request before hello", json!({ "opId": "1", "roomJoin": { "room": "ward-1" } }), "ERROR_CODE_NOT_REGISTERED", 4001),
+        ("a heartbeat before hello", json!({ "heartbeat": { "seq": "1", "sentAtMs": "1" } }), "ERROR_CODE_NOT_REGISTERED", 4001),
+    ];
+    for (what, frame, code, close) in before_hello {
+        let mut raw = Raw::connect(&server.ws_url(&token)).await?;
+        raw.send(frame).await.context(what)?;
+        let reply = raw.next().await.context(what)?;
+        expect_error(what, &reply, code)?;
+        assert_eq!(raw.closed().await.context(what)?, Some(close), "{what}");
+    }
+    let mut raw = Raw::connect(&server.ws_url(&token)).await?;
+    raw.send_message(Message::text("{{{")).await?;
+    let reply = raw.next().await.context("malformed before hello")?;
+    expect_error("malformed before hello", &reply, "ERROR_CODE_MALFORMED_FRAME")?;
+    assert_eq!(raw.closed().await.context("malformed before hello")?, Some(4001), "malformed before hello");
+    for (min, max) in [(2, 3), (0, 0), (3, 1)] {
+        let mut raw = Raw::connect(&server.ws_url(&token)).await?;
+        raw.send(json!({ "hello": { "minVersion": min, "maxVersion": max } })).await?;
+        let reply = raw.next().await.with_context(|| format!("versions {min}..={max}"))?;
+        assert_eq!(reply["rejected"]["code"], "ERROR_CODE_UNSUPPORTED_VERSION", "versions {min}..={max}: {reply}");
+        assert_eq!((reply["rejected"]["serverMinVersion"].as_u64(), reply["rejected"]["serverMaxVersion"].as_u64()), (Some(1), Some(1)), "{reply}");
+        assert_eq!(raw.closed().await.with_context(|| format!("versions {min}..={max}"))?, Some(4003), "versions {min}..={max}");
+    }
+
+    // Too many bad frames: the budget runs out, the connection closes.
+    let (mut raw, _) = Raw::register(&server, &server.token("noisy", &["ward-1"])).await?;
+    for _ in 0..=BAD_FRAME_BUDGET {
+        raw.send_message(Message::text("nonsense")).await.context("too many errors")?;
+    }
+    let mut malformed = 0;
+    let last = loop {
+        let frame = raw.next().await.context("too many errors")?;
+        match frame["error"]["code"].as_str() {
+            Some("ERROR_CODE_MALFORMED_FRAME") => malformed += 1,
+            _ => break frame,
+        }
+    };
+    assert_eq!(last["error"]["code"], "ERROR_CODE_TOO_MANY_ERRORS", "after {malformed} errors: {last}");
+    assert_eq!(malformed, BAD_FRAME_BUDGET + 1, "each bad frame is answered");
+    assert_eq!(raw.closed().await.context("too many errors")?, Some(4007), "too many errors");
+
     // Oversize frames end the socket with a reason. Just over the limit the
-    // server has read the whole frame, so the close handshake is clean.
-    let mut big = connect(&server).await?;
-    big.send(Message::text(join("ward-1", "Big", &"a".repeat(MAX_FRAME_BYTES + 1)))).await?;
-    let reply = next_json(&mut big, LIMIT).await?;
-    assert_eq!((reply["type"].as_str(), reply["code"].as_str()), (Some("error"), Some("message_too_large")), "{reply}");
-    assert_eq!(close_code(&mut big).await?, Some(CloseCode::Size));
-    // Past the WebSocket layer's own cap (4 x the limit) the server stops
-    // reading mid-frame. The error still arrives first; the close frame then
-    // races the reset the server's kernel sends for the unread rest of the
-    // frame (a known server gap), so any end of the socket is accepted here.
-    let mut big = connect(&server).await?;
-    big.send(Message::text(join("ward-1", "Bigger", &"a".repeat(5 * MAX_FRAME_BYTES)))).await?;
-    let reply = next_json(&mut big, LIMIT).await?;
-    assert_eq!((reply["type"].as_str(), reply["code"].as_str()), (Some("error"), Some("message_too_large")), "{reply}");
-    let code = close_code(&mut big).await?;
-    assert!(matches!(code, None | Some(CloseCode::Size)), "{code:?}");
+    // server has read the whole frame, so it answers and closes cleanly.
+    let (mut big, _) = Raw::register(&server, &server.token("big", &["ward-1"])).await?;
+    big.send(json!({ "opId": "1", "roomJoin": { "room": "a".repeat(MAX_FRAME_BYTES + 1) } })).await?;
+    let reply = big.next().await.context("just over the frame limit")?;
+    expect_error("just over the frame limit", &reply, "ERROR_CODE_FRAME_TOO_LARGE")?;
+    assert_eq!(big.closed().await.context("just over the frame limit")?, Some(4002), "just over the frame limit");
+    // Past the WebSocket layer's own cap (2 x the limit) the server stops
+    // reading mid-frame; the socket must end (how is up to the WebSocket
+    // layer), and nothing else changes.
+    let (mut big, _) = Raw::register(&server, &server.token("bigger", &["ward-1"])).await?;
+    let sent = big.send(json!({ "opId": "1", "roomJoin": { "room": "a".repeat(5 * MAX_FRAME_BYTES) } })).await;
+    if sent.is_ok() {
+        let end = big.next_matching(|f| f.get("error").is_some()).await.context("far over the frame limit")?;
+        if end.get("error").is_some() {
+            expect_error("far over the frame limit", &end, "ERROR_CODE_FRAME_TOO_LARGE")?;
+            let code = big.closed().await.context("far over the frame limit")?;
+            assert!(matches!(code, None | Some(4002) | Some(1009)), "{code:?}");
+        }
+    }
 
     // The call never noticed.
-    a.wait_receiving(&[b.participant], SOME_AUDIO, LIMIT).await?;
-    b.wait_receiving(&[a.participant], SOME_AUDIO, LIMIT).await?;
+    a.wait_receiving(&["B"], SOME_AUDIO, LIMIT).await?;
+    b.wait_receiving(&["A"], SOME_AUDIO, LIMIT).await?;
     expect_call_intact(&server, &a, &b).await?;
 
-    // The raw socket is still open and still answers.
-    expect_error(&mut ws, "leave at the end", Message::text(r#"{"type":"leave"}"#), "not_joined").await?;
+    // The session that took all the mistakes is still open and still answers.
+    let reply = nurse.request(json!({ "roomJoin": { "room": "a b" } })).await?;
+    expect_error("at the end", &reply, "ERROR_CODE_INVALID_ARGUMENT")?;
+    assert!(nurse.open(), "{}", nurse.message_summary());
+
+    // The socket that never said hello is closed at the deadline, with the reason.
+    let end = tokio::time::timeout(HELLO_DEADLINE + LIMIT, mute.next_matching(|_| false)).await.context("no close after the hello deadline")??;
+    assert_eq!(close_code(&end), Some(4004), "{end}");
+    let waited = connected_at.elapsed();
+    assert!(waited >= HELLO_DEADLINE - Duration::from_secs(1), "closed after {waited:?}, before the hello deadline");
     Ok(())
 }
 
@@ -129,12 +229,12 @@ async fn garbage_datagrams_are_dropped_and_the_call_goes_on() -> anyhow::Result<
     let mut rng = SplitMix(seed);
 
     let before = server.stats().await?;
-    let heard_before = (a.received_from(b.participant), b.received_from(a.participant));
+    let heard_before = (a.received_from("B"), b.received_from("A"));
     let started = Instant::now();
     let blast = Blast::new(&mut rng, 3_000);
     let sent = blast.send_to(a.media_addr, Duration::from_secs(2)).await?;
     let blast_took = started.elapsed();
-    let heard_during = (a.received_from(b.participant) - heard_before.0, b.received_from(a.participant) - heard_before.1);
+    let heard_during = (a.received_from("B") - heard_before.0, b.received_from("A") - heard_before.1);
     // Audio went on while the garbage arrived: at least a quarter of the
     // frames sent meanwhile, a loose floor for a loaded machine.
     let floor = (blast_took.as_millis() / 20 / 4) as u64;
@@ -155,8 +255,8 @@ async fn garbage_datagrams_are_dropped_and_the_call_goes_on() -> anyhow::Result<
         a.send_from_our_address(&blast.pick(&mut rng)).await?;
     }
 
-    a.wait_receiving(&[b.participant], SOME_AUDIO, LIMIT).await?;
-    b.wait_receiving(&[a.participant], SOME_AUDIO, LIMIT).await?;
+    a.wait_receiving(&["B"], SOME_AUDIO, LIMIT).await?;
+    b.wait_receiving(&["A"], SOME_AUDIO, LIMIT).await?;
     expect_call_intact(&server, &a, &b).await?;
     Ok(())
 }
@@ -178,8 +278,8 @@ async fn unauthenticated_stun_claims_no_address_and_no_life() -> anyhow::Result<
     }
     // The peers' media queues behind the requests on the server's socket, so
     // once they have heard each other again the requests were handled.
-    a.wait_receiving(&[b.participant], SOME_AUDIO, LIMIT).await?;
-    b.wait_receiving(&[a.participant], SOME_AUDIO, LIMIT).await?;
+    a.wait_receiving(&["B"], SOME_AUDIO, LIMIT).await?;
+    b.wait_receiving(&["A"], SOME_AUDIO, LIMIT).await?;
     let stats = server.stats().await?;
     assert_eq!(stats["demux_entries"], 4, "intruders were mapped to a participant: {stats}");
     let dropped = |s: &Value| s["dropped"].as_object().map_or(0, |d| d.values().filter_map(Value::as_u64).sum::<u64>());
@@ -195,10 +295,11 @@ async fn unauthenticated_stun_claims_no_address_and_no_life() -> anyhow::Result<
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
-    let left = a.wait_message(Duration::from_secs(2 + 2), |m| m["type"] == "left").await;
+    let call = a.call_id.clone();
+    let left = a.wait_message(Duration::from_secs(2 + 2), |m| m["callEnded"]["callId"] == call.as_str()).await;
     keep_alive.abort();
     let (left_at, left) = left?;
-    assert_eq!(left["reason"], "ice_timeout", "{left}");
+    assert_eq!(left["callEnded"]["reason"], "END_REASON_MEDIA_FAILED", "{left}");
     assert!(left_at - silent_since >= Duration::from_millis(1500), "removed early: {:?}", left_at - silent_since);
     Ok(())
 }
@@ -227,53 +328,54 @@ async fn two_in_a_call(server: &Server, room: &str) -> anyhow::Result<(Peer, Pee
     for peer in [&a, &b] {
         peer.wait_connected(LIMIT).await?;
     }
-    a.wait_receiving(&[b.participant], SOME_AUDIO, LIMIT).await?;
-    b.wait_receiving(&[a.participant], SOME_AUDIO, LIMIT).await?;
+    a.wait_receiving(&["B"], SOME_AUDIO, LIMIT).await?;
+    b.wait_receiving(&["A"], SOME_AUDIO, LIMIT).await?;
     expect_call_intact(server, &a, &b).await?;
     Ok((a, b))
 }
 
-/// The server holds exactly the two-party call, and the peers saw no error.
+/// The server holds exactly the two-party call, in the media server and in
+/// the controller, and the peers saw no error and no one leave.
 async fn expect_call_intact(server: &Server, a: &Peer, b: &Peer) -> anyhow::Result<()> {
     let stats = server.stats().await?;
     for (key, value) in [("rooms", 1), ("participants", 2), ("tracks", 2), ("forwarding_entries", 2), ("demux_entries", 4)] {
         assert_eq!(stats[key], value, "{key}: {stats}");
     }
+    let calls = api_calls(server).await?;
+    let row = calls.iter().find(|r| r["id"].to_string() == a.call_id).with_context(|| format!("call {} not in {calls:?}", a.call_id))?;
+    assert_eq!(row["phase"], "CALL_PHASE_ACTIVE", "{row}");
+    let members: Vec<&str> = row["members"].as_array().into_iter().flatten().filter_map(|m| m["device"].as_str()).collect();
+    assert_eq!(members, ["A", "B"], "{row}");
     for peer in [a, b] {
         assert_eq!(peer.failures(), Vec::<String>::new(), "{}", peer.name);
         assert_eq!(peer.misrouted(), 0, "{}", peer.name);
-        let ended = peer.messages().iter().any(|m| ["left", "participant_left", "_closed"].contains(&m["type"].as_str().unwrap_or_default()));
+        let ended = peer.messages().iter().any(|m| m.get("callEnded").is_some() || m.get("_closed").is_some() || m["participantUpdate"]["status"] == "PARTICIPANT_STATUS_GONE");
         assert!(!ended, "{}: {}", peer.name, peer.message_summary());
     }
     Ok(())
 }
 
-async fn connect(server: &Server) -> anyhow::Result<Socket> {
-    let (ws, _) = tokio_tungstenite::connect_async(server.ws_url()).await?;
-    Ok(ws)
+/// `GET /api/calls`.
+async fn api_calls(server: &Server) -> anyhow::Result<Vec<Value>> {
+    let body = common::http_get(&format!("{}/api/calls", server.url), Some(&server.admin_token)).await?;
+    let rows: Value = serde_json::from_str(&body)?;
+    Ok(rows.as_array().cloned().unwrap_or_default())
 }
 
-/// Sends `message` and expects an error with `code` and a readable reason.
-async fn expect_error(ws: &mut Socket, what: &str, message: Message, code: &str) -> anyhow::Result<()> {
-    ws.send(message).await.with_context(|| format!("{what}: sending"))?;
-    let reply = next_json(ws, LIMIT).await.with_context(|| format!("{what}: no reply"))?;
-    if reply["type"] != "error" || reply["code"] != code {
-        bail!("{what}: expected error {code}, got {reply}");
+/// Ids of the calls that have not ended, as the protocol spells them.
+async fn live_calls(server: &Server) -> anyhow::Result<Vec<String>> {
+    Ok(api_calls(server).await?.iter().filter(|r| r["phase"] != "CALL_PHASE_ENDED").map(|r| r["id"].to_string()).collect())
+}
+
+/// `reply` is an error with `code` and a readable message.
+fn expect_error(what: &str, reply: &Value, code: &str) -> anyhow::Result<()> {
+    if error_code(reply) != code {
+        bail!("{what}: expected {code}, got {reply}");
     }
-    if reply["message"].as_str().is_none_or(str::is_empty) {
+    if reply["error"]["message"].as_str().is_none_or(str::is_empty) {
         bail!("{what}: error without a message: {reply}");
     }
     Ok(())
-}
-
-/// The code of the next frame, which must be a close; `None` if the socket
-/// ended without one.
-async fn close_code(ws: &mut Socket) -> anyhow::Result<Option<CloseCode>> {
-    match tokio::time::timeout(LIMIT, ws.next()).await.context("socket neither closed nor spoke")? {
-        Some(Ok(Message::Close(frame))) => Ok(frame.map(|f| f.code)),
-        Some(Ok(other)) => bail!("expected a close frame, got {other:?}"),
-        Some(Err(_)) | None => Ok(None),
-    }
 }
 
 /// A seeded generator: a failing run can be repeated exactly.

@@ -9,13 +9,15 @@
 //! `FLEETCALL_BIN` picks the server binary to measure (default: the test
 //! build's); only the server's speed matters here, not the test client's.
 //!
-//! The fill goes through the real server: 10,000 devices register over the
-//! WebSocket device protocol and 1,000 participants join 100 rooms of 10 over
-//! the room protocol (an SDP offer each; no media, so the disconnect grace is
-//! set long). Series carry no per-device or per-participant label, so the
-//! size should not grow; the time can, because a scrape walks the controller's
-//! device table and every worker's participants. Prints figures, asserts only
-//! that the fill happened. Needs 12,000 open files (`ulimit -n`).
+//! The fill goes through the real server, each with its own access token:
+//! 10,000 devices register over the WebSocket device protocol, and 1,000
+//! participants join 100 named rooms of 10 the same way (`roomJoin`, an SDP
+//! offer from a str0m media peer that connects and answers every
+//! renegotiation, but sends nothing, so the disconnect grace is set long).
+//! Series carry no per-device or per-participant label, so the size should
+//! not grow; the time can, because a scrape walks the controller's device
+//! table and every worker's participants. Prints figures, asserts only that
+//! the fill happened. Needs 13,000 open files (`ulimit -n`).
 
 mod common;
 
@@ -26,11 +28,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use common::Server;
-use fleetcall_signaling::pki::DeviceTokens;
+use fleetcall_sfu::client::{MediaConfig, MediaPeer};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use str0m::media::{Direction, MediaKind};
-use str0m::Rtc;
 use tokio_tungstenite::tungstenite::Message;
 
 const DEVICES: usize = 10_000;
@@ -45,7 +45,8 @@ const CONCURRENCY: usize = 32;
 #[ignore = "figures, run by hand (see the file's docs)"]
 async fn scrape_with_10000_devices_and_1000_participants() -> anyhow::Result<()> {
     let limit = open_file_limit()?;
-    ensure!(limit >= (DEVICES + ROOMS * ROOM_SIZE + 1_000) as u64, "needs about 12,000 open files, the limit is {limit}: run `ulimit -n 20000` first");
+    // A socket per device, a socket and a UDP socket per participant.
+    ensure!(limit >= (DEVICES + 2 * ROOMS * ROOM_SIZE + 1_000) as u64, "needs about 13,000 open files, the limit is {limit}: run `ulimit -n 20000` first");
     let server = start(&[
         // No heartbeat falls due while filling and measuring, so the figures
         // are the scrape alone, not heartbeat traffic.
@@ -65,13 +66,10 @@ async fn scrape_with_10000_devices_and_1000_participants() -> anyhow::Result<()>
     measure(&server, "empty server").await?;
 
     let started = Instant::now();
-    let tokens = DeviceTokens::open_or_init(&server.data_dir.join("pki"))?;
-    let ws_url = server.ws_url();
     let devices: Vec<_> = futures_util::stream::iter(0..DEVICES)
         .map(|i| {
-            let token = tokens.issue(&format!("bed-{i:05}"));
-            let url = ws_url.clone();
-            async move { register(&url, &token?).await }
+            let url = server.ws_url(&server.token(&format!("bed-{i:05}"), &[]));
+            async move { register(&url).await }
         })
         .buffer_unordered(CONCURRENCY)
         .collect::<Vec<_>>()
@@ -86,8 +84,9 @@ async fn scrape_with_10000_devices_and_1000_participants() -> anyhow::Result<()>
     let started = Instant::now();
     let participants: Vec<_> = futures_util::stream::iter(0..ROOMS * ROOM_SIZE)
         .map(|i| {
-            let url = ws_url.clone();
-            async move { join(&url, &format!("ward-{:03}", i % ROOMS), &format!("bed-{i}")).await }
+            let room = format!("ward-{:03}", i % ROOMS);
+            let url = server.ws_url(&server.token(&format!("visitor-{i:04}"), &[&room]));
+            async move { join(&url, &room).await }
         })
         .buffer_unordered(CONCURRENCY)
         .collect::<Vec<_>>()
@@ -134,7 +133,7 @@ fn start(extra: &[&str]) -> anyhow::Result<Server> {
     // Keep draining stdout so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     let admin_token = std::fs::read_to_string(data_dir.join("admin-token"))?.trim().to_owned();
-    Ok(Server { child, url: url.context("url")?, quic_addr: quic_addr.context("no QUIC address")?, data_dir, admin_token })
+    Ok(Server { child, url: url.context("url")?, quic_addr: quic_addr.context("no QUIC address")?, data_dir, admin_token, join_link: None })
 }
 
 /// Scrapes [`SCRAPES`] times one after the other and prints a table row.
@@ -169,8 +168,8 @@ type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 
 /// One device: hello, welcome, then a task that acks heartbeats (none falls
 /// due with the long interval) and keeps the socket read.
-async fn register(ws_url: &str, token: &str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{ws_url}/device?token={token}")).await?;
+async fn register(url: &str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
     send(&mut ws, json!({ "hello": { "minVersion": 1, "maxVersion": 1, "softwareVersion": "fill 1" } })).await?;
     let welcome = next(&mut ws).await?;
     ensure!(welcome.get("welcome").is_some(), "expected welcome, got {welcome}");
@@ -186,20 +185,64 @@ async fn register(ws_url: &str, token: &str) -> anyhow::Result<tokio::task::Join
     }))
 }
 
-/// One room participant with an audio track; server offers are left
-/// unanswered (the participant keeps its place and its entries).
-async fn join(ws_url: &str, room: &str, name: &str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let offer = {
-        let mut rtc = Rtc::new(Instant::now());
-        let mut api = rtc.sdp_api();
-        api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
-        api.apply().context("an offer")?.0.to_sdp_string()
-    };
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await?;
-    send(&mut ws, json!({ "type": "join", "room": room, "name": name, "sdp": offer })).await?;
-    let joined = next(&mut ws).await?;
-    ensure!(joined["type"] == "joined", "{name}: {joined}");
-    Ok(tokio::spawn(async move { while next(&mut ws).await.is_ok() {} }))
+/// One room participant: `roomJoin` and the offer of a str0m media peer
+/// with an audio track; returns once the SFU's answer is applied. A task then
+/// answers every renegotiation (an unanswered offer would end the
+/// participation) and acks heartbeats.
+async fn join(url: &str, room: &str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let (peer, events) = MediaPeer::start(MediaConfig::default()).await?;
+    // Nothing is sent or listened to; the peer counts what it drops.
+    drop(events);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    send(&mut ws, json!({ "hello": { "minVersion": 1, "maxVersion": 1, "softwareVersion": "fill 1" } })).await?;
+    let welcome = next(&mut ws).await?;
+    let session = welcome["welcome"]["sessionId"].clone();
+    ensure!(session.is_string(), "{room}: expected welcome, got {welcome}");
+    send(&mut ws, json!({ "opId": "1", "roomJoin": { "room": room } })).await?;
+    let ack = next_reply(&mut ws, "1").await?;
+    let call = ack["ack"]["callId"].clone();
+    ensure!(call.is_string(), "{room}: roomJoin answered {ack}");
+    let offer = peer.create_offer().await?;
+    send(&mut ws, json!({ "opId": "2", "sdpOffer": { "callId": call, "sessionId": session, "revision": "1", "sdp": offer } })).await?;
+    let ack = next_reply(&mut ws, "2").await?;
+    ensure!(ack.get("ack").is_some(), "{room}: sdpOffer answered {ack}");
+    loop {
+        let frame = next(&mut ws).await?;
+        if let Some(answer) = frame.get("sdpAnswer") {
+            peer.accept_answer(answer["sdp"].as_str().unwrap_or_default().to_owned()).await?;
+            break;
+        }
+        ensure!(frame.get("callEnded").is_none(), "{room}: {frame}");
+    }
+    Ok(tokio::spawn(async move {
+        let mut op = 3u64;
+        while let Ok(frame) = next(&mut ws).await {
+            let reply = if let Some(hb) = frame.get("heartbeat") {
+                json!({ "heartbeatAck": { "seq": hb["seq"], "echoSentAtMs": hb["sentAtMs"] } })
+            } else if let Some(offer) = frame.get("sdpOffer") {
+                let Ok(sdp) = peer.accept_offer(offer["sdp"].as_str().unwrap_or_default().to_owned()).await else { break };
+                op += 1;
+                json!({ "opId": op.to_string(), "sdpAnswer": { "callId": offer["callId"], "sessionId": offer["sessionId"], "revision": offer["revision"], "sdp": sdp } })
+            } else {
+                continue;
+            };
+            if send(&mut ws, reply).await.is_err() {
+                break;
+            }
+        }
+    }))
+}
+
+/// The reply to request `op`, skipping (and acking) what comes before it.
+async fn next_reply(ws: &mut Socket, op: &str) -> anyhow::Result<Value> {
+    loop {
+        let frame = next(ws).await?;
+        if let Some(hb) = frame.get("heartbeat") {
+            send(ws, json!({ "heartbeatAck": { "seq": hb["seq"], "echoSentAtMs": hb["sentAtMs"] } })).await?;
+        } else if frame["replyTo"] == op {
+            return Ok(frame);
+        }
+    }
 }
 
 async fn send(ws: &mut Socket, frame: Value) -> anyhow::Result<()> {

@@ -1,8 +1,8 @@
 //! The dashboards and alert rules against a real Prometheus scraping a real
 //! server during a short call.
 //!
-//! Three `webrtc`-crate peers talk in a room with noise suppression on (media
-//! and audio series move) while six devices on the WebSocket device protocol
+//! Three `webrtc`-crate peers talk in a named room with noise suppression on
+//! (media and audio series move) while seven devices on the WebSocket device protocol
 //! place calls (answered, declined, rung out, lost during setup and resumed,
 //! an unknown session) so the control-plane series move. A Prometheus started
 //! here scrapes the server every second. Then every PromQL expression of
@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use common::webrtc_peer::Peer;
 use common::Server;
-use fleetcall_signaling::pki::DeviceTokens;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -310,7 +309,8 @@ async fn lost_during_setup_then_resumed(server: &Server) -> anyhow::Result<[Devi
         "resumeToken": callee.welcome["resumeToken"],
         "lastSeq": callee.last_seq.load(Ordering::Relaxed).to_string(),
     });
-    let back = Device::connect(server, "kiosk-f", Some(resume)).await?;
+    // The same token: a different credential could not take over the identity.
+    let back = Device::connect_with(server, "kiosk-f", callee.token.clone(), Some(resume)).await?;
     ensure!(back.welcome["resumed"] == true, "kiosk-f did not resume: {}", back.welcome);
     Ok([caller, back])
 }
@@ -327,6 +327,8 @@ async fn unknown_session(server: &Server) -> anyhow::Result<()> {
 /// server's heartbeats (unless `silent`) and passes every other frame on.
 struct Device {
     id: String,
+    /// Its access token (a resume must prove the same credential).
+    token: String,
     out: mpsc::UnboundedSender<Message>,
     frames: mpsc::UnboundedReceiver<Value>,
     /// Stop acking heartbeats: the control stream looks open but does not move.
@@ -340,9 +342,14 @@ struct Device {
 }
 
 impl Device {
+    /// Connects `id` with a fresh token of its own (no rooms: devices here
+    /// only place and take calls).
     async fn connect(server: &Server, id: &str, resume: Option<Value>) -> anyhow::Result<Device> {
-        let token = DeviceTokens::open_or_init(&server.data_dir.join("pki"))?.issue(id)?;
-        let (ws, _) = tokio_tungstenite::connect_async(format!("{}/device?token={token}", server.ws_url())).await.with_context(|| format!("{id}: connecting"))?;
+        Device::connect_with(server, id, server.token(id, &[]), resume).await
+    }
+
+    async fn connect_with(server: &Server, id: &str, token: String, resume: Option<Value>) -> anyhow::Result<Device> {
+        let (ws, _) = tokio_tungstenite::connect_async(server.ws_url(&token)).await.with_context(|| format!("{id}: connecting"))?;
         let (mut sink, mut stream) = ws.split();
         let (out, mut outbox) = mpsc::unbounded_channel::<Message>();
         let writer = tokio::spawn(async move {
@@ -377,7 +384,7 @@ impl Device {
                 }
             }
         });
-        let mut device = Device { id: id.to_owned(), out, frames, silent, last_seq, welcome: Value::Null, next_op: 1, tasks: [writer, reader] };
+        let mut device = Device { id: id.to_owned(), token, out, frames, silent, last_seq, welcome: Value::Null, next_op: 1, tasks: [writer, reader] };
         let mut hello = json!({ "minVersion": 1, "maxVersion": 1, "softwareVersion": "prometheus-test 1" });
         if let Some(resume) = resume {
             hello["resume"] = resume;

@@ -1,59 +1,51 @@
-//! SIGTERM: connected clients are told `left: shutdown`, their sockets close
-//! with "going away", and the process exits cleanly within its deadline.
+//! SIGTERM: every connected client hears it. Two `webrtc` peers talking in a
+//! room are told `callEnded{SERVER_SHUTDOWN}`, an idle session is told nothing
+//! but the close, every socket closes with 4008 (4000 + SHUTDOWN), and the
+//! process exits cleanly within its deadline.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use common::webrtc_peer::{close_code, Peer, Raw};
 use common::Server;
-use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
-use str0m::media::{Direction, MediaKind};
-use str0m::Rtc;
-use tokio_tungstenite::tungstenite::Message;
 
-fn offer() -> String {
-    let mut rtc = Rtc::new(Instant::now());
-    let mut api = rtc.sdp_api();
-    api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
-    api.apply().unwrap().0.to_sdp_string()
-}
+/// The server's shutdown deadline.
+const DEADLINE_SECS: u64 = 3;
+/// Generous bounds for a busy 2-core machine.
+const LIMIT: Duration = Duration::from_secs(15);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_tells_clients_and_exits_within_the_deadline() -> anyhow::Result<()> {
-    let mut server = Server::start(&["--shutdown-timeout-secs", "3"])?;
-    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url()).await?;
-    let join = json!({ "type": "join", "room": "shutdown", "name": "device", "sdp": offer() });
-    ws.send(Message::Text(join.to_string().into())).await?;
-    let joined: Value = match ws.next().await.unwrap()? {
-        Message::Text(t) => serde_json::from_str(&t)?,
-        other => anyhow::bail!("unexpected {other:?}"),
-    };
-    assert_eq!(joined["type"], "joined", "{joined}");
+    let mut server = Server::start(&["--shutdown-timeout-secs", &DEADLINE_SECS.to_string()])?;
+    let a = Peer::join(&server, "shutdown", "A").await?;
+    let b = Peer::join(&server, "shutdown", "B").await?;
+    for peer in [&a, &b] {
+        peer.wait_connected(LIMIT).await?;
+    }
+    a.wait_receiving(&["B"], 25, LIMIT).await?;
+    b.wait_receiving(&["A"], 25, LIMIT).await?;
+    let (mut idle, _) = Raw::register(&server, &server.token("idle", &[])).await?;
 
     let pid = server.child.id();
     assert!(common::sigterm(pid)?);
     let signalled = Instant::now();
 
-    let mut left = None;
-    let mut close_code = None;
-    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-        match message? {
-            Message::Text(t) => {
-                let v: Value = serde_json::from_str(&t)?;
-                if v["type"] == "left" {
-                    left = Some(v["reason"].clone());
-                }
-            }
-            Message::Close(frame) => {
-                close_code = frame.map(|f| u16::from(f.code));
-                break;
-            }
-            _ => {}
-        }
+    let deadline = Duration::from_secs(DEADLINE_SECS);
+    for peer in [&a, &b] {
+        let call = peer.call_id.clone();
+        let (ended_at, ended) = peer.wait_message(LIMIT, |m| m["callEnded"]["callId"] == call.as_str()).await?;
+        assert_eq!(ended["callEnded"]["reason"], "END_REASON_SERVER_SHUTDOWN", "{}: {ended}", peer.name);
+        let (closed_at, closed) = peer.wait_message(LIMIT, |m| m.get("_closed").is_some()).await?;
+        assert_eq!(close_code(&closed), Some(4008), "{}: {closed}", peer.name);
+        assert!(ended_at <= closed_at, "{}: the call ends before the socket closes", peer.name);
+        assert!(closed_at - signalled <= deadline, "{}: closed {:?} after SIGTERM, deadline {deadline:?}", peer.name, closed_at - signalled);
+        let frames_after_end = peer.messages().iter().skip_while(|m| m.get("callEnded").is_none()).filter(|m| m.get("callEnded").is_some()).count();
+        assert_eq!(frames_after_end, 1, "{}: exactly one callEnded: {}", peer.name, peer.message_summary());
     }
-    assert_eq!(left, Some(json!("shutdown")));
-    assert_eq!(close_code, Some(1001));
+    let frame = idle.next().await?;
+    assert_eq!(close_code(&frame), Some(4008), "the idle session: {frame}");
+    assert!(signalled.elapsed() <= deadline + Duration::from_secs(1), "idle session closed {:?} after SIGTERM", signalled.elapsed());
 
     // Deadline 3 s; allow generous slack for a busy machine.
     let exit = loop {

@@ -144,7 +144,17 @@ async fn refuse(mut socket: WebSocket, refusal: Refusal) {
             socket.send(Message::Text(Utf8Bytes::from(text))).await?;
         }
         let close = CloseFrame { code: 4000 + refusal.close as u16, reason: Utf8Bytes::from(refusal.close.as_str_name()) };
-        socket.send(Message::Close(Some(close))).await
+        socket.send(Message::Close(Some(close))).await?;
+        // Read (and drop) what the client sent meanwhile, its hello most
+        // often, until its close: a socket closed with unread data is reset
+        // by the kernel, and the reset can destroy our close frame before
+        // the client reads it.
+        while let Some(Ok(message)) = socket.recv().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+        Ok::<(), axum::Error>(())
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
 }

@@ -36,6 +36,24 @@ impl Server {
             std::process::id(),
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()
         ));
+        Server::start_in(data_dir, extra)
+    }
+
+    /// Kills the server and starts a new one on the same data dir (new
+    /// ports), as an operator's restart would.
+    pub fn restart(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let fresh = Server::start_in(self.data_dir.clone(), extra)?;
+        // `fresh` takes over the process; the old value must not delete the
+        // data dir when it is dropped by the swap below.
+        let old = std::mem::replace(self, fresh);
+        std::mem::forget(old);
+        Ok(())
+    }
+
+    /// Starts `fleetcall serve` on `data_dir` (created if missing).
+    pub fn start_in(data_dir: PathBuf, extra: &[&str]) -> anyhow::Result<Server> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fleetcall"))
             .args(["serve", "--http-addr", "127.0.0.1:0", "--media-port", "0", "--quic-addr", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
@@ -89,14 +107,23 @@ impl Server {
 
     /// An access token with every setting explicit.
     pub fn token_with(&self, identity: &str, rooms: &[&str], publish: bool, ttl: Duration) -> String {
+        self.token_issued(identity, rooms, publish, ttl, unix_now())
+    }
+
+    /// A genuine token for `identity` and `rooms` that expired an hour ago.
+    pub fn expired_token(&self, identity: &str, rooms: &[&str]) -> String {
+        self.token_issued(identity, rooms, true, Duration::from_secs(60), unix_now() - 3600)
+    }
+
+    /// An access token issued at `issued_at` (Unix seconds).
+    pub fn token_issued(&self, identity: &str, rooms: &[&str], publish: bool, ttl: Duration, issued_at: u64) -> String {
         let grant = Grant {
             rooms: rooms.iter().map(|r| RoomPattern::parse(r).expect("room pattern")).collect(),
             publish,
             subscribe: true,
         };
         let request = TokenRequest { identity: identity.into(), ttl, grant, guest: false };
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
-        self.tokens().mint(&request, now).expect("token")
+        self.tokens().mint(&request, issued_at).expect("token")
     }
 
     /// `GET /api/stats` as JSON.
@@ -131,6 +158,23 @@ impl Drop for Server {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.data_dir);
     }
+}
+
+/// Seconds since the Unix epoch, as tokens count time.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+}
+
+/// Base64url without padding, as JWTs spell their parts (for forging).
+pub fn base64url_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The inverse of [`base64url_encode`]; empty for text that is not base64url.
+pub fn base64url_decode(text: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).unwrap_or_default()
 }
 
 /// Sends SIGTERM with the shell's builtin `kill` (a fresh Debian may lack
