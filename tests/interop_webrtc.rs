@@ -184,7 +184,7 @@ async fn wait_for_exactly(server: &Server, call: &str, n: u64, deadline: Instant
 async fn call_row(server: &Server, call: &str) -> anyhow::Result<Value> {
     let body = common::http_get(&format!("{}/api/calls", server.url), Some(&server.admin_token)).await?;
     let rows: Value = serde_json::from_str(&body)?;
-    let row = rows.as_array().and_then(|rows| rows.iter().find(|r| r["id"].to_string() == call || r["id"] == call));
+    let row = rows.as_array().and_then(|rows| rows.iter().find(|r| r["id"].as_u64() == call.parse().ok()));
     row.cloned().ok_or_else(|| anyhow::anyhow!("call {call} not in {rows}"))
 }
 

@@ -45,7 +45,7 @@ async fn wrong_or_missing_client_certificate_is_refused() -> anyhow::Result<()> 
     // A certificate from another installation's CA.
     let foreign_dir = scratch("foreign-pki");
     let _ = std::fs::remove_dir_all(&foreign_dir);
-    let foreign = Pki::open_or_init(foreign_dir.join("pki"), &[])?.enroll("mallory", &foreign_dir.join("devices"))?;
+    let foreign = Pki::open_or_init(foreign_dir.join("pki"), &[])?.enroll("mallory", &foreign_dir.join("devices"), &fleetcall_signaling::pki::Enrollment::default())?;
     let config = ClientConfig::from_files(server.quic_addr, "localhost", &real_ca, &foreign.cert, &foreign.key)?;
     let error = Client::connect(config).await.expect_err("a foreign certificate is refused");
     println!("foreign certificate: {error}");

@@ -886,10 +886,10 @@ async fn run_signaling(mut ws: Socket, pc: Arc<dyn PeerConnection>, shared: Arc<
                     heartbeat = Some(tokio::time::interval_at(tokio::time::Instant::now() + every, every));
                 }
                 shared.learn_members(&message);
-                if let Some(answer) = message.get("sdpAnswer") {
-                    if let Err(e) = apply_answer(&pc, &shared, answer["sdp"].as_str().unwrap_or_default()).await {
-                        shared.fail(format!("applying the server's answer: {e:#}"));
-                    }
+                if let Some(answer) = message.get("sdpAnswer")
+                    && let Err(e) = apply_answer(&pc, &shared, answer["sdp"].as_str().unwrap_or_default()).await
+                {
+                    shared.fail(format!("applying the server's answer: {e:#}"));
                 }
                 if let Some(offer) = message.get("sdpOffer") {
                     match answer_offer(&pc, &shared, offer["sdp"].as_str().unwrap_or_default()).await {
@@ -904,10 +904,11 @@ async fn run_signaling(mut ws: Socket, pc: Arc<dyn PeerConnection>, shared: Arc<
                         Err(e) => shared.fail(format!("answering a server offer: {e:#}")),
                     }
                 }
-                if let Some(op) = message["replyTo"].as_str() {
-                    if message.get("error").is_some() && shared.answer_ops.lock().unwrap().contains(op) {
-                        shared.fail(format!("our sdpAnswer was refused: {}", message["error"]));
-                    }
+                if let Some(op) = message["replyTo"].as_str()
+                    && message.get("error").is_some()
+                    && shared.answer_ops.lock().unwrap().contains(op)
+                {
+                    shared.fail(format!("our sdpAnswer was refused: {}", message["error"]));
                 }
                 shared.record(message);
             }
