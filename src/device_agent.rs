@@ -181,6 +181,11 @@ impl Agent {
                 () = sleep_until(deadline) => { info!("duration reached"); return Ok(()) }
                 event = events.recv() => {
                     let Some(event) = event else { bail!("the client stopped") };
+                    if let ClientEvent::Ended { close, reason } = &event {
+                        // Permanent: this credential will not get in again.
+                        println!("refused for good ({}): {reason}", close.as_str_name());
+                        bail!("the server refused this device for good ({}): {reason}", close.as_str_name());
+                    }
                     self.on_event(event).await;
                 }
                 event = media_event(&mut self.call) => self.on_media(event),

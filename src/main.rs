@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use axum_server::accept::NoDelayAcceptor;
 use clap::{Parser, Subcommand};
 use fleetcall_dsp::PipelineConfig;
 use fleetcall_sfu::audio::SuppressionPolicy;
@@ -212,9 +213,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let ips: Vec<_> = [Some(config.http_addr.ip()), config.advertise_ip].into_iter().flatten().collect();
         let tls = secrets::tls_config(&config.data_dir, &ips)?;
         let tls = axum_server::tls_rustls::RustlsConfig::from_config(tls);
-        tokio::spawn(axum_server::bind_rustls(config.http_addr, tls).handle(handle.clone()).serve(app))
+        // No Nagle delay on control frames: an SDP answer waited ~40 ms for
+        // the previous frame's ACK without it.
+        let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls).acceptor(NoDelayAcceptor);
+        tokio::spawn(axum_server::bind(config.http_addr).acceptor(acceptor).handle(handle.clone()).serve(app))
     } else {
-        tokio::spawn(axum_server::bind(config.http_addr).handle(handle.clone()).serve(app))
+        tokio::spawn(axum_server::bind(config.http_addr).acceptor(NoDelayAcceptor).handle(handle.clone()).serve(app))
     };
     let Some(addr) = handle.listening().await else {
         let result = server.await.context("HTTP server task")?;

@@ -39,8 +39,8 @@ async fn a_revoked_device_is_cut_off_at_once_and_stays_out_after_a_restart() -> 
     let reply: Value = serde_json::from_str(&body)?;
     assert_eq!((reply["subject"].as_str(), reply["sessions_ended"].as_u64()), (Some("bob"), Some(1)), "{reply}");
     // Closed within a second of the request, with the reason on the wire.
-    bob.expect(Duration::from_secs(1), "close REVOKED", |e| {
-        matches!(e, ClientEvent::Disconnected { close: Some(CloseReason::Revoked), .. }).then_some(())
+    bob.expect(Duration::from_secs(1), "ended REVOKED", |e| {
+        matches!(e, ClientEvent::Ended { close: CloseReason::Revoked, .. }).then_some(())
     })
     .await?;
     let cut_off = asked.elapsed();
@@ -79,6 +79,21 @@ async fn a_revoked_device_is_cut_off_at_once_and_stays_out_after_a_restart() -> 
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut bob = Device::connect_enrolled(&server, "bob", fresh).await?;
     call_with_media(&mut alice, &mut bob).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_agent_stops_for_good_when_revoked() -> anyhow::Result<()> {
+    let server = Server::start(&[])?;
+    let files = enroll(&server, "kiosk")?;
+    let mut agent = Agent::spawn(&server, &files, "kiosk", &[])?;
+    agent.line("registered kiosk", PROMPT).await?;
+    let (status, _) = http_post(&server, "/api/devices/kiosk/revoke").await?;
+    assert_eq!(status, 200);
+    // It says why and exits instead of retrying a credential that cannot work.
+    let (status, output) = agent.exit(PROMPT).await?;
+    assert!(!status.success(), "{output:?}");
+    assert!(output.iter().any(|l| l.starts_with("refused for good (CLOSE_REASON_REVOKED)")), "{output:?}");
     Ok(())
 }
 

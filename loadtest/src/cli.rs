@@ -50,7 +50,7 @@ pub struct Args {
     /// Run the spawned server on these CPUs only (a taskset list, e.g. 0).
     #[arg(long, value_name = "LIST", requires = "spawn", help_heading = "Target")]
     pub server_cpus: Option<String>,
-    /// HTTP address of a running server (admin API, /metrics, /ws).
+    /// HTTP address of a running server (admin API, /metrics, /ws/device).
     #[arg(long, default_value = "http://127.0.0.1:8080", help_heading = "Target")]
     pub http: String,
     /// QUIC control-plane address of a running server.
@@ -100,7 +100,7 @@ pub struct Args {
     /// Time after the ramp before loss counts.
     #[arg(long, value_parser = parse_secs, help_heading = "Scenario")]
     pub settle: Option<f64>,
-    /// Room signaling: quic (group calls, <= 32 devices), ws (browser protocol), auto.
+    /// Room signaling: quic (group calls, <= 32 devices), ws (named rooms on /ws/device), auto.
     #[arg(long, help_heading = "Scenario")]
     pub control: Option<ControlPath>,
     /// Noise suppression for every publisher during the run: on, off, server (leave it).

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::audio::{Clip, TalkPattern};
-use crate::control::Enroller;
+use crate::control::{Enroller, TokenIssuer};
 use crate::outcome::Live;
 use crate::peer::PeerFactory;
 
@@ -23,10 +23,12 @@ pub struct Ctx {
     pub talk: TalkPattern,
     /// The QUIC control plane.
     pub quic: SocketAddr,
-    /// The browser protocol's WebSocket URL.
+    /// The device protocol's WebSocket endpoint (`ws://host:port/ws/device`).
     pub ws_url: String,
     /// Device identities (QUIC).
     pub enroller: Option<Enroller>,
+    /// Access tokens (WebSocket).
+    pub tokens: Option<TokenIssuer>,
     /// Local IP of every socket the tool opens.
     pub bind_ip: IpAddr,
     /// Progress counters.

@@ -1,6 +1,7 @@
-//! Control-plane plumbing of a simulated device: enrollment and client
-//! settings for the QUIC device protocol (the signaling client SDK), and a
-//! WebSocket session speaking the browser room protocol.
+//! Control-plane plumbing of a simulated device: its credential (a
+//! certificate from the server's CA for QUIC, an access token signed with the
+//! server's key for WebSocket) and the client SDK's settings. Both paths
+//! speak the device protocol through the controller.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -9,13 +10,11 @@ use std::time::Duration;
 use anyhow::Context;
 use fleetcall_signaling::backoff::Backoff;
 use fleetcall_signaling::client::{Client, ClientConfig, ClientEvent};
-
-use fleetcall_signaling::pki::{DeviceFiles, Pki};
-use fleetcall_signaling::protocol::{ClientMessage, ServerMessage};
-use futures_util::{SinkExt, StreamExt};
+use fleetcall_signaling::grants::{Grant, RoomName, RoomPattern};
+use fleetcall_signaling::pki::{DeviceFiles, Enrollment, Pki};
+use fleetcall_signaling::service::unix_now;
+use fleetcall_signaling::tokens::{AccessTokens, TokenRequest};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::context::Ctx;
 
@@ -57,21 +56,95 @@ impl Enroller {
         let _ = std::fs::remove_file(&files.cert);
         let _ = std::fs::remove_file(&files.key);
         self.pki
-            .enroll(id, &self.dir)
+            .enroll(id, &self.dir, &Enrollment::default())
             .with_context(|| format!("enrolling {id}"))
     }
 }
 
-/// Client settings for a simulated device.
+/// Lifetime of a minted token: longer than any run, short enough not to
+/// leave lasting credentials behind.
+const TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// A cached token with less left than this is minted again.
+const TOKEN_MIN_LEFT: Duration = Duration::from_secs(24 * 3600);
+
+/// Mints access tokens with the server's signing key (same machine),
+/// reusing the token of an earlier run: a new token for the same identity
+/// would be a different credential, refused (IDENTITY_IN_USE) while the
+/// earlier run's session is still within its resume grace.
+#[derive(Debug, Clone)]
+pub struct TokenIssuer {
+    tokens: AccessTokens,
+    dir: PathBuf,
+}
+
+impl TokenIssuer {
+    /// Opens the signing key in `<data_dir>/pki`; tokens are kept in
+    /// `<data_dir>/loadtest-devices`.
+    pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
+        let pki_dir = data_dir.join("pki");
+        // Opening would create a key of our own, which the server does not know.
+        if !pki_dir.join("token-signing.key").exists() {
+            anyhow::bail!(
+                "{}: no token signing key here; --data-dir must be the server's data directory (on this machine)",
+                pki_dir.display()
+            );
+        }
+        let tokens =
+            AccessTokens::open_or_init(&pki_dir).context("opening the server's signing key")?;
+        Ok(TokenIssuer {
+            tokens,
+            dir: data_dir.join("loadtest-devices"),
+        })
+    }
+
+    /// A token for identity `id` that opens `room`: the one minted before
+    /// if it is still good for it, else a new one.
+    pub fn token(&self, id: &str, room: &str) -> anyhow::Result<String> {
+        let room_name = RoomName::new(room).map_err(|e| anyhow::anyhow!("room {room:?}: {e}"))?;
+        let path = self.dir.join(format!("{id}.jwt"));
+        let now = unix_now();
+        if let Ok(token) = std::fs::read_to_string(&path) {
+            let token = token.trim();
+            if let Ok(verified) = self.tokens.verify(token, now)
+                && verified.credential.grant.covers(&room_name)
+                && verified.credential.expires_at > now + TOKEN_MIN_LEFT.as_secs()
+            {
+                return Ok(token.to_owned());
+            }
+        }
+        let pattern =
+            RoomPattern::parse(room).map_err(|e| anyhow::anyhow!("room {room:?}: {e}"))?;
+        let request = TokenRequest {
+            identity: id.to_owned(),
+            ttl: TOKEN_TTL,
+            grant: Grant::device(vec![pattern]),
+            guest: false,
+        };
+        let token = self
+            .tokens
+            .mint(&request, now)
+            .with_context(|| format!("minting a token for {id}"))?;
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        std::fs::write(&path, &token).with_context(|| format!("writing {}", path.display()))?;
+        Ok(token)
+    }
+}
+
+/// QUIC client settings for a simulated device.
 pub fn client_config(
     server: SocketAddr,
     files: &DeviceFiles,
     bind_ip: IpAddr,
     fleet_backoff: bool,
 ) -> anyhow::Result<ClientConfig> {
-    let mut config =
-        ClientConfig::from_files(server, "localhost", &files.ca, &files.cert, &files.key)
-            .context("device identity")?;
+    let config = ClientConfig::from_files(server, "localhost", &files.ca, &files.cert, &files.key)
+        .context("device identity")?;
+    Ok(tuned(config, bind_ip, fleet_backoff))
+}
+
+/// The settings both transports share.
+fn tuned(mut config: ClientConfig, bind_ip: IpAddr, fleet_backoff: bool) -> ClientConfig {
     config.bind = SocketAddr::new(bind_ip, 0);
     config.core.software_version = concat!("fleetcall-loadtest/", env!("CARGO_PKG_VERSION")).into();
     config.connect_timeout = Duration::from_secs(10);
@@ -80,102 +153,7 @@ pub fn client_config(
         // server converge, not the backoff's ceiling.
         config.backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     }
-    Ok(config)
-}
-
-/// A browser-protocol session on `/ws`: messages out through a channel,
-/// messages in on the owner's channel tagged with `tag`.
-#[derive(Debug)]
-pub struct WsSession {
-    out: mpsc::UnboundedSender<ClientMessage>,
-    tasks: [JoinHandle<()>; 2],
-}
-
-/// What a WebSocket session reports.
-#[derive(Debug)]
-pub enum WsEvent {
-    /// A server message.
-    Message(ServerMessage),
-    /// The socket closed or failed.
-    Closed(String),
-}
-
-impl WsSession {
-    /// Connects to `url` (`ws://host/ws`); events go to `events` as `(tag, event)`.
-    pub async fn connect<T: Copy + Send + 'static>(
-        url: &str,
-        tag: T,
-        events: mpsc::UnboundedSender<(T, WsEvent)>,
-    ) -> anyhow::Result<WsSession> {
-        let (socket, _) = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio_tungstenite::connect_async(url),
-        )
-        .await
-        .with_context(|| format!("{url}: no WebSocket handshake within 10 s"))?
-        .with_context(|| format!("connecting to {url}"))?;
-        let (mut sink, mut stream) = socket.split();
-        let (out, mut out_rx) = mpsc::unbounded_channel::<ClientMessage>();
-        let writer = tokio::spawn(async move {
-            while let Some(message) = out_rx.recv().await {
-                // Serializing our own message types cannot fail.
-                let text = serde_json::to_string(&message).expect("client message JSON");
-                if sink.send(Message::text(text)).await.is_err() {
-                    return;
-                }
-            }
-            // The owner dropped the session: close politely.
-            let _ = sink.close().await;
-        });
-        let reader = tokio::spawn(async move {
-            let reason = loop {
-                match stream.next().await {
-                    Some(Ok(Message::Text(text))) => {
-                        match serde_json::from_str::<ServerMessage>(&text) {
-                            Ok(message) => {
-                                if events.send((tag, WsEvent::Message(message))).is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e) => tracing::debug!(error = %e, "unknown server message skipped"),
-                        }
-                    }
-                    Some(Ok(Message::Close(frame))) => {
-                        break format!("closed by the server: {frame:?}");
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => break format!("socket error: {e}"),
-                    None => break "socket closed".to_owned(),
-                }
-            };
-            let _ = events.send((tag, WsEvent::Closed(reason)));
-        });
-        Ok(WsSession {
-            out,
-            tasks: [writer, reader],
-        })
-    }
-
-    /// Queues a message.
-    pub fn send(&self, message: ClientMessage) {
-        // A closed socket shows up as `WsEvent::Closed`.
-        let _ = self.out.send(message);
-    }
-
-    /// Cuts the connection without a goodbye (a killed device).
-    pub fn kill(&self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
-}
-
-impl Drop for WsSession {
-    fn drop(&mut self) {
-        // The writer closes the socket once the channel is gone; the reader
-        // has nobody to tell anymore.
-        self.tasks[1].abort();
-    }
+    config
 }
 
 /// The local IP that routes to `server` (no packet is sent).
@@ -205,5 +183,30 @@ pub async fn register(
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("{e:#}"))?;
+    Client::connect(config).await.map_err(|e| e.to_string())
+}
+
+/// Connects a device to `/ws/device` with a token for `room` (minted or
+/// reused) and registers it with the SDK.
+pub async fn register_ws(
+    ctx: &Ctx,
+    id: &str,
+    room: &str,
+) -> Result<(Client, mpsc::UnboundedReceiver<ClientEvent>), String> {
+    let issuer = ctx
+        .tokens
+        .clone()
+        .ok_or("no signing key to mint tokens with")?;
+    let (id_owned, room_owned) = (id.to_owned(), room.to_owned());
+    // Reading and writing the cached token touches the disk.
+    let token = tokio::task::spawn_blocking(move || issuer.token(&id_owned, &room_owned))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{e:#}"))?;
+    let config = tuned(
+        ClientConfig::websocket(ctx.ws_url.clone(), token),
+        ctx.bind_ip,
+        ctx.fleet_backoff,
+    );
     Client::connect(config).await.map_err(|e| e.to_string())
 }

@@ -111,6 +111,7 @@ pub async fn run(
         quic: host,
         ws_url: String::new(),
         enroller: None,
+        tokens: None,
         bind_ip,
         live: live.clone(),
         window,

@@ -1,7 +1,8 @@
 //! fleetcall-loadtest: drives realistic fleet load through the real
-//! protocols — QUIC control-plane devices (the signaling client SDK) or the
-//! browser WebSocket path, and str0m WebRTC peers sending Opus from a WAV
-//! file — and tells, in one report, what held and what did not.
+//! protocols — devices on the signaling client SDK (the device protocol over
+//! QUIC, or over WebSocket for rooms larger than a QUIC group call), and
+//! str0m WebRTC peers sending Opus from a WAV file — and tells, in one
+//! report, what held and what did not.
 //!
 //! Layout: sans-IO pieces ([`peer`], [`ledger`], [`histogram`], [`audio`],
 //! [`scenario`], [`report`]) and thin async drivers ([`room`], [`calls`],

@@ -14,7 +14,7 @@ use crate::scenario::FaultKind;
 /// Counters the groups bump and the progress bar reads.
 #[derive(Debug, Default)]
 pub struct Live {
-    /// Devices registered on the control plane (or WebSocket connected).
+    /// Devices registered on the control plane (QUIC or WebSocket).
     pub registered: AtomicU64,
     /// Devices whose media is connected now.
     pub media_up: AtomicU64,
@@ -110,7 +110,7 @@ pub struct GroupResult {
     pub media: LedgerTotals,
     /// Registration (QUIC handshake + Hello/Welcome).
     pub register: Histogram,
-    /// WebSocket connect (rooms on the browser path).
+    /// WebSocket registration: connect + `Hello`/`Welcome` (rooms on `/ws/device`).
     pub ws_connect: Histogram,
     /// Join request to the first audio packet from a talker.
     pub join_to_audio: Histogram,

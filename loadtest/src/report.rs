@@ -154,7 +154,7 @@ impl Leak {
 pub struct Latencies {
     /// QUIC registration: handshake + `Hello`/`Welcome`.
     pub register: Summary,
-    /// WebSocket connect (rooms on the browser path).
+    /// WebSocket registration: connect + `Hello`/`Welcome` (rooms on `/ws/device`).
     pub ws_connect: Summary,
     /// Join request to the first talker packet (only joins with a talker up).
     pub join_to_first_audio: Summary,

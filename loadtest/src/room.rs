@@ -1,6 +1,14 @@
 //! One room of simulated devices, driven by one task: the devices' control
-//! sessions (QUIC group calls with the client SDK, or the browser protocol
-//! over WebSocket), their media links, the room's ledger, churn and faults.
+//! sessions (the client SDK: a QUIC group call, or a named room over
+//! WebSocket), their media links, the room's ledger, churn and faults.
+//!
+//! Both paths speak the device protocol through the controller; they differ
+//! only in how a device gets into the call. On QUIC the first device creates
+//! a group call and invites the others (a member that was in it before joins
+//! again directly). On WebSocket every device joins the named room with
+//! `RoomJoin`. From the `CallState` that shows a device `JOINING` on, media
+//! (offer, answer, server renegotiation), participant updates, leaving and
+//! the call's end are the same code.
 //!
 //! The task owns everything of its room, so measuring needs no locks: a
 //! frame sent by one device and received by another meet in the same
@@ -15,14 +23,13 @@ use fleetcall_signaling::ids::CallId;
 use fleetcall_signaling::pb::{
     self, CallPhase, EndReason, ErrorCode, ParticipantStatus, client_frame,
 };
-use fleetcall_signaling::protocol::{ClientMessage, ServerMessage};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tokio::sync::mpsc;
 
 use crate::audio::Mic;
 use crate::context::Ctx;
-use crate::control::{WsEvent, WsSession, register};
+use crate::control::{register, register_ws};
 use crate::ledger::{Ledger, Match, Member};
 use crate::media::{Link, MAX_DATAGRAM, readable};
 use crate::outcome::{FaultOutcome, GroupResult, Live, secs};
@@ -80,9 +87,7 @@ enum Ctl {
         Result<(Client, mpsc::UnboundedReceiver<ClientEvent>), String>,
         Duration,
     ),
-    Quic(ClientEvent),
-    WsOpened(Result<WsSession, String>, Duration),
-    Ws(WsEvent),
+    Event(ClientEvent),
     Reply(Req, Result<u64, ReqError>),
 }
 
@@ -124,6 +129,8 @@ enum Req {
     Create,
     Invite,
     Join,
+    /// WebSocket: `RoomJoin`.
+    RoomJoin,
     Offer,
     Answer,
     Leave,
@@ -133,7 +140,7 @@ enum Req {
 enum Phase {
     /// Before its ramp slot.
     Pending,
-    /// Registering / WebSocket connecting.
+    /// Registering (QUIC or WebSocket).
     Connecting,
     /// Registered, not in the call.
     Ready,
@@ -150,8 +157,7 @@ enum Phase {
 #[derive(Debug)]
 enum Session {
     None,
-    Quic(Client),
-    Ws(WsSession),
+    Up(Client),
 }
 
 #[derive(Debug)]
@@ -171,8 +177,6 @@ struct Dev {
     member_before: bool,
     /// The room call (its serial) the device takes part in.
     serial: Option<u64>,
-    /// WebSocket: participant id in the SFU.
-    participant: Option<u64>,
     /// Had a session once (a later fresh one is a re-registration).
     registered_once: bool,
     /// Fresh sessions seen (`Connected { resumed: false }`): the first is
@@ -247,7 +251,6 @@ pub async fn run(
                 join_at: None,
                 member_before: false,
                 serial: None,
-                participant: None,
                 registered_once: false,
                 fresh_sessions: 0,
                 rejoin_at: None,
@@ -398,7 +401,7 @@ impl Room {
             }
             if self.devs[m].stall_until.is_some_and(|t| now >= t) {
                 self.devs[m].stall_until = None;
-                if let Session::Quic(client) = &self.devs[m].session {
+                if let Session::Up(client) = &self.devs[m].session {
                     client.simulate_stall(false);
                 }
             }
@@ -422,40 +425,17 @@ impl Room {
     fn start_device(&mut self, m: Member, now: Instant) {
         self.devs[m].phase = Phase::Connecting;
         let tx = self.ctl_tx.clone();
-        match self.plan.control {
-            ControlPath::Ws => {
-                let url = self.ctx.ws_url.clone();
-                tokio::spawn(async move {
-                    let started = Instant::now();
-                    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
-                    let result = WsSession::connect(&url, (), events_tx)
-                        .await
-                        .map_err(|e| format!("{e:#}"));
-                    let ok = result.is_ok();
-                    if tx
-                        .send((m, Ctl::WsOpened(result, started.elapsed())))
-                        .is_err()
-                        || !ok
-                    {
-                        return;
-                    }
-                    while let Some(((), event)) = events_rx.recv().await {
-                        if tx.send((m, Ctl::Ws(event))).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-            _ => {
-                let ctx = self.ctx.clone();
-                let id = self.devs[m].id.clone();
-                tokio::spawn(async move {
-                    let started = Instant::now();
-                    let result = register(&ctx, &id).await;
-                    let _ = tx.send((m, Ctl::Registered(result, started.elapsed())));
-                });
-            }
-        }
+        let ctx = self.ctx.clone();
+        let id = self.devs[m].id.clone();
+        let room = (self.plan.control == ControlPath::Ws).then(|| self.name.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = match room {
+                Some(room) => register_ws(&ctx, &id, &room).await,
+                None => register(&ctx, &id).await,
+            };
+            let _ = tx.send((m, Ctl::Registered(result, started.elapsed())));
+        });
         let _ = now;
     }
 
@@ -465,7 +445,7 @@ impl Room {
             return;
         }
         match self.plan.control {
-            ControlPath::Ws => self.ws_join(m, now),
+            ControlPath::Ws => self.room_join(m, now),
             _ => {
                 let Some(call) = self.call else {
                     if !self.creating {
@@ -498,7 +478,7 @@ impl Room {
         let healthy = |d: &Dev| {
             d.phase == Phase::InCall
                 && d.stall_until.is_none()
-                && matches!(&d.session, Session::Quic(client) if client.status().connected)
+                && matches!(&d.session, Session::Up(client) if client.status().connected)
         };
         self.creator
             .filter(|&c| healthy(&self.devs[c]))
@@ -533,6 +513,27 @@ impl Room {
         );
     }
 
+    fn room_join(&mut self, m: Member, now: Instant) {
+        self.devs[m].phase = Phase::Joining;
+        self.devs[m].join_at = Some((now, self.talker_up(m)));
+        let room = self.name.clone();
+        self.request(
+            m,
+            Req::RoomJoin,
+            client_frame::Kind::RoomJoin(pb::RoomJoin { room }),
+        );
+    }
+
+    /// The room's call is `call` (from the join's reply or the `CallState`,
+    /// whichever comes first); device `m` takes part in it.
+    fn adopt_room_call(&mut self, m: Member, call: CallId) {
+        if self.call != Some(call) {
+            self.call = Some(call);
+            self.call_serial += 1;
+        }
+        self.devs[m].serial = Some(self.call_serial);
+    }
+
     fn quic_group_join(&mut self, m: Member, call: CallId, now: Instant) {
         self.devs[m].phase = Phase::Joining;
         self.devs[m].join_at = Some((now, self.talker_up(m)));
@@ -543,27 +544,10 @@ impl Room {
         );
     }
 
-    fn ws_join(&mut self, m: Member, now: Instant) {
-        let offer = match self.start_media(m, now) {
-            Ok(offer) => offer,
-            Err(e) => return self.fail(m, format!("media: {e:#}")),
-        };
-        self.devs[m].phase = Phase::Joining;
-        self.devs[m].join_at = Some((now, self.talker_up(m)));
-        let name = self.devs[m].id.clone();
-        if let Session::Ws(ws) = &self.devs[m].session {
-            ws.send(ClientMessage::Join {
-                room: self.name.clone(),
-                name,
-                sdp: offer,
-            });
-        }
-    }
-
     /// Sends a request of member `m` in the background; the reply comes
     /// back as [`Ctl::Reply`].
     fn request(&mut self, m: Member, what: Req, kind: client_frame::Kind) {
-        let Session::Quic(client) = &self.devs[m].session else {
+        let Session::Up(client) = &self.devs[m].session else {
             return;
         };
         let reply = client.request(kind);
@@ -618,19 +602,22 @@ impl Room {
         let now = Instant::now();
         match ctl {
             Ctl::Registered(Ok((client, mut events)), elapsed) => {
-                self.result.register.record(elapsed);
+                match self.plan.control {
+                    ControlPath::Ws => self.result.ws_connect.record(elapsed),
+                    _ => self.result.register.record(elapsed),
+                }
                 Live::add(&self.ctx.live.registered, 1);
                 let d = &mut self.devs[m];
                 d.registered_once = true;
                 if d.phase == Phase::Dead || self.stopping.is_some() {
                     return;
                 }
-                d.session = Session::Quic(client);
+                d.session = Session::Up(client);
                 d.phase = Phase::Ready;
                 let tx = self.ctl_tx.clone();
                 tokio::spawn(async move {
                     while let Some(event) = events.recv().await {
-                        if tx.send((m, Ctl::Quic(event))).is_err() {
+                        if tx.send((m, Ctl::Event(event))).is_err() {
                             return;
                         }
                     }
@@ -641,24 +628,7 @@ impl Room {
                 self.devs[m].phase = Phase::Dead;
                 self.fail(m, format!("registration: {e}"));
             }
-            Ctl::WsOpened(Ok(session), elapsed) => {
-                self.result.ws_connect.record(elapsed);
-                Live::add(&self.ctx.live.registered, 1);
-                let d = &mut self.devs[m];
-                d.registered_once = true;
-                if d.phase == Phase::Dead || self.stopping.is_some() {
-                    return;
-                }
-                d.session = Session::Ws(session);
-                d.phase = Phase::Ready;
-                self.want_join(m, now);
-            }
-            Ctl::WsOpened(Err(e), _) => {
-                self.devs[m].phase = Phase::Dead;
-                self.fail(m, format!("WebSocket: {e}"));
-            }
-            Ctl::Quic(event) => self.on_quic(m, event, now),
-            Ctl::Ws(event) => self.on_ws(m, event, now),
+            Ctl::Event(event) => self.on_event(m, event, now),
             Ctl::Reply(what, result) => self.on_reply(m, what, result, now),
         }
     }
@@ -689,6 +659,23 @@ impl Room {
                 self.creating = false;
                 self.devs[m].phase = Phase::Ready;
                 self.fail_or_retry(m, "group create", &e);
+                self.devs[m].rejoin_at = Some(now + Duration::from_secs(1));
+            }
+            (Req::RoomJoin, Ok(call)) => {
+                if self.devs[m].phase == Phase::Dead || self.stopping.is_some() {
+                    return;
+                }
+                self.adopt_room_call(m, CallId(call));
+                if self.devs[m].phase == Phase::Joining {
+                    self.devs[m].phase = Phase::InCall;
+                }
+            }
+            (Req::RoomJoin, Err(e)) => {
+                if self.devs[m].phase == Phase::Dead || self.stopping.is_some() {
+                    return;
+                }
+                self.devs[m].phase = Phase::Ready;
+                self.fail_or_retry(m, "room join", &e);
                 self.devs[m].rejoin_at = Some(now + Duration::from_secs(1));
             }
             (Req::Join, Ok(_)) => {
@@ -758,7 +745,7 @@ impl Room {
         }
     }
 
-    fn on_quic(&mut self, m: Member, event: ClientEvent, now: Instant) {
+    fn on_event(&mut self, m: Member, event: ClientEvent, now: Instant) {
         tracing::trace!(device = %self.devs[m].id, phase = ?self.devs[m].phase, ?event, "control event");
         if self.devs[m].phase == Phase::Dead {
             return;
@@ -770,6 +757,18 @@ impl Room {
                     // A fresh session after a lost one: every call of the old one is over.
                     self.record_reregistration(now);
                 }
+            }
+            ClientEvent::Ended { close, reason } => {
+                // Refused for good (a credential problem): the SDK has stopped.
+                self.stop_media(m);
+                let d = &mut self.devs[m];
+                d.phase = Phase::Dead;
+                d.session = Session::None;
+                self.fail(
+                    m,
+                    format!("refused by the server ({}): {reason}", close.as_str_name()),
+                );
+                return;
             }
             ClientEvent::SessionUnknown { .. } => {
                 self.stop_media(m);
@@ -815,6 +814,15 @@ impl Room {
                     self.call_serial += 1;
                     self.devs[m].serial = Some(self.call_serial);
                 }
+                if self.plan.control == ControlPath::Ws
+                    && self.devs[m].phase == Phase::Joining
+                    && state.group_name == self.name
+                    && state.phase != CallPhase::Ended as i32
+                {
+                    // Likewise a room's joiner: its `CallState` may come
+                    // before the reply to `RoomJoin`.
+                    self.adopt_room_call(m, CallId(state.call_id));
+                }
                 if Some(CallId(state.call_id)) != self.call {
                     return;
                 }
@@ -830,7 +838,7 @@ impl Room {
                     self.devs[m].phase = Phase::InCall;
                     match self.start_media(m, now) {
                         Ok(offer) => {
-                            let Session::Quic(client) = &self.devs[m].session else {
+                            let Session::Up(client) = &self.devs[m].session else {
                                 return;
                             };
                             let reply = client.sdp_offer(CallId(state.call_id), 1, offer);
@@ -897,7 +905,7 @@ impl Room {
                 };
                 match link.peer.accept_offer(now, &offer.sdp) {
                     Ok(sdp) => {
-                        let Session::Quic(client) = &self.devs[m].session else {
+                        let Session::Up(client) = &self.devs[m].session else {
                             return;
                         };
                         let reply = client.sdp_answer(CallId(offer.call_id), offer.revision, sdp);
@@ -931,69 +939,6 @@ impl Room {
             d.phase = Phase::Ready;
             d.rejoin_at = Some(now + Duration::from_millis(200));
         }
-    }
-
-    fn on_ws(&mut self, m: Member, event: WsEvent, now: Instant) {
-        if self.devs[m].phase == Phase::Dead {
-            return;
-        }
-        match event {
-            WsEvent::Message(ServerMessage::Joined {
-                participant, sdp, ..
-            }) => {
-                self.devs[m].participant = Some(participant);
-                self.devs[m].phase = Phase::InCall;
-                if let Some(link) = &mut self.devs[m].link
-                    && let Err(e) = link.peer.accept_answer(now, &sdp)
-                {
-                    self.fail(m, format!("SDP answer: {e:#}"));
-                }
-            }
-            WsEvent::Message(ServerMessage::Offer { sdp }) => {
-                let Some(link) = &mut self.devs[m].link else {
-                    return;
-                };
-                match link.peer.accept_offer(now, &sdp) {
-                    Ok(answer) => {
-                        if let Session::Ws(ws) = &self.devs[m].session {
-                            ws.send(ClientMessage::Answer { sdp: answer });
-                        }
-                    }
-                    Err(e) => self.fail(m, format!("SDP offer: {e:#}")),
-                }
-            }
-            WsEvent::Message(ServerMessage::ParticipantLeft { id, .. }) => {
-                if let Some(subject) = self.devs.iter().position(|d| d.participant == Some(id)) {
-                    self.told(m, subject, ParticipantStatus::Gone, now);
-                }
-            }
-            WsEvent::Message(ServerMessage::Left { reason }) => {
-                self.stop_media(m);
-                let d = &mut self.devs[m];
-                d.participant = None;
-                if matches!(d.phase, Phase::InCall | Phase::Joining) && self.stopping.is_none() {
-                    tracing::debug!(device = %d.id, %reason, "removed from the room; rejoining");
-                    d.phase = Phase::Ready;
-                    d.rejoin_at = Some(now + Duration::from_millis(200));
-                }
-            }
-            WsEvent::Message(ServerMessage::Error { code, message }) => {
-                if self.stopping.is_none() {
-                    self.fail(m, format!("server error {code:?}: {message}"));
-                }
-            }
-            WsEvent::Message(_) => {}
-            WsEvent::Closed(reason) => {
-                self.stop_media(m);
-                if self.stopping.is_none() {
-                    self.fail(m, format!("WebSocket closed: {reason}"));
-                    self.devs[m].session = Session::None;
-                    self.devs[m].phase = Phase::Pending;
-                    self.plan.starts[m] = now + Duration::from_secs(1);
-                }
-            }
-        }
-        self.peer_events(m);
     }
 
     /// Member `m` was told that `subject` changed status.
@@ -1246,7 +1191,7 @@ impl Room {
             }
         }
         match &self.devs[m].session {
-            Session::Quic(_) => {
+            Session::Up(_) => {
                 if let Some(call) = self.call {
                     self.request(
                         m,
@@ -1255,7 +1200,6 @@ impl Room {
                     );
                 }
             }
-            Session::Ws(ws) => ws.send(ClientMessage::Leave),
             Session::None => {}
         }
     }
@@ -1283,20 +1227,19 @@ impl Room {
                     .collect();
                 let d = &mut self.devs[m];
                 match std::mem::replace(&mut d.session, Session::None) {
-                    Session::Quic(client) => {
+                    Session::Up(client) => {
                         // Cut the link silently, then drop the last handle so
                         // the client does not reconnect.
                         client.simulate_drop();
                         drop(client);
                     }
-                    Session::Ws(ws) => ws.kill(),
                     Session::None => {}
                 }
                 d.phase = Phase::Dead;
                 self.stop_media(m);
             }
             FaultKind::Stall => {
-                if let Session::Quic(client) = &self.devs[m].session {
+                if let Session::Up(client) = &self.devs[m].session {
                     client.simulate_stall(true);
                 }
                 self.devs[m].stall_until = Some(now + duration);
@@ -1343,7 +1286,7 @@ impl Room {
             let d = &mut self.devs[m];
             d.phase = Phase::Dead;
             match std::mem::replace(&mut d.session, Session::None) {
-                Session::Quic(client) => {
+                Session::Up(client) => {
                     let call = self.call;
                     tokio::spawn(async move {
                         if let Some(call) = call {
@@ -1357,11 +1300,6 @@ impl Room {
                         }
                         client.close().await;
                     });
-                }
-                Session::Ws(ws) => {
-                    ws.send(ClientMessage::Leave);
-                    // Dropping the session closes the socket after the leave.
-                    drop(ws);
                 }
                 Session::None => {}
             }

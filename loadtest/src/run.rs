@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::audio::{Clip, default_speech, read_wav};
 use crate::context::{Ctx, speech_variants};
-use crate::control::Enroller;
+use crate::control::{Enroller, TokenIssuer};
 use crate::outcome::{GroupResult, Live};
 use crate::peer::PeerFactory;
 use crate::progress::Progress;
@@ -86,6 +86,11 @@ pub async fn run(
     } else {
         None
     };
+    let tokens = if scenario.rooms.count > 0 && scenario.room_control() == ControlPath::Ws {
+        Some(TokenIssuer::open(&server.data_dir)?)
+    } else {
+        None
+    };
 
     let previous_policy = match scenario.suppression {
         Suppression::Server => None,
@@ -121,6 +126,7 @@ pub async fn run(
         quic: server.quic,
         ws_url: server.ws_url(),
         enroller,
+        tokens,
         bind_ip,
         live: live.clone(),
         window,

@@ -21,7 +21,9 @@ pub enum ControlPath {
     Auto,
     /// The device control plane: group calls over QUIC with the client SDK.
     Quic,
-    /// The browser room protocol over WebSocket (`/ws`).
+    /// The device protocol over WebSocket (`/ws/device`, an access token
+    /// per device): the room is a named room joined with `RoomJoin`, up to
+    /// the server's `--max-room-size` members.
     Ws,
 }
 
@@ -102,7 +104,8 @@ pub struct Idle {
 pub enum FaultKind {
     /// Devices vanish: no goodbye on the control plane, media stops.
     Kill,
-    /// Devices stop reading and writing their control stream (QUIC stays up).
+    /// Devices stop reading and writing their control stream (the transport
+    /// stays up).
     Stall,
     /// Devices drop every media datagram both ways for a while.
     MediaDrop,
@@ -462,10 +465,6 @@ impl Scenario {
                             fault.count,
                             r.count * r.per_room
                         );
-                    }
-                    if matches!(kind, FaultKind::Stall) && self.room_control() != ControlPath::Quic
-                    {
-                        bail!("a stall fault needs the QUIC control plane (--control quic)");
                     }
                     if matches!(kind, FaultKind::Stall | FaultKind::MediaDrop)
                         && fault.duration_secs <= 0.0

@@ -322,9 +322,9 @@ impl Server {
         Ok(before)
     }
 
-    /// The WebSocket URL of the browser room protocol.
+    /// The WebSocket endpoint of the device protocol.
     pub fn ws_url(&self) -> String {
-        format!("{}/ws", self.http.replacen("http", "ws", 1))
+        format!("{}/ws/device", self.http.replacen("http", "ws", 1))
     }
 }
 

@@ -496,6 +496,26 @@ impl Agent {
         Ok(Agent { child, lines, output: Vec::new() })
     }
 
+    /// Waits for the agent to exit on its own; its status and every line it
+    /// printed.
+    pub async fn exit(&mut self, limit: Duration) -> anyhow::Result<(std::process::ExitStatus, Vec<String>)> {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if start.elapsed() > limit {
+                bail!("agent still running after {limit:?}; output {:?}", self.output);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // The reader thread ends with the pipe.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(1)) {
+            self.output.push(line);
+        }
+        Ok((status, self.output.clone()))
+    }
+
     /// Waits for a stdout line starting with `prefix` (or finds one printed
     /// earlier).
     pub async fn line(&mut self, prefix: &str, limit: Duration) -> anyhow::Result<String> {

@@ -8,6 +8,13 @@
 //! [`ClientCore::poll_event`] and [`ClientCore::poll_timeout`]. Drain both
 //! queues after every input. Time is an argument and never runs backwards.
 //!
+//! Refusal: a `Rejected` frame with a credential or version code, or a close
+//! with a credential reason (UNAUTHENTICATED, CREDENTIAL_EXPIRED, REVOKED,
+//! IDENTITY_IN_USE), will not change by trying again. The core then ends for
+//! good: [`ClientEvent::Ended`] once, every request fails with
+//! [`RequestFailure::Ended`], and it ignores every later input. The driver
+//! stops instead of reconnecting.
+//!
 //! Delivery: every session frame carries `ServerFrame.seq`. The core hands a
 //! frame on at most once (a replayed frame with `seq <= last_seq` is dropped),
 //! reports `last_seq` in every `Heartbeat.ack_seq` and in `Resume.last_seq`,
@@ -20,7 +27,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, trace};
 
 use crate::ids::{CallId, SessionId};
-use crate::pb::{self, ClientFrame, CloseReason, ServerFrame, client_frame, server_frame};
+use crate::pb::{self, ClientFrame, CloseReason, ErrorCode, ServerFrame, client_frame, server_frame};
 
 /// Protocol versions this client speaks.
 pub const CLIENT_VERSION_MIN: u32 = 1;
@@ -66,6 +73,8 @@ pub enum RequestFailure {
     /// The session ended (the server no longer knew it) before the reply:
     /// the request may or may not have been carried out.
     SessionLost,
+    /// The server refused this client for good ([`ClientEvent::Ended`]).
+    Ended,
 }
 
 /// What the application hears from the client.
@@ -90,6 +99,18 @@ pub enum ClientEvent {
         /// The server's explanation.
         reason: String,
     },
+    /// The server refused this client for good: its credential is missing,
+    /// forged, expired or revoked, another credential holds its identity, or
+    /// there is no common protocol version. Sent once, instead of
+    /// `Disconnected`; nothing follows. The client has stopped and does not
+    /// reconnect: a new credential (or software) is needed.
+    Ended {
+        /// Why; a `Rejected` frame's code is given as its matching close
+        /// reason (CREDENTIAL_REVOKED as REVOKED, ...).
+        close: CloseReason,
+        /// The server's explanation.
+        reason: String,
+    },
     /// The connection is gone; the client reconnects on its own.
     Disconnected {
         /// The server's close code, when it closed the connection.
@@ -97,7 +118,9 @@ pub enum ClientEvent {
         /// What happened, for logs.
         detail: String,
     },
-    /// The server refused to establish a session (no common version).
+    /// The server refused to establish a session for a reason this client
+    /// does not know to be permanent (a code from a newer server); it
+    /// reconnects. Known refusals end the client ([`ClientEvent::Ended`]).
     Rejected(pb::Rejected),
     /// An error frame not tied to a request (a problem with a frame).
     ServerError(pb::Error),
@@ -248,6 +271,32 @@ pub struct ClientCore {
     timers: Timers,
     transmit: VecDeque<ClientFrame>,
     events: VecDeque<CoreEvent>,
+    /// Refused for good (absorbing): the reason and the server's words.
+    ended: Option<(CloseReason, String)>,
+}
+
+/// Close reasons after which reconnecting cannot succeed.
+fn is_permanent(close: CloseReason) -> bool {
+    matches!(
+        close,
+        CloseReason::Unauthenticated
+            | CloseReason::CredentialExpired
+            | CloseReason::Revoked
+            | CloseReason::IdentityInUse
+    )
+}
+
+/// The close reason that goes with a permanent `Rejected` code (the server
+/// closes with it right after the frame); `None`: not known to be permanent.
+fn permanent_rejection(code: i32) -> Option<CloseReason> {
+    match ErrorCode::try_from(code).ok()? {
+        ErrorCode::Unauthenticated => Some(CloseReason::Unauthenticated),
+        ErrorCode::CredentialExpired => Some(CloseReason::CredentialExpired),
+        ErrorCode::CredentialRevoked => Some(CloseReason::Revoked),
+        ErrorCode::IdentityInUse => Some(CloseReason::IdentityInUse),
+        ErrorCode::UnsupportedVersion => Some(CloseReason::UnsupportedVersion),
+        _ => None,
+    }
 }
 
 impl ClientCore {
@@ -267,6 +316,7 @@ impl ClientCore {
             timers: Timers::default(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
+            ended: None,
         }
     }
 
@@ -275,6 +325,9 @@ impl ClientCore {
     /// A new stream is open: sends `Hello`, resuming the session if there is one.
     pub fn handle_connected(&mut self, now: Instant) {
         let now = self.advance(now);
+        if self.ended.is_some() {
+            return;
+        }
         self.transmit.clear();
         for pending in self.requests.values_mut() {
             pending.sent = false;
@@ -300,10 +353,15 @@ impl ClientCore {
     }
 
     /// The connection is gone. Requests without a reply wait for the next
-    /// connection (and their deadline).
+    /// connection (and their deadline), unless `close` is a permanent reason:
+    /// then the core ends.
     pub fn handle_disconnected(&mut self, now: Instant, close: Option<CloseReason>, detail: impl Into<String>) {
         self.advance(now);
         if self.link == Link::Down {
+            return;
+        }
+        if let Some(close) = close.filter(|c| is_permanent(*c)) {
+            self.end(close, detail.into());
             return;
         }
         self.link = Link::Down;
@@ -338,7 +396,10 @@ impl ClientCore {
         use server_frame::Kind as S;
         match kind {
             S::Welcome(welcome) => self.on_welcome(now, welcome),
-            S::Rejected(rejected) => self.emit(ClientEvent::Rejected(rejected)),
+            S::Rejected(rejected) => match permanent_rejection(rejected.code) {
+                Some(close) => self.end(close, rejected.reason),
+                None => self.emit(ClientEvent::Rejected(rejected)),
+            },
             S::SessionUnknown(unknown) => self.on_session_unknown(unknown),
             S::Heartbeat(hb) => {
                 if self.link == Link::Up {
@@ -389,6 +450,10 @@ impl ClientCore {
         let now = self.advance(now);
         let op = OpId(self.next_op);
         self.next_op += 1;
+        if self.ended.is_some() {
+            self.events.push_back(CoreEvent::RequestFailed { op, failure: RequestFailure::Ended });
+            return op;
+        }
         let up = self.link == Link::Up;
         if up {
             self.transmit.push_back(ClientFrame { op_id: op.0, kind: Some(kind.clone()) });
@@ -430,6 +495,12 @@ impl ClientCore {
     /// True between `Welcome` and the loss of the connection.
     pub fn is_up(&self) -> bool {
         self.link == Link::Up
+    }
+
+    /// Why the server refused this client for good, if it did (see
+    /// [`ClientEvent::Ended`]).
+    pub fn ended(&self) -> Option<(CloseReason, &str)> {
+        self.ended.as_ref().map(|(close, reason)| (*close, reason.as_str()))
     }
 
     /// Round-trip time of the last acked heartbeat.
@@ -484,6 +555,18 @@ impl ClientCore {
 
     fn emit(&mut self, event: ClientEvent) {
         self.events.push_back(CoreEvent::Event(event));
+    }
+
+    /// Refused for good: nothing is sent or handed on after this.
+    fn end(&mut self, close: CloseReason, reason: String) {
+        debug!(close = close.as_str_name(), %reason, "refused for good");
+        self.link = Link::Down;
+        self.session = None;
+        self.transmit.clear();
+        self.timers = Timers::default();
+        self.emit(ClientEvent::Ended { close, reason: reason.clone() });
+        self.fail_all(RequestFailure::Ended);
+        self.ended = Some((close, reason));
     }
 
     fn unresponsive(&mut self, detail: String) {
@@ -618,6 +701,7 @@ mod tests {
                 max_frame_bytes: 65_536,
                 device_id: "bed-1".into(),
                 call_id: 0,
+                grant: None,
             }),
         )
     }
@@ -679,7 +763,10 @@ mod tests {
         core.handle_frame(t0, welcome(5, false));
         let (frames, events) = drain(&mut core);
         assert_eq!(heartbeats(&frames).len(), 1, "first heartbeat at once");
-        assert_eq!(events, vec![CoreEvent::Event(ClientEvent::Connected { session: SessionId(5), resumed: false, call: None })]);
+        assert_eq!(
+            events,
+            vec![CoreEvent::Event(ClientEvent::Connected { session: SessionId(5), resumed: false, call: None })]
+        );
         assert_eq!(core.poll_timeout(), Some(t0 + HB));
     }
 
@@ -698,7 +785,9 @@ mod tests {
         assert_eq!(ended_calls(&events), vec![10, 11]);
         assert_eq!(core.last_seq(), 2);
         // The server's heartbeat is answered with its seq and timestamp.
-        assert!(frames.iter().any(|f| matches!(&f.kind, Some(C::HeartbeatAck(a)) if a.seq == 4 && a.echo_sent_at_ms == 99)));
+        assert!(
+            frames.iter().any(|f| matches!(&f.kind, Some(C::HeartbeatAck(a)) if a.seq == 4 && a.echo_sent_at_ms == 99))
+        );
         // The next heartbeat reports what was processed.
         core.handle_frame(t0, frame(0, 0, S::HeartbeatAck(pb::HeartbeatAck { seq: 1, echo_sent_at_ms: 0 })));
         core.handle_timeout(t0 + HB);
@@ -716,7 +805,12 @@ mod tests {
         core.handle_frame(t0, push(2, 3));
         let (frames, events) = drain(&mut core);
         assert_eq!(frames.iter().filter(|f| f.op_id != 0).count(), 2);
-        assert!(events.contains(&CoreEvent::Reply { op: answered, frame: frame(answered.0, 1, S::Ack(pb::Ack { call_id: 3 })) }));
+        assert!(
+            events.contains(&CoreEvent::Reply {
+                op: answered,
+                frame: frame(answered.0, 1, S::Ack(pb::Ack { call_id: 3 }))
+            })
+        );
 
         let t1 = t0 + Duration::from_millis(100);
         core.handle_disconnected(t1, Some(CloseReason::HeartbeatTimeout), "closed");
@@ -724,7 +818,10 @@ mod tests {
         let queued = core.request(t1, C::Hangup(pb::Hangup { call_id: 3 }));
         let (frames, events) = drain(&mut core);
         assert!(frames.is_empty());
-        assert!(matches!(&events[..], [CoreEvent::Event(ClientEvent::Disconnected { close: Some(CloseReason::HeartbeatTimeout), .. })]));
+        assert!(matches!(
+            &events[..],
+            [CoreEvent::Event(ClientEvent::Disconnected { close: Some(CloseReason::HeartbeatTimeout), .. })]
+        ));
 
         core.handle_connected(t1);
         let (frames, _) = drain(&mut core);
@@ -741,7 +838,11 @@ mod tests {
         let resent: Vec<u64> = frames.iter().filter(|f| f.op_id != 0).map(|f| f.op_id).collect();
         assert_eq!(resent, vec![lost.0, queued.0], "same op ids, in order");
         assert_eq!(ended_calls(&events), vec![4]);
-        assert!(events.contains(&CoreEvent::Event(ClientEvent::Connected { session: SessionId(5), resumed: true, call: None })));
+        assert!(events.contains(&CoreEvent::Event(ClientEvent::Connected {
+            session: SessionId(5),
+            resumed: true,
+            call: None
+        })));
         // The answer to a resent request arrives once; a cached repeat is ignored.
         core.handle_frame(t1, frame(lost.0, 4, S::Ack(pb::Ack { call_id: 3 })));
         core.handle_frame(t1, frame(lost.0, 5, S::Ack(pb::Ack { call_id: 3 })));
@@ -759,15 +860,25 @@ mod tests {
         core.handle_disconnected(t0, None, "lost");
         core.handle_connected(t0);
         drain(&mut core);
-        core.handle_frame(t0, frame(0, 0, S::SessionUnknown(pb::SessionUnknown { session_id: 5, reason: "expired".into() })));
+        core.handle_frame(
+            t0,
+            frame(0, 0, S::SessionUnknown(pb::SessionUnknown { session_id: 5, reason: "expired".into() })),
+        );
         core.handle_frame(t0, welcome(6, false));
         // Numbering restarts in the new session: seq 1 is news.
         core.handle_frame(t0, push(1, 12));
         let (frames, events) = drain(&mut core);
         assert!(frames.iter().all(|f| f.op_id == 0), "nothing of the old session is sent again");
-        assert_eq!(events[0], CoreEvent::Event(ClientEvent::SessionUnknown { session: SessionId(5), reason: "expired".into() }));
+        assert_eq!(
+            events[0],
+            CoreEvent::Event(ClientEvent::SessionUnknown { session: SessionId(5), reason: "expired".into() })
+        );
         assert!(events.contains(&CoreEvent::RequestFailed { op, failure: RequestFailure::SessionLost }));
-        assert!(events.contains(&CoreEvent::Event(ClientEvent::Connected { session: SessionId(6), resumed: false, call: None })));
+        assert!(events.contains(&CoreEvent::Event(ClientEvent::Connected {
+            session: SessionId(6),
+            resumed: false,
+            call: None
+        })));
         assert_eq!(ended_calls(&events), vec![12]);
         assert_eq!(core.session(), Some(SessionId(6)));
     }
@@ -813,7 +924,10 @@ mod tests {
             let (frames, events) = drain(&mut core);
             assert!(!events.iter().any(|e| matches!(e, CoreEvent::RequestFailed { .. })));
             if let Some(hb) = heartbeats(&frames).last() {
-                core.handle_frame(now, frame(0, 0, S::HeartbeatAck(pb::HeartbeatAck { seq: hb.seq, echo_sent_at_ms: 0 })));
+                core.handle_frame(
+                    now,
+                    frame(0, 0, S::HeartbeatAck(pb::HeartbeatAck { seq: hb.seq, echo_sent_at_ms: 0 })),
+                );
             }
             core.handle_timeout(now);
         }
@@ -849,5 +963,132 @@ mod tests {
         assert_eq!(core.last_seq(), 1);
         let (_, events) = drain(&mut core);
         assert!(events.is_empty());
+    }
+
+    fn rejected(code: ErrorCode) -> ServerFrame {
+        frame(
+            0,
+            0,
+            S::Rejected(pb::Rejected {
+                code: code as i32,
+                reason: format!("{} here", code.as_str_name()),
+                server_min_version: 1,
+                server_max_version: 1,
+            }),
+        )
+    }
+
+    /// After the end nothing moves: no frame, no event, no timer, and a new
+    /// request fails at once.
+    fn assert_inert(core: &mut ClientCore, now: Instant) {
+        core.handle_disconnected(now, Some(CloseReason::Revoked), "closed");
+        core.handle_connected(now);
+        core.handle_frame(now, welcome(5, true));
+        core.handle_timeout(now + Duration::from_secs(60));
+        let (frames, events) = drain(core);
+        assert!(frames.is_empty() && events.is_empty(), "{frames:?} {events:?}");
+        assert_eq!(core.poll_timeout(), None);
+        assert!(!core.is_up());
+        let op = core.request(now, C::RoomJoin(pb::RoomJoin { room: "ward-3".into() }));
+        let (frames, events) = drain(core);
+        assert!(frames.is_empty());
+        assert_eq!(events, vec![CoreEvent::RequestFailed { op, failure: RequestFailure::Ended }]);
+    }
+
+    #[test]
+    fn permanent_rejections_end_the_core_once() {
+        for (code, close) in [
+            (ErrorCode::Unauthenticated, CloseReason::Unauthenticated),
+            (ErrorCode::CredentialExpired, CloseReason::CredentialExpired),
+            (ErrorCode::CredentialRevoked, CloseReason::Revoked),
+            (ErrorCode::IdentityInUse, CloseReason::IdentityInUse),
+            (ErrorCode::UnsupportedVersion, CloseReason::UnsupportedVersion),
+        ] {
+            let t0 = Instant::now();
+            let mut core = up(t0);
+            // A request in flight when the link drops; the reconnect is refused.
+            let op = core.request(t0, C::GroupLeave(pb::GroupLeave { call_id: 3 }));
+            core.handle_disconnected(t0, None, "lost");
+            core.handle_connected(t0);
+            drain(&mut core);
+            core.handle_frame(t0, rejected(code));
+            let (frames, events) = drain(&mut core);
+            assert!(frames.is_empty(), "{code:?}: {frames:?}");
+            assert_eq!(
+                events,
+                vec![
+                    CoreEvent::Event(ClientEvent::Ended { close, reason: format!("{} here", code.as_str_name()) }),
+                    CoreEvent::RequestFailed { op, failure: RequestFailure::Ended },
+                ],
+                "{code:?}"
+            );
+            assert_eq!(core.ended().map(|(c, _)| c), Some(close));
+            assert_eq!(core.session(), None);
+            // The server's close that follows the frame is not news.
+            assert_inert(&mut core, t0);
+        }
+    }
+
+    #[test]
+    fn permanent_close_reasons_end_the_core_and_others_reconnect() {
+        for close in [
+            CloseReason::Unauthenticated,
+            CloseReason::CredentialExpired,
+            CloseReason::Revoked,
+            CloseReason::IdentityInUse,
+        ] {
+            let t0 = Instant::now();
+            let mut core = up(t0);
+            let op = core.request(t0, C::Hangup(pb::Hangup { call_id: 3 }));
+            drain(&mut core);
+            core.handle_disconnected(t0, Some(close), "closed by the server");
+            let (_, events) = drain(&mut core);
+            assert_eq!(
+                events,
+                vec![
+                    CoreEvent::Event(ClientEvent::Ended { close, reason: "closed by the server".into() }),
+                    CoreEvent::RequestFailed { op, failure: RequestFailure::Ended },
+                ],
+                "{close:?}"
+            );
+            assert_inert(&mut core, t0);
+        }
+        for close in
+            [None, Some(CloseReason::HeartbeatTimeout), Some(CloseReason::Replaced), Some(CloseReason::Shutdown)]
+        {
+            let t0 = Instant::now();
+            let mut core = up(t0);
+            core.handle_disconnected(t0, close, "closed");
+            let (_, events) = drain(&mut core);
+            assert!(
+                matches!(&events[..], [CoreEvent::Event(ClientEvent::Disconnected { .. })]),
+                "{close:?}: {events:?}"
+            );
+            assert_eq!(core.ended(), None);
+            core.handle_connected(t0);
+            let (frames, _) = drain(&mut core);
+            assert!(
+                matches!(&frames[..], [ClientFrame { kind: Some(C::Hello(h)), .. }] if h.resume.is_some()),
+                "{frames:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_rejection_of_unknown_permanence_is_reported_and_retried() {
+        let t0 = Instant::now();
+        let mut core = ClientCore::new(CoreConfig::default(), t0);
+        core.handle_connected(t0);
+        drain(&mut core);
+        core.handle_frame(t0, rejected(ErrorCode::Overloaded));
+        let (_, events) = drain(&mut core);
+        assert!(
+            matches!(&events[..], [CoreEvent::Event(ClientEvent::Rejected(r))] if r.code == ErrorCode::Overloaded as i32)
+        );
+        assert_eq!(core.ended(), None);
+        core.handle_disconnected(t0, None, "closed");
+        core.handle_connected(t0);
+        let (frames, _) = drain(&mut core);
+        assert!(matches!(&frames[..], [ClientFrame { kind: Some(C::Hello(_)), .. }]), "{frames:?}");
     }
 }
