@@ -325,7 +325,7 @@ pub async fn http_put(server: &Server, path: &str, body: &str) -> anyhow::Result
     http_request(server, "PUT", path, body).await
 }
 
-async fn http_request(server: &Server, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+pub async fn http_request(server: &Server, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = server.url.strip_prefix("http://").context("http URL")?;
     let mut stream = tokio::net::TcpStream::connect(host).await?;
