@@ -44,6 +44,8 @@ run sup-5x1 $SERVER --rooms 20 --per-room 5 --talkers 1 --duration 40 --ramp 100
 run sup-20x3 $SERVER --rooms 5 --per-room 20 --talkers 3 --duration 40 --ramp 100/s --suppression on
 # Join to first audio: talkers send every frame (no DTX pause to wait out).
 run join-5x1 $SERVER --rooms 100 --per-room 5 --talkers 1 --duration 20 --ramp 50/s --dtx off
+# The same rooms joined the way browsers join: tokens, named rooms, the control protocol over WebSocket.
+run join-ws-5x1 $SERVER --rooms 100 --per-room 5 --talkers 1 --duration 20 --ramp 50/s --dtx off --control ws
 # Issue 7: rooms of 50 with 3 talkers (WebSocket path: a QUIC group holds 32), slots vs all-to-all.
 run slots-50x3 $SERVER --rooms 2 --per-room 50 --talkers 3 --duration 40 --ramp 100/s
 run all-50x3 $SERVER --server-arg=--audio-slots --server-arg=0 --rooms 2 --per-room 50 --talkers 3 --duration 40 --ramp 100/s
