@@ -47,8 +47,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// `fleetcall serve` flags. Each also reads a `FLEETCALL_*` variable.
-#[derive(Debug, Args)]
+/// `fleetcall serve` flags. Each also reads a `FLEETCALL_*` variable. The
+/// default is no flag at all (tests start from it).
+#[derive(Debug, Default, Args)]
 pub struct ServeArgs {
     /// TOML configuration file (see README for the keys).
     #[arg(long, env = "FLEETCALL_CONFIG")]

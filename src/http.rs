@@ -12,8 +12,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use fleetcall_sfu::audio::PolicyChange;
-use fleetcall_sfu::SfuHandle;
+use fleetcall_media::admin::{PolicyChangeJson, PolicyJson, StatsJson};
+use fleetcall_media::SfuHandle;
 use fleetcall_signaling::controller::{CallSnapshot, DeviceSnapshot};
 use fleetcall_signaling::grants::{Grant, RoomPattern};
 use fleetcall_signaling::ids::CallId;
@@ -22,6 +22,8 @@ use fleetcall_signaling::service::{unix_now, ControlPlane};
 use fleetcall_signaling::tokens::{AccessTokens, TokenRequest};
 use fleetcall_signaling::ws_device::{self, TokenCheck};
 use serde_json::{json, Value};
+
+use crate::server::Running;
 
 /// Shared by every request handler.
 #[derive(Debug, Clone)]
@@ -43,6 +45,9 @@ pub struct AppState {
     /// False before the media plane runs and once shutdown begins.
     pub ready: Arc<AtomicBool>,
     pub admin_token: Arc<str>,
+    /// Held by each device socket's task while it runs: shutdown waits for
+    /// the sockets to write their last frames.
+    pub running: Running,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -115,7 +120,7 @@ async fn device_websocket(
         return (StatusCode::FORBIDDEN, Json(json!({ "error": "origin_not_allowed", "message": "this page's origin may not open the device socket" }))).into_response();
     }
     let credential = state.token_check.check(query.token.as_deref(), query.tab.as_deref());
-    ws_device::upgrade(upgrade, credential, state.control)
+    ws_device::upgrade(upgrade, credential, state.control, state.running)
 }
 
 /// No `Origin` (a device, not a browser), the server's own origin, or one
@@ -204,26 +209,26 @@ async fn revocations(State(state): State<AppState>) -> Response {
 
 async fn stats(State(state): State<AppState>) -> Response {
     match state.sfu.stats().await {
-        Ok(stats) => Json(stats).into_response(),
+        Ok(stats) => Json(StatsJson(&stats)).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
 
 async fn get_policy(State(state): State<AppState>) -> Response {
     match state.sfu.policy().await {
-        Ok(policy) => Json(policy).into_response(),
+        Ok(policy) => Json(PolicyJson(&policy)).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
 
 /// Changes the suppression policy at runtime; calls go on, tracks switch with a fade.
-async fn put_policy(State(state): State<AppState>, body: Result<Json<PolicyChange>, JsonRejection>) -> Response {
-    let Json(change) = match body {
+async fn put_policy(State(state): State<AppState>, body: Result<Json<PolicyChangeJson>, JsonRejection>) -> Response {
+    let Json(PolicyChangeJson(change)) = match body {
         Ok(change) => change,
         Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({ "error": e.body_text() }))).into_response(),
     };
     match state.sfu.set_policy(change).await {
-        Ok(policy) => Json(policy).into_response(),
+        Ok(policy) => Json(PolicyJson(&policy)).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }

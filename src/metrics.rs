@@ -1,13 +1,17 @@
-//! `/metrics`: every crate's series, plus process and build info, gathered at
-//! scrape time. The crates own their metric names; this only assembles them.
+//! `/metrics`: every part's series, plus process and build info, gathered at
+//! scrape time. The media plane owns its metric names; the control plane's
+//! are in [`control`] (its crate exposes plain stats and knows no
+//! Prometheus); this module assembles them.
 
 use prometheus::core::Collector;
 use prometheus::proto::{LabelPair, MetricFamily};
 use prometheus::{Encoder, TextEncoder};
 
-use fleetcall_sfu::metrics::Family;
-use fleetcall_sfu::SfuHandle;
+use fleetcall_media::metrics::Family;
+use fleetcall_media::SfuHandle;
 use fleetcall_signaling::service::ControlPlane;
+
+mod control;
 
 /// What a scrape reads from.
 #[derive(Debug, Clone)]
@@ -26,7 +30,7 @@ impl Scrape {
     pub async fn render(&self) -> anyhow::Result<String> {
         let mut families = self.sfu.metric_families().await?;
         let (stats, gauges) = self.control.observe().await?;
-        families.extend(fleetcall_signaling::metrics::families(&stats, &gauges));
+        families.extend(control::families(&stats, &gauges));
         if self.room_labels {
             let mut rooms = Family::gauge("fleetcall_room_participants", "Participants per room (enabled by metrics.room_labels).");
             for (room, size) in self.sfu.room_sizes().await? {

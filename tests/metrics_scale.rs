@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use common::Server;
-use fleetcall_sfu::client::{MediaConfig, MediaPeer};
+use fleetcall_peer::{MediaConfig, MediaPeer};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;

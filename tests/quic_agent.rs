@@ -14,14 +14,13 @@ use common::Server;
 use quic_support::{enroll, scratch, Agent, PROMPT};
 
 fn write_tone(path: &Path, hz: f32, seconds: f32) -> anyhow::Result<()> {
-    let spec = hound::WavSpec { channels: 1, sample_rate: 48_000, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
-    let mut writer = hound::WavWriter::create(path, spec)?;
-    for i in 0..(48_000.0 * seconds) as usize {
-        let t = i as f32 / 48_000.0;
-        writer.write_sample((8000.0 * (2.0 * std::f32::consts::PI * hz * t).sin()) as i16)?;
-    }
-    writer.finalize()?;
-    Ok(())
+    let samples: Vec<i16> = (0..(48_000.0 * seconds) as usize)
+        .map(|i| {
+            let t = i as f32 / 48_000.0;
+            (8000.0 * (2.0 * std::f32::consts::PI * hz * t).sin()) as i16
+        })
+        .collect();
+    Ok(fleetcall_peer::wav::write(path, &samples)?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,7 +60,7 @@ async fn agents_carry_a_wav_tone_and_sigterm_hangs_up() -> anyhow::Result<()> {
 
     // The recording is the caller's tone: loud enough, and 440 Hz crosses
     // zero 880 times a second.
-    let samples: Vec<i16> = hound::WavReader::open(&recording)?.into_samples::<i16>().collect::<Result<_, _>>()?;
+    let samples = fleetcall_peer::wav::read(&recording)?;
     let start = samples.iter().position(|s| s.unsigned_abs() > 1000).context("the recording is silent")?;
     let heard = &samples[start..];
     let seconds = heard.len() as f64 / 48_000.0;

@@ -21,8 +21,7 @@ const RATE: f32 = 48_000.0;
 /// two formant resonators, about -20 dBFS) and 600 ms pauses, over white noise
 /// at about -40 dBFS throughout. Deterministic.
 fn write_noisy_speech(path: &Path, seconds: f32) -> anyhow::Result<()> {
-    let spec = hound::WavSpec { channels: 1, sample_rate: 48_000, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
-    let mut writer = hound::WavWriter::create(path, spec)?;
+    let mut samples = Vec::with_capacity((RATE * seconds) as usize);
     // Two-pole resonators for formants at 700 Hz and 1200 Hz.
     let resonator = |freq: f32, bandwidth: f32| {
         let r = (-std::f32::consts::PI * bandwidth / RATE).exp();
@@ -47,10 +46,9 @@ fn write_noisy_speech(path: &Path, seconds: f32) -> anyhow::Result<()> {
         seed ^= seed << 5;
         let noise = (seed as f32 / u32::MAX as f32 - 0.5) * 2.0 * 0.0173 * 32767.0; // uniform, RMS ~ -40 dBFS
         let speech = z * 26.0;
-        writer.write_sample((speech + noise).clamp(-32767.0, 32767.0) as i16)?;
+        samples.push((speech + noise).clamp(-32767.0, 32767.0) as i16);
     }
-    writer.finalize()?;
-    Ok(())
+    Ok(fleetcall_peer::wav::write(path, &samples)?)
 }
 
 /// Energies (dBFS) of 20 ms frames, skipping digital silence (before media
@@ -78,7 +76,7 @@ fn band(levels: &[f64], from: f64, to: f64) -> f64 {
 }
 
 fn read(path: &Path) -> anyhow::Result<Vec<i16>> {
-    Ok(hound::WavReader::open(path)?.into_samples::<i16>().collect::<Result<_, _>>()?)
+    Ok(fleetcall_peer::wav::read(path)?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

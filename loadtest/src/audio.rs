@@ -12,11 +12,11 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use audiopus::coder::Encoder;
 use audiopus::{Application, Channels, SampleRate};
+use fleetcall_peer::wav::{self, FRAME_SAMPLES};
+use fleetcall_peer::{AudioFrame, AudioLevel};
 
 /// Sample rate of every clip.
-pub const RATE: u32 = 48_000;
-/// Samples in one 20 ms frame.
-pub const FRAME_SAMPLES: usize = 960;
+pub const RATE: u32 = wav::SAMPLE_RATE;
 /// libopus `OPUS_SET_DTX_REQUEST`.
 const OPUS_SET_DTX: i32 = 4016;
 /// Packets this short are DTX frames: not transmitted.
@@ -33,6 +33,16 @@ pub struct ClipFrame {
     pub level: i8,
     /// Voice activity (RFC 6464 V bit).
     pub voice: bool,
+}
+
+impl ClipFrame {
+    /// The frame as a peer sends it: the packet with its level.
+    pub fn audio(&self) -> AudioFrame {
+        AudioFrame {
+            payload: self.payload.clone(),
+            level: Some(AudioLevel { dbov: self.level, voice: self.voice }),
+        }
+    }
 }
 
 /// An encoded clip, looped by the devices that play it.
@@ -190,50 +200,13 @@ pub fn level_dbov(pcm: &[i16]) -> i8 {
     db.round().clamp(-127.0, 0.0) as i8
 }
 
-/// Loads a 48 kHz mono 16-bit PCM WAV file.
+/// Loads a 48 kHz mono 16-bit PCM WAV file of at least one frame.
 pub fn read_wav(path: &Path) -> anyhow::Result<Vec<i16>> {
-    let reader =
-        hound::WavReader::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let spec = reader.spec();
-    if spec.sample_rate != RATE
-        || spec.channels != 1
-        || spec.bits_per_sample != 16
-        || spec.sample_format != hound::SampleFormat::Int
-    {
-        bail!(
-            "{}: need a 48000 Hz mono 16-bit PCM WAV file, got {} Hz, {} channel(s), {}-bit {:?}",
-            path.display(),
-            spec.sample_rate,
-            spec.channels,
-            spec.bits_per_sample,
-            spec.sample_format
-        );
-    }
-    let samples = reader
-        .into_samples::<i16>()
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("reading {}", path.display()))?;
+    let samples = wav::read(path)?;
     if samples.len() < FRAME_SAMPLES {
         bail!("{}: shorter than one 20 ms frame", path.display());
     }
     Ok(samples)
-}
-
-/// Writes 48 kHz mono 16-bit PCM.
-pub fn write_wav(path: &Path, samples: &[i16]) -> anyhow::Result<()> {
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: RATE,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
-    let mut writer = hound::WavWriter::create(path, spec)
-        .with_context(|| format!("creating {}", path.display()))?;
-    for &s in samples {
-        writer.write_sample(s)?;
-    }
-    writer.finalize()?;
-    Ok(())
 }
 
 /// The default microphone: 8 s of synthetic speech (voiced syllables with
@@ -438,10 +411,10 @@ mod tests {
             std::env::temp_dir().join(format!("fleetcall-loadtest-audio-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let good = dir.join("good.wav");
-        write_wav(&good, &default_speech(true)[..RATE as usize]).unwrap();
+        wav::write(&good, &default_speech(true)[..RATE as usize]).unwrap();
         assert_eq!(read_wav(&good).unwrap().len(), RATE as usize);
         let short = dir.join("short.wav");
-        write_wav(&short, &[0; 100]).unwrap();
+        wav::write(&short, &[0; 100]).unwrap();
         assert!(
             read_wav(&short)
                 .unwrap_err()

@@ -285,7 +285,7 @@ where
         .with_writer(std::io::stderr)
         .try_init();
     if let Some(path) = &args.write_wav {
-        return match crate::audio::write_wav(path, &crate::audio::default_speech(args.noise)) {
+        return match fleetcall_peer::wav::write(path, &crate::audio::default_speech(args.noise)) {
             Ok(()) => {
                 eprintln!("wrote {}", path.display());
                 EXIT_OK

@@ -1,19 +1,20 @@
 //! What every group task of a run shares (read-only, plus atomic counters).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use fleetcall_peer::DtlsIdentity;
+
 use crate::audio::{Clip, TalkPattern};
-use crate::control::{Enroller, TokenIssuer};
+use crate::control::Registrar;
 use crate::outcome::Live;
-use crate::peer::PeerFactory;
 
 /// Shared by the tasks of one run.
 #[derive(Debug)]
 pub struct Ctx {
-    /// Creates WebRTC peers with one shared certificate.
-    pub factory: PeerFactory,
+    /// The one DTLS certificate of every WebRTC peer of the run.
+    pub identity: DtlsIdentity,
     /// The speech clip, one variant per talker of a room (different gain,
     /// so no two talkers of a room ever send the same payload).
     pub speech: Vec<Arc<Clip>>,
@@ -21,15 +22,9 @@ pub struct Ctx {
     pub silence: Arc<Clip>,
     /// Talkers' talk/silence pattern.
     pub talk: TalkPattern,
-    /// The QUIC control plane.
-    pub quic: SocketAddr,
-    /// The device protocol's WebSocket endpoint (`ws://host:port/ws/device`).
-    pub ws_url: String,
-    /// Device identities (QUIC).
-    pub enroller: Option<Enroller>,
-    /// Access tokens (WebSocket).
-    pub tokens: Option<TokenIssuer>,
-    /// Local IP of every socket the tool opens.
+    /// How devices register on the control plane.
+    pub control: Registrar,
+    /// Local IP of every media socket the tool opens.
     pub bind_ip: IpAddr,
     /// Progress counters.
     pub live: Arc<Live>,
@@ -39,8 +34,6 @@ pub struct Ctx {
     pub ramp_end: Instant,
     /// Prefix of device ids and room names.
     pub prefix: String,
-    /// Reconnect with the SDK's fleet backoff (else a quick one).
-    pub fleet_backoff: bool,
 }
 
 impl Ctx {

@@ -16,7 +16,6 @@ use fleetcall_signaling::service::unix_now;
 use fleetcall_signaling::tokens::{AccessTokens, TokenRequest};
 use tokio::sync::mpsc;
 
-use crate::context::Ctx;
 
 /// Issues device identities from the server's CA (same machine), reusing
 /// the files of an earlier run.
@@ -131,6 +130,68 @@ impl TokenIssuer {
     }
 }
 
+/// Everything a simulated device needs to register, on either path.
+#[derive(Debug)]
+pub struct Registrar {
+    /// The QUIC control plane.
+    pub quic: SocketAddr,
+    /// The device protocol's WebSocket endpoint (`ws://host:port/ws/device`).
+    pub ws_url: String,
+    /// Device identities (QUIC).
+    pub enroller: Option<Enroller>,
+    /// Access tokens (WebSocket).
+    pub tokens: Option<TokenIssuer>,
+    /// Local IP of the control connections.
+    pub bind_ip: IpAddr,
+    /// Reconnect with the SDK's fleet backoff (else a quick one).
+    pub fleet_backoff: bool,
+}
+
+impl Registrar {
+    /// Enrolls (or reuses) a device identity and registers it over QUIC.
+    pub async fn register(
+        &self,
+        id: &str,
+    ) -> Result<(Client, mpsc::UnboundedReceiver<ClientEvent>), String> {
+        let enroller = self.enroller.clone().ok_or("no CA to enroll devices with")?;
+        let id_owned = id.to_owned();
+        let (server, bind_ip, fleet_backoff) = (self.quic, self.bind_ip, self.fleet_backoff);
+        let config = tokio::task::spawn_blocking(move || {
+            let files = enroller.identity(&id_owned)?;
+            client_config(server, &files, bind_ip, fleet_backoff)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{e:#}"))?;
+        Client::connect(config).await.map_err(|e| e.to_string())
+    }
+
+    /// Connects a device to `/ws/device` with a token for `room` (minted or
+    /// reused) and registers it.
+    pub async fn register_ws(
+        &self,
+        id: &str,
+        room: &str,
+    ) -> Result<(Client, mpsc::UnboundedReceiver<ClientEvent>), String> {
+        let issuer = self
+            .tokens
+            .clone()
+            .ok_or("no signing key to mint tokens with")?;
+        let (id_owned, room_owned) = (id.to_owned(), room.to_owned());
+        // Reading and writing the cached token touches the disk.
+        let token = tokio::task::spawn_blocking(move || issuer.token(&id_owned, &room_owned))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{e:#}"))?;
+        let config = tuned(
+            ClientConfig::websocket(self.ws_url.clone(), token),
+            self.bind_ip,
+            self.fleet_backoff,
+        );
+        Client::connect(config).await.map_err(|e| e.to_string())
+    }
+}
+
 /// QUIC client settings for a simulated device.
 pub fn client_config(
     server: SocketAddr,
@@ -154,59 +215,4 @@ fn tuned(mut config: ClientConfig, bind_ip: IpAddr, fleet_backoff: bool) -> Clie
         config.backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     }
     config
-}
-
-/// The local IP that routes to `server` (no packet is sent).
-pub fn route_to(server: SocketAddr) -> std::io::Result<IpAddr> {
-    let any: SocketAddr = if server.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        ([0u16; 8], 0).into()
-    };
-    let socket = std::net::UdpSocket::bind(any)?;
-    socket.connect(server)?;
-    Ok(socket.local_addr()?.ip())
-}
-
-/// Enrolls (or reuses) a device identity and registers it with the SDK.
-pub async fn register(
-    ctx: &Ctx,
-    id: &str,
-) -> Result<(Client, mpsc::UnboundedReceiver<ClientEvent>), String> {
-    let enroller = ctx.enroller.clone().ok_or("no CA to enroll devices with")?;
-    let id_owned = id.to_owned();
-    let (server, bind_ip, fleet_backoff) = (ctx.quic, ctx.bind_ip, ctx.fleet_backoff);
-    let config = tokio::task::spawn_blocking(move || {
-        let files = enroller.identity(&id_owned)?;
-        client_config(server, &files, bind_ip, fleet_backoff)
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("{e:#}"))?;
-    Client::connect(config).await.map_err(|e| e.to_string())
-}
-
-/// Connects a device to `/ws/device` with a token for `room` (minted or
-/// reused) and registers it with the SDK.
-pub async fn register_ws(
-    ctx: &Ctx,
-    id: &str,
-    room: &str,
-) -> Result<(Client, mpsc::UnboundedReceiver<ClientEvent>), String> {
-    let issuer = ctx
-        .tokens
-        .clone()
-        .ok_or("no signing key to mint tokens with")?;
-    let (id_owned, room_owned) = (id.to_owned(), room.to_owned());
-    // Reading and writing the cached token touches the disk.
-    let token = tokio::task::spawn_blocking(move || issuer.token(&id_owned, &room_owned))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("{e:#}"))?;
-    let config = tuned(
-        ClientConfig::websocket(ctx.ws_url.clone(), token),
-        ctx.bind_ip,
-        ctx.fleet_backoff,
-    );
-    Client::connect(config).await.map_err(|e| e.to_string())
 }

@@ -9,7 +9,6 @@ use fleetcall_signaling::client::{Client, ClientEvent};
 use tokio::sync::{mpsc, watch};
 
 use crate::context::Ctx;
-use crate::control::register;
 use crate::outcome::{GroupResult, Live};
 
 /// Registers one device per start time, keeps them until `stop`, closes them.
@@ -30,7 +29,7 @@ pub async fn run(
         tokio::spawn(async move {
             tokio::time::sleep_until(start.into()).await;
             let begun = Instant::now();
-            let result = register(&ctx, &format!("{}-i{}", ctx.prefix, first + i)).await;
+            let result = ctx.control.register(&format!("{}-i{}", ctx.prefix, first + i)).await;
             let _ = tx.send((i, result, begun.elapsed().as_secs_f64()));
         });
     }

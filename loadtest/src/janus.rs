@@ -19,20 +19,21 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
+use fleetcall_peer::{DtlsIdentity, FRAME, FRAME_TICKS, Mode, Output, Peer, PeerConfig, PeerEvent, Sent};
+
 use crate::audio::{Clip, Mic, default_speech, read_wav};
 use crate::context::{Ctx, speech_variants};
+use crate::control::Registrar;
 use crate::http;
 use crate::ledger::{Ledger, Match, Member};
-use crate::media::{Link, MAX_DATAGRAM, readable};
 use crate::outcome::{GroupResult, Live, secs};
-use crate::peer::{FRAME_TICKS, PeerEvent, PeerFactory, Sent};
+use crate::sockets::{MAX_DATAGRAM, Sockets};
 use crate::progress::Progress;
 use crate::report::{Latencies, Leak, Mark, Marks, Media, Report, Resources, Verdict};
 use crate::run::RunOptions;
 use crate::scenario::{Scenario, Timeline};
 use crate::server::proc_sample;
 
-const TICK: Duration = Duration::from_millis(20);
 const RX_SETTLE: Duration = Duration::from_secs(1);
 /// Janus answers a long poll after 30 s without events.
 const POLL_TIMEOUT: Duration = Duration::from_secs(40);
@@ -82,7 +83,7 @@ pub async fn run(
     };
     let bind_ip: IpAddr = match options.bind_ip {
         Some(ip) => ip,
-        None => crate::control::route_to(host)?,
+        None => fleetcall_peer::route_to(host)?,
     };
     if bind_ip.is_loopback() {
         bail!(
@@ -104,20 +105,17 @@ pub async fn run(
     } = Timeline::starting_now(scenario);
     let live = Arc::new(Live::default());
     let ctx = Arc::new(Ctx {
-        factory: PeerFactory::new()?,
+        identity: DtlsIdentity::generate()?,
         speech,
         silence: Arc::new(Clip::silence()?),
         talk: scenario.talk,
-        quic: host,
-        ws_url: String::new(),
-        enroller: None,
-        tokens: None,
+        // Janus' devices are WebRTC peers only: nothing registers.
+        control: Registrar { quic: host, ws_url: String::new(), enroller: None, tokens: None, bind_ip, fleet_backoff: false },
         bind_ip,
         live: live.clone(),
         window,
         ramp_end,
         prefix: "lt".into(),
-        fleet_backoff: false,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -365,7 +363,7 @@ struct Plan {
     starts: Vec<Instant>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Role {
     Pub,
     Sub,
@@ -386,8 +384,10 @@ struct JDev {
     started: bool,
     pub_handle: Option<u64>,
     sub_handle: Option<u64>,
-    pub_link: Option<Link>,
-    sub_link: Option<Link>,
+    /// Its publisher and subscriber peers, with their deadlines; their
+    /// sockets are in the room's [`Sockets`], keyed `(member, role)`.
+    pub_peer: Option<(Peer, Option<Instant>)>,
+    sub_peer: Option<(Peer, Option<Instant>)>,
     feed: Option<u64>,
     /// Janus reported the publisher's PeerConnection up.
     pub_up: bool,
@@ -407,6 +407,7 @@ struct JRoom {
     result: GroupResult,
     tx: mpsc::UnboundedSender<JCtl>,
     subscribing: bool,
+    sockets: Sockets<(Member, Role)>,
 }
 
 async fn post(url: &str, body: Value) -> anyhow::Result<Value> {
@@ -486,8 +487,8 @@ async fn run_room(
                 started: false,
                 pub_handle: None,
                 sub_handle: None,
-                pub_link: None,
-                sub_link: None,
+                pub_peer: None,
+                sub_peer: None,
                 feed: None,
                 pub_up: false,
                 sending: false,
@@ -507,43 +508,25 @@ async fn run_room(
         result,
         tx,
         subscribing: false,
+        sockets: Sockets::default(),
     };
-    let mut tick = tokio::time::interval_at(room.plan.starts[0].into(), TICK);
+    let mut tick = tokio::time::interval_at(room.plan.starts[0].into(), FRAME);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut keepalive = tokio::time::interval(Duration::from_secs(20));
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut scan = 0;
     loop {
-        let now = Instant::now();
-        room.flush(now);
-        let deadline = room.deadline(now);
-        let links: Vec<(usize, &Link)> = room
-            .devs
-            .iter()
-            .enumerate()
-            .flat_map(|(m, d)| {
-                [
-                    d.pub_link.as_ref().map(|l| (2 * m, l)),
-                    d.sub_link.as_ref().map(|l| (2 * m + 1, l)),
-                ]
-            })
-            .flatten()
-            .collect();
+        let deadline = room.deadline();
         tokio::select! {
             biased;
             _ = stop.changed() => break,
-            Some(ctl) = rx.recv() => room.on_ctl(ctl),
-            scheduled = tick.tick() => room.on_tick(scheduled.into_std()),
+            Some(ctl) = rx.recv() => room.on_ctl(now(), ctl),
+            scheduled = tick.tick() => room.on_tick(now(), scheduled.into_std()),
             _ = keepalive.tick() => {
                 let url = format!("{}/{}", room.url, room.session);
                 tokio::spawn(async move { let _ = post(&url, json!({"janus": "keepalive", "transaction": transaction()})).await; });
             }
-            i = readable(&links, scan) => {
-                drop(links);
-                scan = i + 1;
-                room.on_readable(&mut buf);
-            }
-            () = tokio::time::sleep_until(deadline.into()) => room.on_timeout(),
+            key = room.sockets.readable() => room.on_readable(now(), key, &mut buf),
+            () = tokio::time::sleep_until(deadline.into()) => room.on_timeout(now()),
         }
     }
     poller.abort();
@@ -578,28 +561,27 @@ async fn setup_room(url: &str, room: u64, publishers: usize) -> anyhow::Result<u
     Ok(session)
 }
 
+/// Time from tokio's clock, so paused-time tests work.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 impl JRoom {
-    fn deadline(&self, now: Instant) -> Instant {
-        let mut at = now + Duration::from_secs(1);
+    /// The earliest of a device's start and a peer's timer (a second at
+    /// most: the loop also wakes for the stop).
+    fn deadline(&self) -> Instant {
+        let mut at = now() + Duration::from_secs(1);
         for (m, d) in self.devs.iter().enumerate() {
             if !d.started {
                 at = at.min(self.plan.starts[m]);
             }
-            for link in [&d.pub_link, &d.sub_link].into_iter().flatten() {
-                if let Some(t) = link.peer.poll_timeout() {
-                    at = at.min(t);
+            for (_, deadline) in [&d.pub_peer, &d.sub_peer].into_iter().flatten() {
+                if let Some(t) = deadline {
+                    at = at.min(*t);
                 }
             }
         }
         at
-    }
-
-    fn flush(&mut self, now: Instant) {
-        for d in &mut self.devs {
-            for link in [&mut d.pub_link, &mut d.sub_link].into_iter().flatten() {
-                link.flush(now);
-            }
-        }
     }
 
     fn handle_url(&self, handle: u64) -> String {
@@ -636,20 +618,20 @@ impl JRoom {
         });
     }
 
-    fn on_timeout(&mut self) {
-        let now = Instant::now();
+    fn on_timeout(&mut self, now: Instant) {
         for m in 0..self.devs.len() {
             if !self.devs[m].started && now >= self.plan.starts[m] {
                 self.devs[m].started = true;
                 self.attach(m, Role::Pub);
             }
-            let d = &mut self.devs[m];
-            for link in [&mut d.pub_link, &mut d.sub_link].into_iter().flatten() {
-                if link.peer.poll_timeout().is_some_and(|t| t <= now) {
-                    link.peer.handle_timeout(now);
+            for role in [Role::Pub, Role::Sub] {
+                if let Some((peer, deadline)) = self.peer_mut(m, role)
+                    && deadline.is_some_and(|t| t <= now)
+                {
+                    peer.handle_timeout(now);
+                    self.drain_peer(now, (m, role));
                 }
             }
-            self.peer_events(m);
         }
     }
 
@@ -658,29 +640,37 @@ impl JRoom {
         self.result.failures.push(&self.ctx.live, reason);
     }
 
-    fn new_link(&mut self, m: Member) -> anyhow::Result<Link> {
-        let ts_base = (rand::random::<u32>() / FRAME_TICKS) * FRAME_TICKS + m as u32;
-        Link::bind(
-            &self.ctx.factory,
-            self.ctx.bind_ip,
-            Instant::now(),
-            ts_base,
-            rand::random(),
-        )
+    fn peer_mut(&mut self, m: Member, role: Role) -> Option<&mut (Peer, Option<Instant>)> {
+        let d = &mut self.devs[m];
+        match role {
+            Role::Pub => d.pub_peer.as_mut(),
+            Role::Sub => d.sub_peer.as_mut(),
+        }
     }
 
-    fn on_ctl(&mut self, ctl: JCtl) {
-        let now = Instant::now();
+    /// Binds a socket for `m`'s peer in `role` and creates the peer on it.
+    fn new_peer(&mut self, now: Instant, m: Member, role: Role) -> anyhow::Result<Peer> {
+        let local = self
+            .sockets
+            .open((m, role), self.ctx.bind_ip)
+            .with_context(|| format!("binding a media socket on {}", self.ctx.bind_ip))?;
+        let first_timestamp = (rand::random::<u32>() / FRAME_TICKS) * FRAME_TICKS + m as u32;
+        let config = PeerConfig { mode: Mode::Rtp, first_timestamp, first_seq: rand::random(), ..PeerConfig::default() };
+        Ok(Peer::new(now, local, &self.ctx.identity, config)?)
+    }
+
+    fn on_ctl(&mut self, now: Instant, ctl: JCtl) {
         match ctl {
             JCtl::Attached(m, role, Err(e)) => self.fail(m, format!("attach ({role:?}): {e}")),
             JCtl::Attached(m, Role::Pub, Ok(handle)) => {
                 self.handles.insert(handle, (m, Role::Pub));
                 self.devs[m].pub_handle = Some(handle);
-                let offer = self.new_link(m).and_then(|mut link| {
-                    let offer = link.peer.create_offer(now)?;
-                    self.devs[m].pub_link = Some(link);
+                let offer = self.new_peer(now, m, Role::Pub).and_then(|mut peer| {
+                    let offer = peer.create_offer(now)?;
+                    self.devs[m].pub_peer = Some((peer, None));
                     Ok(offer)
                 });
+                self.drain_peer(now, (m, Role::Pub));
                 match offer {
                     Ok(sdp) => {
                         let body = json!({"request": "joinandconfigure", "ptype": "publisher", "room": self.plan.room,
@@ -725,10 +715,12 @@ impl JRoom {
         match (role, data["videoroom"].as_str()) {
             (Role::Pub, Some("joined")) => {
                 self.devs[m].feed = data["id"].as_u64();
-                if let (Some(sdp), Some(link)) = (jsep["sdp"].as_str(), &mut self.devs[m].pub_link)
-                    && let Err(e) = link.peer.accept_answer(now, sdp)
-                {
-                    self.fail(m, format!("publisher answer: {e:#}"));
+                if let (Some(sdp), Some((peer, _))) = (jsep["sdp"].as_str(), &mut self.devs[m].pub_peer) {
+                    let result = peer.accept_answer(now, sdp);
+                    self.drain_peer(now, (m, Role::Pub));
+                    if let Err(e) = result {
+                        self.fail(m, format!("publisher answer: {e:#}"));
+                    }
                 }
                 Live::add(&self.ctx.live.registered, 1);
                 self.result.ws_connect.record(Duration::ZERO);
@@ -738,11 +730,12 @@ impl JRoom {
                 let Some(sdp) = jsep["sdp"].as_str() else {
                     return;
                 };
-                let answer = self.new_link(m).and_then(|mut link| {
-                    let answer = link.peer.accept_offer(now, sdp)?;
-                    self.devs[m].sub_link = Some(link);
+                let answer = self.new_peer(now, m, Role::Sub).and_then(|mut peer| {
+                    let answer = peer.accept_offer(now, sdp)?;
+                    self.devs[m].sub_peer = Some((peer, None));
                     Ok(answer)
                 });
+                self.drain_peer(now, (m, Role::Sub));
                 match (answer, self.devs[m].sub_handle) {
                     (Ok(answer), Some(handle)) => {
                         self.message(
@@ -761,7 +754,6 @@ impl JRoom {
             }
             _ => {}
         }
-        self.peer_events(m);
     }
 
     /// Everyone published: everyone subscribes to everyone else, in one
@@ -775,111 +767,85 @@ impl JRoom {
         }
     }
 
-    fn on_readable(&mut self, buf: &mut [u8]) {
-        for m in 0..self.devs.len() {
-            let d = &mut self.devs[m];
-            let mut got = 0;
-            for link in [&mut d.pub_link, &mut d.sub_link].into_iter().flatten() {
-                got += link.drain_socket(buf);
+    /// A peer's socket has datagrams: all of them to the peer.
+    fn on_readable(&mut self, now: Instant, key: (Member, Role), buf: &mut [u8]) {
+        while let Some((n, source)) = self.sockets.try_recv(key, buf) {
+            if let Some((peer, _)) = self.peer_mut(key.0, key.1) {
+                peer.handle_datagram(now, source, &buf[..n]);
             }
-            if got > 0 {
-                self.peer_events(m);
+        }
+        self.drain_peer(now, key);
+    }
+
+    /// Carries out what a peer asked for: datagrams out, its events, its
+    /// next deadline.
+    fn drain_peer(&mut self, now: Instant, (m, role): (Member, Role)) {
+        loop {
+            let Some((peer, deadline)) = self.peer_mut(m, role) else { return };
+            match peer.poll_output() {
+                Output::Transmit(datagram) => self.sockets.send((m, role), &datagram),
+                Output::Event(event) => self.on_peer_event(now, m, role, event),
+                Output::Timeout(at) => {
+                    *deadline = at;
+                    return;
+                }
             }
         }
     }
 
-    fn peer_events(&mut self, m: Member) {
-        let now = Instant::now();
-        while let Some(event) = self.devs[m]
-            .pub_link
-            .as_mut()
-            .and_then(|l| l.peer.poll_event())
-        {
-            match event {
-                PeerEvent::Connected => self.devs[m].sending = true,
-                PeerEvent::Disconnected => self.devs[m].sending = false,
-                PeerEvent::Failed(reason) => {
-                    self.fail(m, format!("publisher media failed: {reason}"))
-                }
-                PeerEvent::Packet(_) => {}
-            }
-        }
-        while let Some(event) = self.devs[m]
-            .sub_link
-            .as_mut()
-            .and_then(|l| l.peer.poll_event())
-        {
-            match event {
-                PeerEvent::Packet(packet) => {
-                    Live::add(&self.ctx.live.received, 1);
-                    let found = self
-                        .ledger
-                        .on_received(now, m, packet.timestamp, &packet.payload);
-                    let sent = match found {
-                        Match::Exact(s) | Match::Payload(s) | Match::Reencoded(s) => s,
-                        Match::Own | Match::Unknown => continue,
-                    };
-                    if sent.speaker && !self.devs[m].heard {
-                        self.devs[m].heard = true;
-                        if let Some(at) = self.devs[m].subscribed_at {
-                            self.result
-                                .join_to_audio
-                                .record(now.saturating_duration_since(at));
-                        }
-                        self.ledger.start_counting(m, now + RX_SETTLE);
+    fn on_peer_event(&mut self, now: Instant, m: Member, role: Role, event: PeerEvent) {
+        match (role, event) {
+            (Role::Pub, PeerEvent::Connected) => self.devs[m].sending = true,
+            (Role::Pub, PeerEvent::Disconnected) => self.devs[m].sending = false,
+            (Role::Pub, PeerEvent::Failed(reason)) => self.fail(m, format!("publisher media failed: {reason}")),
+            (Role::Sub, PeerEvent::Packet(packet)) => {
+                Live::add(&self.ctx.live.received, 1);
+                let found = self.ledger.on_received(now, m, packet.timestamp, &packet.payload);
+                let sent = match found {
+                    Match::Exact(s) | Match::Payload(s) | Match::Reencoded(s) => s,
+                    Match::Own | Match::Unknown => return,
+                };
+                if sent.speaker && !self.devs[m].heard {
+                    self.devs[m].heard = true;
+                    if let Some(at) = self.devs[m].subscribed_at {
+                        self.result.join_to_audio.record(now.saturating_duration_since(at));
                     }
+                    self.ledger.start_counting(m, now + RX_SETTLE);
                 }
-                PeerEvent::Failed(reason) => {
-                    self.fail(m, format!("subscriber media failed: {reason}"))
-                }
-                PeerEvent::Connected | PeerEvent::Disconnected => {}
             }
+            (Role::Sub, PeerEvent::Failed(reason)) => self.fail(m, format!("subscriber media failed: {reason}")),
+            _ => {}
         }
     }
 
-    fn on_tick(&mut self, scheduled: Instant) {
-        let now = Instant::now();
-        self.result
-            .tick_late
-            .record(now.saturating_duration_since(scheduled));
+    fn on_tick(&mut self, now: Instant, scheduled: Instant) {
+        self.result.tick_late.record(now.saturating_duration_since(scheduled));
         for m in 0..self.devs.len() {
             let d = &mut self.devs[m];
-            let Some(link) = &mut d.pub_link else {
+            let Some((peer, _)) = &mut d.pub_peer else {
                 continue;
             };
             if !d.sending {
                 continue;
             }
             let frame = d.mic.next_frame();
-            match link.peer.send(now, frame) {
-                Sent::Rtp { timestamp, seq } => {
+            match peer.send_audio(now, &frame.audio()) {
+                Sent::Written { timestamp } => {
                     let payload = frame.payload.as_deref().unwrap_or_default();
-                    self.ledger.on_sent(
-                        now,
-                        m,
-                        timestamp,
-                        seq,
-                        payload,
-                        d.talker && frame.voice,
-                        d.talker,
-                    );
+                    self.ledger.on_sent(now, m, timestamp, payload, d.talker && frame.voice, d.talker);
                     Live::add(&self.ctx.live.sent, 1);
                 }
                 Sent::Dtx => {}
                 Sent::NotConnected => self.result.unsent += 1,
             }
-            link.flush(now);
+            self.drain_peer(now, (m, Role::Pub));
         }
     }
 
     fn finish(mut self) -> GroupResult {
         let totals = self.ledger.totals(|_, _| true);
         self.result.add_media(totals);
-        for d in &self.devs {
-            for link in [&d.pub_link, &d.sub_link].into_iter().flatten() {
-                self.result.send_errors += link.send_errors;
-            }
-        }
+        self.result.send_errors += self.sockets.send_errors();
         self.result
     }
 }

@@ -32,8 +32,6 @@ pub struct SentRef {
     pub talker: bool,
     /// Sent by a talking device (speech or the comfort noise of its pauses).
     pub speaker: bool,
-    /// Its sequence number in the sender's stream.
-    pub seq: u64,
     hash: u64,
 }
 
@@ -200,13 +198,11 @@ impl Ledger {
 
     /// A member sent a frame; `talker`: speech counted for loss and latency;
     /// `speaker`: the member is one of the talkers.
-    #[allow(clippy::too_many_arguments)]
     pub fn on_sent(
         &mut self,
         now: Instant,
         sender: Member,
         timestamp: u32,
-        seq: u64,
         payload: &[u8],
         talker: bool,
         speaker: bool,
@@ -218,7 +214,6 @@ impl Ledger {
             at: now,
             talker,
             speaker,
-            seq,
             hash,
         };
         self.by_ts.insert(timestamp, sent);
@@ -489,7 +484,7 @@ mod tests {
             let at = t0 + ms(20 * i);
             let ts = 960 * i as u32;
             let payload = [1, 2, (i % 256) as u8, (i / 256) as u8];
-            l.on_sent(at, 0, ts, i, &payload, true, true);
+            l.on_sent(at, 0, ts, &payload, true, true);
             // 1 gets everything 5 ms later; 2 loses every 10th frame and
             // gets the rest through a timestamp-rewriting path 8 ms later.
             assert!(
@@ -503,7 +498,7 @@ mod tests {
             }
         }
         // Own audio and garbage are flagged.
-        l.on_sent(t0 + ms(1200), 1, 5, 0, b"xyz", false, false);
+        l.on_sent(t0 + ms(1200), 1, 5, b"xyz", false, false);
         assert_eq!(l.on_received(t0 + ms(1201), 1, 5, b"xyz"), Match::Own);
         assert_eq!(
             l.on_received(t0 + ms(1201), 1, 12345, b"nothing"),
@@ -542,7 +537,7 @@ mod tests {
         for i in 0..200u64 {
             let at = t0 + ms(20 * i);
             let payload = i.to_le_bytes();
-            l.on_sent(at, 0, 960 * i as u32, i, &payload, true, true);
+            l.on_sent(at, 0, 960 * i as u32, &payload, true, true);
             // 1 leaves at 1000 ms, rejoins at 2000 ms, hears from 2150 ms
             // and starts counting 1 s after that; nothing is lost.
             let listening = at < t0 + ms(1000) || at >= t0 + ms(2150);
@@ -571,7 +566,7 @@ mod tests {
         }
         for i in 0..100u64 {
             let at = t0 + ms(20 * i);
-            l.on_sent(at, 0, 960 * i as u32, i, &i.to_le_bytes(), true, true);
+            l.on_sent(at, 0, 960 * i as u32, &i.to_le_bytes(), true, true);
             let delay = if i % 2 == 0 { 1 } else { 11 };
             l.on_received(at + ms(delay), 1, 960 * i as u32, &i.to_le_bytes());
         }
@@ -586,7 +581,7 @@ mod tests {
         let mut l2 = Ledger::new(2, (t0, t0 + ms(10_000)));
         l2.start_counting(1, t0);
         l2.disturb(0, t0);
-        l2.on_sent(t0 + ms(10), 0, 0, 0, b"a", true, true);
+        l2.on_sent(t0 + ms(10), 0, 0, b"a", true, true);
         assert_eq!(
             l2.totals(|_, _| true).streams,
             0,
@@ -598,21 +593,21 @@ mod tests {
     fn identical_payloads_are_ambiguous_and_old_frames_expire() {
         let t0 = Instant::now();
         let mut l = Ledger::new(3, (t0, t0 + ms(10_000)));
-        l.on_sent(t0, 0, 0, 0, b"cn", true, true);
-        l.on_sent(t0, 1, 1, 0, b"cn", true, true);
+        l.on_sent(t0, 0, 0, b"cn", true, true);
+        l.on_sent(t0, 1, 1, b"cn", true, true);
         assert_eq!(
             l.on_received(t0, 2, 999, b"cn"),
             Match::Unknown,
             "two senders, one payload"
         );
-        l.on_sent(t0, 0, 7, 1, b"noise", false, false);
+        l.on_sent(t0, 0, 7, b"noise", false, false);
         assert_eq!(
             l.on_received(t0, 2, 8, b"noise"),
             Match::Unknown,
             "comfort noise is matched by timestamp only"
         );
         assert!(matches!(l.on_received(t0, 2, 1, b"cn"), Match::Exact(s) if s.sender == 1));
-        l.on_sent(t0 + ms(5000), 0, 960, 1, b"late", true, true);
+        l.on_sent(t0 + ms(5000), 0, 960, b"late", true, true);
         assert_eq!(
             l.on_received(t0 + ms(5000), 2, 0, b"cn"),
             Match::Unknown,

@@ -4,9 +4,11 @@
 //! str0m WebRTC peers sending Opus from a WAV file — and tells, in one
 //! report, what held and what did not.
 //!
-//! Layout: sans-IO pieces ([`peer`], [`ledger`], [`histogram`], [`audio`],
-//! [`scenario`], [`report`]) and thin async drivers ([`room`], [`calls`],
-//! [`idle`], [`janus`]) under one orchestrator ([`run`]).
+//! Layout: sans-IO pieces ([`ledger`], [`histogram`], [`timers`],
+//! [`audio`], [`scenario`], [`report`], the room core in [`room`]) and async
+//! drivers ([`room`], [`calls`], [`idle`], [`janus`], on the media
+//! [`sockets`]) under one orchestrator ([`run`]). The WebRTC peer is
+//! `fleetcall_peer`'s, in RTP mode.
 
 pub mod audio;
 pub mod calls;
@@ -18,12 +20,12 @@ pub mod http;
 pub mod idle;
 pub mod janus;
 pub mod ledger;
-pub mod media;
 pub mod outcome;
-pub mod peer;
 pub mod progress;
 pub mod report;
 pub mod room;
 pub mod run;
 pub mod scenario;
 pub mod server;
+pub mod sockets;
+pub mod timers;

@@ -7,15 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use fleetcall_peer::DtlsIdentity;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tokio::sync::{mpsc, watch};
 
 use crate::audio::{Clip, default_speech, read_wav};
 use crate::context::{Ctx, speech_variants};
-use crate::control::{Enroller, TokenIssuer};
+use crate::control::{Enroller, Registrar, TokenIssuer};
 use crate::outcome::{GroupResult, Live};
-use crate::peer::PeerFactory;
 use crate::progress::Progress;
 use crate::report::{self, Leak, Mark, Report};
 use crate::room::{self, RoomCommand, RoomPlan};
@@ -61,7 +61,7 @@ pub async fn run(
     let mut rng = StdRng::seed_from_u64(seed);
     let bind_ip = match options.bind_ip {
         Some(ip) => ip,
-        None => crate::control::route_to(server.quic)
+        None => fleetcall_peer::route_to(server.quic)
             .context("finding the local interface that reaches the server (set --bind-ip)")?,
     };
 
@@ -119,20 +119,23 @@ pub async fn run(
     let (duration, end) = (window.1 - ramp_end, window.1);
     let live = Arc::new(Live::default());
     let ctx = Arc::new(Ctx {
-        factory: PeerFactory::new()?,
+        identity: DtlsIdentity::generate()?,
         speech,
         silence,
         talk: scenario.talk,
-        quic: server.quic,
-        ws_url: server.ws_url(),
-        enroller,
-        tokens,
+        control: Registrar {
+            quic: server.quic,
+            ws_url: server.ws_url(),
+            enroller,
+            tokens,
+            bind_ip,
+            fleet_backoff: options.fleet_backoff,
+        },
         bind_ip,
         live: live.clone(),
         window,
         ramp_end,
         prefix: "lt".into(),
-        fleet_backoff: options.fleet_backoff,
     });
     let slot = |k: usize| t0 + Duration::from_secs_f64(k as f64 / scenario.ramp_per_sec);
     let mut next_slot = 0;

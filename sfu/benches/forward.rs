@@ -1,6 +1,6 @@
 //! Nanoseconds per forwarded audio packet in the SFU core.
 //!
-//! str0m client peers publish and receive in virtual time (the same harness as
+//! Media peers (fleetcall-peer) publish and receive in virtual time (the same harness as
 //! the tests); only the SFU's handling of talkers' RTP is timed: SRTP decrypt,
 //! speaker selection, routing, and SRTP encrypt + queueing for every
 //! listener. The figure is that time divided by the packets written to

@@ -1,10 +1,11 @@
-//! Server-side noise suppression of published Opus tracks.
+//! Server-side noise suppression of published Opus tracks: what the core
+//! decides and hands out, and the sans-IO processor a DSP thread runs.
 //!
 //! The SFU core decides which tracks are processed (the suppression policy)
-//! and emits [`AudioCommand`]s; the pipelines run on a pool of DSP threads
-//! ([`AudioPool`]) so that a worker never spends its time denoising one room
-//! while packets of other rooms wait. Each track is pinned to one DSP thread,
-//! which owns its [`Pipeline`]: no locks.
+//! and emits [`AudioCommand`]s; a driver runs the pipelines off the core's
+//! thread (fleetcall-media's DSP pool) so that a worker never spends its time
+//! denoising one room while packets of other rooms wait, and feeds the
+//! results back as [`ProcessedAudio`].
 //!
 //! [`TrackProcessor`] keeps the output a continuous RTP stream: one output
 //! packet per input packet with the publisher's sequence number and
@@ -13,18 +14,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::mpsc as std_mpsc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use fleetcall_dsp::{Pipeline, PipelineConfig, TrackMeters};
-use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
-use tracing::{debug, warn};
 
 use crate::histogram::{bounds, Histogram};
-use crate::ids::RoomId;
-use crate::participant::TrackKey;
+use crate::ids::{RoomId, TrackKey};
 
 /// Losses longer than this (in packets, 20 ms each) are not concealed packet
 /// by packet: the stream is treated as restarted.
@@ -32,7 +27,7 @@ const MAX_CONCEALED_RUN: u64 = 25;
 
 /// Whether a publisher's audio is denoised. Device settings win over room
 /// settings, which win over the default.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SuppressionPolicy {
     /// For rooms and devices without their own setting.
     pub default: bool,
@@ -50,8 +45,7 @@ impl SuppressionPolicy {
 }
 
 /// A change to the suppression policy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "scope")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicyChange {
     /// The default for everything without its own setting.
     Default { on: bool },
@@ -122,7 +116,8 @@ pub enum AudioCommand {
 }
 
 impl AudioCommand {
-    fn track(&self) -> TrackKey {
+    /// The track it concerns.
+    pub fn track(&self) -> TrackKey {
         match self {
             AudioCommand::Process { track, .. } | AudioCommand::Suppress { track, .. } | AudioCommand::Close { track } => *track,
         }
@@ -151,7 +146,7 @@ pub struct ProcessedAudio {
 /// What all processed tracks did, for metrics: counters that never go back
 /// (closed tracks' counts are kept) and distributions sampled once a second
 /// per track (levels) or per packet (processing time).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AudioTotals {
     /// Tracks with a pipeline now.
     pub tracks: usize,
@@ -223,7 +218,8 @@ impl AudioTotals {
         self.processing.merge(&other.processing);
     }
 
-    fn add_counters(&mut self, meters: &TrackMeters) {
+    /// Adds a track's packet counters (for a closed track, or a snapshot).
+    pub fn add_counters(&mut self, meters: &TrackMeters) {
         self.packets += meters.packets.received;
         self.lost += meters.packets.lost;
         self.fec_recovered += meters.packets.fec_recovered;
@@ -264,7 +260,11 @@ impl TrackProcessor {
     /// Processes one packet, appending the output packets to `results`: one
     /// per lost packet before it (concealed, or rebuilt from its FEC), then
     /// one for it. A packet older than one already processed is dropped.
-    pub fn process(&mut self, track: TrackKey, packet: &AudioPacket, results: &mut Vec<ProcessedAudio>, totals: &mut AudioTotals) {
+    ///
+    /// `clock` is the caller's: it times the packet's own decode, denoise and
+    /// encode for the processing-time meters, the one thing here that needs
+    /// to know how long work took.
+    pub fn process(&mut self, clock: impl Fn() -> Instant, track: TrackKey, packet: &AudioPacket, results: &mut Vec<ProcessedAudio>, totals: &mut AudioTotals) {
         if let Some((next_seq, mut next_ts)) = self.next {
             if packet.seq < next_seq {
                 return; // late: its slot was concealed already
@@ -287,9 +287,9 @@ impl TrackProcessor {
                 }
             }
         }
-        let started = Instant::now();
+        let started = clock();
         let Ok(processed) = self.pipeline.process(&packet.payload, &mut self.out) else { return };
-        let elapsed = started.elapsed();
+        let elapsed = clock().saturating_duration_since(started);
         self.pipeline.record_processing_time(elapsed);
         totals.processing.observe(elapsed.as_secs_f64());
         if self.pipeline.meters().packets.received.is_multiple_of(SAMPLE_EVERY_PACKETS) {
@@ -323,137 +323,6 @@ impl TrackProcessor {
     }
 }
 
-/// Meters of every processed track, from all DSP threads.
-pub type MeterSnapshot = Vec<(TrackKey, TrackMeters)>;
-
-enum PoolMessage {
-    Command { command: AudioCommand, worker: usize },
-    Meters(std_mpsc::Sender<MeterSnapshot>),
-    Totals(std_mpsc::Sender<AudioTotals>),
-}
-
-/// DSP threads running the pipelines of processed tracks.
-#[derive(Debug)]
-pub struct AudioPool {
-    threads: Vec<(std_mpsc::Sender<PoolMessage>, JoinHandle<()>)>,
-}
-
-impl std::fmt::Debug for PoolMessage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PoolMessage")
-    }
-}
-
-impl AudioPool {
-    /// Starts `threads` DSP threads; results for worker `i` go to `results[i]`.
-    pub fn start(threads: usize, config: PipelineConfig, results: Vec<mpsc::UnboundedSender<Vec<ProcessedAudio>>>) -> std::io::Result<AudioPool> {
-        let results: Arc<[_]> = results.into();
-        let mut pool = Vec::new();
-        for index in 0..threads.max(1) {
-            let (tx, rx) = std_mpsc::channel();
-            let results = results.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("dsp-{index}"))
-                .spawn(move || run_dsp_thread(rx, config, &results))?;
-            pool.push((tx, thread));
-        }
-        Ok(AudioPool { threads: pool })
-    }
-
-    /// Hands a command to the thread owning its track.
-    pub fn send(&self, command: AudioCommand, worker: usize) {
-        let mut hasher = std::hash::DefaultHasher::new();
-        std::hash::Hash::hash(&command.track(), &mut hasher);
-        let index = (std::hash::Hasher::finish(&hasher) % self.threads.len() as u64) as usize;
-        // A stopped thread only happens at shutdown; the packet is moot then.
-        let _ = self.threads[index].0.send(PoolMessage::Command { command, worker });
-    }
-
-    /// Meters of every processed track.
-    pub fn meters(&self) -> MeterSnapshot {
-        let mut all = Vec::new();
-        for (tx, _) in &self.threads {
-            let (reply, rx) = std_mpsc::channel();
-            if tx.send(PoolMessage::Meters(reply)).is_ok() {
-                all.extend(rx.recv().unwrap_or_default());
-            }
-        }
-        all
-    }
-
-    /// Totals over every thread, for metrics.
-    pub fn totals(&self) -> AudioTotals {
-        let mut all = AudioTotals::default();
-        for (tx, _) in &self.threads {
-            let (reply, rx) = std_mpsc::channel();
-            if tx.send(PoolMessage::Totals(reply)).is_ok()
-                && let Ok(totals) = rx.recv() {
-                    all.merge(&totals);
-                }
-        }
-        all
-    }
-
-    /// Stops the threads.
-    pub fn shutdown(self) {
-        for (tx, thread) in self.threads {
-            drop(tx);
-            let _ = thread.join();
-        }
-    }
-}
-
-fn run_dsp_thread(rx: std_mpsc::Receiver<PoolMessage>, config: PipelineConfig, results: &[mpsc::UnboundedSender<Vec<ProcessedAudio>>]) {
-    let mut tracks: HashMap<TrackKey, TrackProcessor> = HashMap::new();
-    // Counters of closed tracks live on here; live tracks are added on demand.
-    let mut totals = AudioTotals::default();
-    for message in rx {
-        match message {
-            PoolMessage::Command { command: AudioCommand::Process { track, packet }, worker } => {
-                let processor = match tracks.entry(track) {
-                    std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(entry) => match TrackProcessor::new(config) {
-                        Ok(processor) => entry.insert(processor),
-                        Err(e) => {
-                            warn!(error = %e, "cannot create an audio pipeline");
-                            continue;
-                        }
-                    },
-                };
-                let mut out = Vec::with_capacity(1);
-                processor.process(track, &packet, &mut out, &mut totals);
-                if !out.is_empty()
-                    && let Some(tx) = results.get(worker) {
-                        let _ = tx.send(out);
-                    }
-            }
-            PoolMessage::Command { command: AudioCommand::Suppress { track, on }, .. } => {
-                if let Some(processor) = tracks.get_mut(&track) {
-                    processor.set_suppression(on);
-                }
-            }
-            PoolMessage::Command { command: AudioCommand::Close { track }, .. } => {
-                if let Some(processor) = tracks.remove(&track) {
-                    totals.add_counters(processor.meters());
-                    debug!(publisher = %track.publisher, "audio pipeline closed");
-                }
-            }
-            PoolMessage::Meters(reply) => {
-                let _ = reply.send(tracks.iter().map(|(k, p)| (*k, *p.meters())).collect());
-            }
-            PoolMessage::Totals(reply) => {
-                let mut now = totals.clone();
-                for processor in tracks.values() {
-                    now.add_counters(processor.meters());
-                    now.tracks += 1;
-                    now.suppressed += usize::from(processor.suppressing());
-                }
-                let _ = reply.send(now);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,7 +353,7 @@ mod tests {
         let mut out = Vec::new();
         // 0, 1, [2, 3 lost], 4, 5, 3 (late), 6..9
         for seq in [0u64, 1, 4, 5, 3, 6, 7, 8, 9] {
-            processor.process(track, &packet(seq, &payloads[seq as usize]), &mut out, &mut AudioTotals::default());
+            processor.process(Instant::now, track, &packet(seq, &payloads[seq as usize]), &mut out, &mut AudioTotals::default());
         }
         let seqs: Vec<u64> = out.iter().map(|p| p.seq).collect();
         assert_eq!(seqs, (0..10).collect::<Vec<_>>(), "one packet per sequence number, in order");
@@ -502,8 +371,8 @@ mod tests {
         let payloads = opus_packets(2);
         let mut out = Vec::new();
         let mut totals = AudioTotals::default();
-        processor.process(track, &packet(0, &payloads[0]), &mut out, &mut totals);
-        processor.process(track, &packet(1000, &payloads[1]), &mut out, &mut totals);
+        processor.process(Instant::now, track, &packet(0, &payloads[0]), &mut out, &mut totals);
+        processor.process(Instant::now, track, &packet(1000, &payloads[1]), &mut out, &mut totals);
         assert_eq!(totals.processing.count, 2);
         assert_eq!(out.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![0, 1000]);
     }

@@ -25,10 +25,11 @@ pub enum SfuError {
     /// This SFU holds its configured maximum of participants.
     #[error("the SFU is at capacity")]
     AtCapacity,
-    /// The SFU worker is gone (shutting down).
+    /// The core is out of reach: a driver reports this when the worker that
+    /// owns the core has stopped (shutting down). The core never does.
     #[error("the SFU is shutting down")]
     ShuttingDown,
-    /// Socket setup failed in the driver.
+    /// The media peer's socket ([`crate::client`]).
     #[error("media socket: {0}")]
     Io(#[from] std::io::Error),
     /// A media peer ([`crate::client`]) refused a command: wrong state, or

@@ -1,11 +1,9 @@
-//! A plain fixed-bucket histogram: what cores record, and what the metrics
-//! module turns into a Prometheus histogram at scrape time.
-
-use serde::Serialize;
+//! A plain fixed-bucket histogram: what cores record, and what a driver
+//! turns into a Prometheus histogram at scrape time.
 
 /// Observations counted into fixed buckets (upper bounds, ascending; an
 /// implicit last bucket is +Inf).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Histogram {
     /// Upper bounds, ascending.
     pub bounds: &'static [f64],

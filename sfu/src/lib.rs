@@ -1,38 +1,53 @@
-//! fleetcall-sfu: the media plane.
+//! fleetcall-sfu: the media plane's sans-IO core.
 //!
 //! A selective forwarding unit on [`str0m`]: rooms of participants, one
-//! `str0m::Rtc` per participant (ICE-lite, DTLS-SRTP, RTP mode), and a
-//! forwarding table from each published track to each subscriber.
+//! `str0m::Rtc` per participant (ICE-lite, DTLS-SRTP, RTP mode), and per
+//! room the forwarding from each published track to each subscriber.
 //!
-//! - [`Sfu`] is the sans-IO core: datagrams, timeouts and commands in;
-//!   datagrams, events and the next deadline out. It never reads a clock.
-//!   Demultiplexing is O(1): remote address -> participant, and for the first
-//!   STUN request from an address, our ICE ufrag -> participant.
-//! - [`driver`] runs cores on worker threads with batched UDP I/O.
-//! - [`client`] is the device side: a media peer publishing one Opus track.
+//! [`Sfu`] takes one entry per input — a datagram
+//! ([`Sfu::handle_datagram`]), a timeout ([`Sfu::handle_timeout`]), a
+//! command ([`Sfu::join`], [`Sfu::accept_answer`], ...) and audio back from
+//! a DSP pipeline ([`Sfu::handle_processed`]) — and has one output: after
+//! every input, drain [`Sfu::poll_output`] until it says
+//! [`Output::Timeout`]. It never reads a clock: time is an argument. Its
+//! participants wake for named reasons (their `Rtc`'s deadline, silence,
+//! ICE lost), never on an anonymous tick.
 //!
-//! Rooms live on exactly one worker, so forwarding never takes a lock.
+//! - Demultiplexing is O(1): remote address -> participant, and for the
+//!   first STUN request from an address, our ICE ufrag -> participant.
+//! - Each room owns its forwarding: audio in rooms larger than
+//!   `audio_slots + 1` goes by active-speaker selection ([`speakers`]) into a
+//!   fixed number of audio slots per listener, so the cost of a packet does
+//!   not grow with the room; smaller rooms, and video, go to every
+//!   subscriber. Both are written by one path that keeps each outgoing
+//!   stream continuous.
+//! - Noise suppression is decided here ([`audio::SuppressionPolicy`]) and run
+//!   elsewhere: the core hands out [`audio::AudioCommand`]s and takes back
+//!   [`audio::ProcessedAudio`]; [`audio::TrackProcessor`] is the sans-IO
+//!   processor a DSP thread runs per track.
 //!
-//! Audio in rooms larger than `audio_slots + 1` is forwarded by active-speaker
-//! selection ([`speakers`]) into a fixed number of audio slots per listener
-//! ([`slots`]), so the cost of a packet does not grow with the room.
+//! This crate depends on str0m, fleetcall-dsp, thiserror and tracing only:
+//! no async runtime, sockets, metrics or serialization. The driver — worker
+//! threads, batched UDP, the DSP thread pool, Prometheus series — is
+//! fleetcall-media. A room lives on exactly one core, so forwarding never
+//! takes a lock.
 
 pub mod audio;
-pub mod client;
 mod demux;
-pub mod driver;
 mod error;
 pub mod histogram;
-pub mod metrics;
 mod ids;
+mod outlet;
 mod participant;
+mod room;
 mod sfu;
-pub mod slots;
 pub mod speakers;
+mod stats;
+mod timer;
 
-pub use driver::{DriverConfig, Session, SfuDriver, SfuHandle};
 pub use error::SfuError;
-pub use ids::{ParticipantId, RoomId};
-pub use participant::TrackKey;
-pub use sfu::{DropCounts, JoinRequest, Joined, LeaveReason, Rights, Sfu, SfuConfig, SfuEvent, SfuStats, Transmit};
+pub use ids::{ParticipantId, RoomId, TrackKey};
+pub use participant::Rights;
+pub use sfu::{JoinRequest, Joined, LeaveReason, Output, Sfu, SfuConfig, SfuEvent, Transmit};
+pub use stats::{DropCounts, SfuStats};
 pub use str0m::change::{SdpAnswer, SdpOffer};

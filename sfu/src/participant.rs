@@ -1,9 +1,10 @@
-//! One participant: its `str0m::Rtc`, what it publishes, what it receives, and
-//! where its SDP negotiation stands.
+//! One participant: its `str0m::Rtc`, what it publishes, where its SDP
+//! negotiation stands, and its timers. What it receives is its room's
+//! forwarding ([`crate::room`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use str0m::change::SdpPendingOffer;
 use str0m::format::Codec;
@@ -11,17 +12,22 @@ use str0m::media::{MediaKind, Mid, Pt};
 use str0m::rtp::Ssrc;
 use str0m::Rtc;
 
-use crate::ids::{ParticipantId, RoomId};
-use crate::sfu::Rights;
-use crate::slots::Slot;
+use crate::ids::{ParticipantId, RoomId, TrackKey};
+use crate::timer::{Timer, Timers};
 
-/// A published track: one incoming m-line of one participant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TrackKey {
-    /// Who publishes it.
-    pub publisher: ParticipantId,
-    /// Its m-line in the publisher's session.
-    pub mid: Mid,
+/// What a participant may do with media, from its credential's grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rights {
+    /// Its tracks are forwarded. Without, every track it offers is refused:
+    /// nothing it sends reaches anyone.
+    pub publish: bool,
+    /// It receives the others' tracks.
+    pub subscribe: bool,
+}
+
+impl Rights {
+    /// Publish and subscribe.
+    pub const ALL: Rights = Rights { publish: true, subscribe: true };
 }
 
 /// What happens to a published audio track's packets.
@@ -49,25 +55,6 @@ pub(crate) struct TrackIn {
     pub last_keyframe_request: Option<Instant>,
 }
 
-/// Where an outgoing m-line stands in SDP negotiation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OutState {
-    /// In an offer the participant has not answered yet.
-    Negotiating,
-    /// Negotiated: packets flow.
-    Open,
-    /// Its publisher is gone; a stop is queued or in an unanswered offer.
-    Stopping,
-}
-
-/// An outgoing m-line carrying another participant's track to this one.
-#[derive(Debug)]
-pub(crate) struct TrackOut {
-    pub source: TrackKey,
-    pub kind: MediaKind,
-    pub state: OutState,
-}
-
 /// A change to this participant's session that needs an SDP offer.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Change {
@@ -76,7 +63,7 @@ pub(crate) enum Change {
     /// Stop an outgoing m-line whose publisher left (or, audio, that the
     /// room's switch to slots replaces).
     Stop(Mid),
-    /// Add audio slot number `.0` (see [`crate::slots`]).
+    /// Add audio slot number `.0` of its room's forwarding.
     AddSlot(usize),
 }
 
@@ -97,34 +84,24 @@ pub(crate) struct Participant {
     pub ssrc_mid: HashMap<Ssrc, Mid>,
     /// Codec of an incoming payload type, cached per participant.
     pub pt_codec: HashMap<Pt, Codec>,
-    pub tracks_out: HashMap<Mid, TrackOut>,
-    /// Audio slots, once its room forwards audio by speaker selection.
-    pub slots: Vec<Slot>,
-    /// Its room forwards audio by speaker selection (see [`crate::slots`]).
-    pub slot_mode: bool,
     pub changes: VecDeque<Change>,
     pub pending_offer: Option<SdpPendingOffer>,
     /// ICE + DTLS up at least once.
     pub connected: bool,
-    /// Last datagram str0m accepted from this participant.
-    pub last_rx: Instant,
     /// When it joined, and when it was first sent audio (join-to-first-audio).
     pub joined_at: Instant,
     pub first_audio_at: Option<Instant>,
     /// What the participant's feedback last said per outgoing m-line, to
     /// count only what is new in each stats event.
     pub egress_feedback: HashMap<Mid, EgressFeedback>,
-    /// When str0m last said ICE is disconnected (cleared on reconnect).
-    pub ice_disconnected_at: Option<Instant>,
-    /// The `Rtc`'s own next deadline.
-    pub rtc_deadline: Instant,
-    /// The deadline this participant is filed under in the timer heap.
-    pub wake_at: Instant,
+    pub timers: Timers,
+    /// The deadline this participant is filed under in the core's wake-ups.
+    pub wake_at: Option<Instant>,
 }
 
 /// Cumulative feedback counts for one outgoing m-line, as last seen.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct EgressFeedback {
+pub(crate) struct EgressFeedback {
     pub nacks: u64,
     pub keyframe_requests: u64,
     /// Highest sequence number and packets lost from the last receiver report.
@@ -133,15 +110,13 @@ pub struct EgressFeedback {
 }
 
 impl Participant {
-    pub(crate) fn new(
-        id: ParticipantId,
-        room: RoomId,
-        name: String,
-        rtc: Rtc,
-        ufrag: String,
-        rights: Rights,
-        now: Instant,
-    ) -> Self {
+    /// A participant whose `Rtc` is due at once and who must send a
+    /// datagram within `grace`.
+    pub(crate) fn new(id: ParticipantId, room: RoomId, name: String, mut rtc: Rtc, rights: Rights, now: Instant, grace: Duration) -> Self {
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        let mut timers = Timers::default();
+        timers.set(Timer::Rtc, now);
+        timers.set(Timer::Silence, now + grace);
         Participant {
             id,
             room,
@@ -153,19 +128,14 @@ impl Participant {
             tracks_in: HashMap::new(),
             ssrc_mid: HashMap::new(),
             pt_codec: HashMap::new(),
-            tracks_out: HashMap::new(),
-            slots: Vec::new(),
-            slot_mode: false,
             changes: VecDeque::new(),
             pending_offer: None,
             connected: false,
-            last_rx: now,
             joined_at: now,
             first_audio_at: None,
             egress_feedback: HashMap::new(),
-            ice_disconnected_at: None,
-            rtc_deadline: now,
-            wake_at: now,
+            timers,
+            wake_at: None,
         }
     }
 
@@ -187,16 +157,5 @@ impl Participant {
         let codec = self.rtc.codec_config().params().iter().find(|p| p.pt() == pt)?.spec().codec;
         self.pt_codec.insert(pt, codec);
         Some(codec)
-    }
-
-    /// The payload type this participant negotiated for `codec` on `mid`.
-    pub(crate) fn pt_for(&self, mid: Mid, codec: Codec) -> Option<Pt> {
-        let media = self.rtc.media(mid)?;
-        let params = self.rtc.codec_config().params();
-        media
-            .remote_pts()
-            .iter()
-            .copied()
-            .find(|pt| params.iter().any(|p| p.pt() == *pt && p.spec().codec == codec))
     }
 }

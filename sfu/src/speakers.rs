@@ -35,7 +35,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::ids::ParticipantId;
-use crate::participant::TrackKey;
+use crate::ids::TrackKey;
 
 /// What one packet says about its track's activity.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{init_log, Net};
+use fleetcall_sfu::SdpOffer;
 
 #[test]
 fn client_offer_during_pending_server_offer_is_answered_and_the_change_reoffered() {
@@ -22,11 +23,10 @@ fn client_offer_during_pending_server_offer_is_answered_and_the_change_reoffered
     // a ignores that offer and restarts ICE with its own.
     let now = net.now;
     let participant = net.clients[a].participant;
-    let mut api = net.clients[a].rtc.sdp_api();
-    api.ice_restart(true);
-    let (offer, pending) = api.apply().unwrap();
-    let answer = net.sfu.accept_offer(now, participant, offer).expect("client offer answered");
-    net.clients[a].rtc.sdp_api().accept_answer(pending, answer).unwrap();
+    let offer = net.clients[a].peer.restart_ice(now).unwrap();
+    let answer = net.sfu.accept_offer(now, participant, SdpOffer::from_sdp_string(&offer).unwrap()).expect("client offer answered");
+    net.clients[a].peer.accept_answer(now, &answer.to_sdp_string()).unwrap();
+    net.drain_client(a);
     net.clients[a].held_offers.clear();
     net.clients[a].auto_answer = true;
     net.pump();

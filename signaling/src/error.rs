@@ -39,6 +39,9 @@ pub enum Error {
     /// A room name or room pattern is not valid.
     #[error("invalid room {0:?}: use 1-64 characters of A-Z a-z 0-9 _ . - (a grant may end in *)")]
     InvalidRoom(String),
+    /// An SDP offer or answer with no text.
+    #[error("empty sdp")]
+    EmptySdp,
     /// A controller configuration value is out of range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(&'static str),
@@ -59,9 +62,10 @@ impl Error {
             Error::BadLengthPrefix | Error::Malformed(_) | Error::MalformedJson(_) => {
                 pb::ErrorCode::MalformedFrame
             }
-            Error::InvalidDeviceId(_) | Error::InvalidRoom(_) | Error::InvalidConfig(_) => {
-                pb::ErrorCode::InvalidArgument
-            }
+            Error::InvalidDeviceId(_)
+            | Error::InvalidRoom(_)
+            | Error::EmptySdp
+            | Error::InvalidConfig(_) => pb::ErrorCode::InvalidArgument,
         }
     }
 

@@ -154,34 +154,6 @@ pub struct Credential {
     pub grant: Grant,
 }
 
-/// Whether an SDP offer (or answer) sends media: an audio or video m-line
-/// that is not disabled (port 0) and whose direction is `sendrecv` (the
-/// default) or `sendonly`. Data channels do not count.
-pub fn sdp_sends_media(sdp: &str) -> bool {
-    let mut sends = false;
-    let mut in_media: Option<bool> = None; // Some(enabled) inside an audio/video section
-    let mut direction_sends = true;
-    for line in sdp.lines().map(str::trim_end) {
-        if let Some(m) = line.strip_prefix("m=") {
-            if in_media == Some(true) && direction_sends {
-                sends = true;
-            }
-            let mut fields = m.split_whitespace();
-            let kind = fields.next().unwrap_or_default();
-            let port = fields.next().unwrap_or_default();
-            in_media = matches!(kind, "audio" | "video").then_some(port != "0");
-            direction_sends = true;
-        } else if in_media.is_some() {
-            match line {
-                "a=sendrecv" | "a=sendonly" => direction_sends = true,
-                "a=recvonly" | "a=inactive" => direction_sends = false,
-                _ => {}
-            }
-        }
-    }
-    sends || (in_media == Some(true) && direction_sends)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,29 +187,6 @@ mod tests {
         let grant = Grant { rooms: vec![exact], publish: false, subscribe: true };
         assert!(grant.covers(&room("ward-3")) && !grant.covers(&room("ward-4")));
         assert!(!Grant::device(Vec::new()).covers(&room("ward-3")));
-    }
-
-    #[test]
-    fn offers_that_send_media_are_recognised() {
-        let section = |kind: &str, port: &str, dir: Option<&str>| {
-            let mut s = format!("m={kind} {port} UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n");
-            if let Some(dir) = dir {
-                s.push_str(&format!("a={dir}\r\n"));
-            }
-            s
-        };
-        let head = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\n";
-        let sdp = |sections: &[String]| format!("{head}{}", sections.concat());
-        assert!(sdp_sends_media(&sdp(&[section("audio", "9", Some("sendonly"))])));
-        assert!(sdp_sends_media(&sdp(&[section("audio", "9", None)])), "sendrecv is the default");
-        assert!(sdp_sends_media(&sdp(&[section("audio", "9", Some("recvonly")), section("video", "9", Some("sendrecv"))])));
-        assert!(!sdp_sends_media(&sdp(&[section("audio", "9", Some("recvonly"))])));
-        assert!(!sdp_sends_media(&sdp(&[section("audio", "9", Some("inactive"))])));
-        assert!(!sdp_sends_media(&sdp(&[section("audio", "0", Some("sendonly"))])), "a rejected m-line sends nothing");
-        assert!(!sdp_sends_media(&sdp(&[section("application", "9", None)])));
-        // A session-level direction before the first m-line does not count.
-        assert!(!sdp_sends_media(&format!("{head}a=sendrecv\r\n{}", section("audio", "9", Some("recvonly")))));
-        assert!(!sdp_sends_media(""));
     }
 
     #[test]

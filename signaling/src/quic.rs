@@ -7,7 +7,6 @@
 //! Connection migration is on: a device whose address changes keeps its
 //! connection and session.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use bytes::BytesMut;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
 use tokio::io::AsyncReadExt;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::grants::Credential;
@@ -28,8 +27,6 @@ use crate::wire::{FrameDecoder, encode_frame};
 /// QUIC transport settings.
 #[derive(Debug, Clone)]
 pub struct QuicConfig {
-    /// UDP address to listen on (default port 4433).
-    pub bind: SocketAddr,
     /// QUIC keep-alive: proves the path even when no frames move.
     pub keep_alive: Duration,
     /// A connection with no packets for this long is dead.
@@ -43,7 +40,6 @@ pub struct QuicConfig {
 impl Default for QuicConfig {
     fn default() -> Self {
         QuicConfig {
-            bind: SocketAddr::from(([127, 0, 0, 1], 4433)),
             keep_alive: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(10),
             stream_timeout: Duration::from_secs(10),
@@ -52,14 +48,16 @@ impl Default for QuicConfig {
     }
 }
 
-/// Binds the QUIC endpoint with the installation's server certificate.
-pub fn bind(config: &QuicConfig, tls: rustls::ServerConfig) -> std::io::Result<Endpoint> {
+/// The QUIC endpoint on a bound `socket`, with the installation's server
+/// certificate. Needs a tokio runtime.
+pub fn endpoint(socket: std::net::UdpSocket, config: &QuicConfig, tls: rustls::ServerConfig) -> std::io::Result<Endpoint> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport(config)));
     server.migration(true);
-    Endpoint::server(server, config.bind)
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
 }
 
 /// The transport parameters shared by server and devices.
@@ -74,13 +72,25 @@ pub fn transport(config: &QuicConfig) -> quinn::TransportConfig {
     transport
 }
 
-/// Accepts devices until `shutdown` turns true.
-pub async fn serve(endpoint: Endpoint, config: QuicConfig, control: ControlPlane, mut shutdown: watch::Receiver<bool>) {
+/// How long connections the controller is closing get to write their last
+/// frames before the endpoint closes whatever is left.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// How long the closed endpoint waits for its peers to hear the close.
+const IDLE_GRACE: Duration = Duration::from_secs(1);
+
+/// Accepts devices until `stop` resolves; then lets the connections finish
+/// (the controller is closing them), closes the endpoint and returns.
+pub async fn serve(endpoint: Endpoint, config: QuicConfig, control: ControlPlane, stop: impl Future<Output = ()>) {
     let slots = Arc::new(Semaphore::new(config.max_connections));
+    // Each connection task holds a clone; `recv` returns `None` once the last
+    // one has finished.
+    let (running, mut finished) = mpsc::channel::<()>(1);
+    let mut stop = std::pin::pin!(stop);
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => incoming,
-            _ = shutdown.changed() => break,
+            () = &mut stop => break,
         };
         let Some(incoming) = incoming else { break };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -91,6 +101,7 @@ pub async fn serve(endpoint: Endpoint, config: QuicConfig, control: ControlPlane
         let remote = incoming.remote_address();
         let control = control.clone();
         let config = config.clone();
+        let running = running.clone();
         tokio::spawn(
             async move {
                 match incoming.await {
@@ -99,21 +110,15 @@ pub async fn serve(endpoint: Endpoint, config: QuicConfig, control: ControlPlane
                     Err(e) => info!(error = %e, "handshake failed"),
                 }
                 drop(slot);
+                drop(running);
             }
             .instrument(info_span!("quic", %remote)),
         );
     }
-    // Give connections the controller is closing a moment to flush their
-    // last frames (each releases its slot when done), then close the rest.
-    let all = config.max_connections;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while slots.available_permits() < all {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    drop(running);
+    let _ = tokio::time::timeout(CLOSE_GRACE, finished.recv()).await;
     endpoint.close(VarInt::from(CloseReason::Shutdown as u32), b"shutdown");
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout(IDLE_GRACE, endpoint.wait_idle()).await;
 }
 
 async fn serve_connection(connection: Connection, config: &QuicConfig, control: &ControlPlane) {

@@ -1,25 +1,27 @@
-//! The async shell around the [`Controller`]: one task owns it, transports
-//! and the SFU talk to it only by messages.
+//! The async shell around the [`Controller`]: one task owns it, transports,
+//! the admin API and the SFU bridge talk to it only by messages.
 //!
 //! Every connection has a bounded outbound queue. The controller task never
 //! waits on one: a frame that does not fit means the device stopped reading,
 //! and that connection is closed (`NOT_READING`) while every other device's
 //! frames keep moving.
+//!
+//! The SFU is on the far side of an [`SfuLink`]: commands out in order,
+//! notices in. Whoever holds the link (the `fleetcall` binary's bridge)
+//! carries them to the media plane; this crate knows no media plane.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use fleetcall_sfu::audio::PolicyChange;
-use fleetcall_sfu::{LeaveReason, Rights, RoomId, SdpAnswer, SdpOffer, Session, SfuEvent, SfuHandle};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::warn;
 
 use crate::Error;
 use crate::controller::{CallSnapshot, Controller, DeviceSnapshot, Gauges, Output, SfuCommand, SfuNotice, Stats};
 use crate::grants::Credential;
-use crate::ids::{CallId, ConnId, ParticipantKey};
+use crate::ids::{CallId, ConnId};
 use crate::pb::{self, CloseReason};
 
 /// Frames queued for one connection before it counts as not reading.
@@ -62,7 +64,6 @@ enum Input {
     Observe(oneshot::Sender<(Stats, Gauges)>),
     EndCall { call: CallId, reply: oneshot::Sender<bool> },
     Revoke { subject: String, at: u64, reply: oneshot::Sender<usize> },
-    Shutdown(oneshot::Sender<()>),
 }
 
 /// Cloneable handle to the control plane, for transports and the admin API.
@@ -84,15 +85,19 @@ impl std::fmt::Debug for Input {
 pub struct Stopped;
 
 impl ControlPlane {
-    /// Starts the controller task and the SFU adapter task.
-    pub fn start(controller: Controller, sfu: SfuHandle) -> ControlPlane {
+    /// The control plane around `controller`: the handle transports and the
+    /// admin API use, the controller's end of the SFU boundary (for the
+    /// bridge to the media plane), and the task that owns the controller,
+    /// for the caller to spawn.
+    pub fn new(controller: Controller) -> (ControlPlane, SfuLink, ControllerTask) {
         // Transports wait when the controller is this far behind: backpressure
         // instead of unbounded memory.
         let (input, rx) = mpsc::channel(16 * 1024);
-        let (sfu_commands, sfu_rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_controller(controller, rx, sfu_commands));
-        tokio::spawn(run_sfu_adapter(sfu, sfu_rx, input.clone()));
-        ControlPlane { input, next_conn: Arc::new(AtomicU64::new(1)) }
+        // Unbounded: the controller never waits on the SFU.
+        let (sfu_commands, commands) = mpsc::unbounded_channel();
+        let link = SfuLink { commands, notices: SfuNotices(input.clone()) };
+        let task = ControllerTask { controller, input: rx, sfu: sfu_commands };
+        (ControlPlane { input, next_conn: Arc::new(AtomicU64::new(1)) }, link, task)
     }
 
     /// Registers a new connection with the credential its transport proved;
@@ -147,11 +152,6 @@ impl ControlPlane {
         self.ask(|reply| Input::Revoke { subject, at, reply }).await
     }
 
-    /// Ends every call, closes every connection, and waits until done.
-    pub async fn shutdown(&self) -> Result<(), Stopped> {
-        self.ask(Input::Shutdown).await
-    }
-
     async fn send(&self, input: Input) -> Result<(), Stopped> {
         self.input.send(input).await.map_err(|_| Stopped)
     }
@@ -163,6 +163,104 @@ impl ControlPlane {
     }
 }
 
+/// The controller's end of the SFU boundary: what the bridge to the media
+/// plane reads and reports.
+#[derive(Debug)]
+pub struct SfuLink {
+    /// Commands, in the order the controller emitted them. Ends (`None`)
+    /// once the controller task has stopped and every command was read.
+    pub commands: mpsc::UnboundedReceiver<SfuCommand>,
+    /// Where the SFU's notices go.
+    pub notices: SfuNotices,
+}
+
+/// Hands SFU notices to the controller.
+#[derive(Debug, Clone)]
+pub struct SfuNotices(mpsc::Sender<Input>);
+
+impl SfuNotices {
+    /// Queues `notice` for the controller; `Stopped` once it has stopped.
+    pub async fn send(&self, notice: SfuNotice) -> Result<(), Stopped> {
+        self.0.send(Input::Sfu(notice)).await.map_err(|_| Stopped)
+    }
+}
+
+/// The task that owns the [`Controller`]; see [`ControlPlane::new`].
+#[derive(Debug)]
+pub struct ControllerTask {
+    controller: Controller,
+    input: mpsc::Receiver<Input>,
+    sfu: mpsc::UnboundedSender<SfuCommand>,
+}
+
+impl ControllerTask {
+    /// Runs the controller until `stop` resolves. Then every live call ends
+    /// with `SERVER_SHUTDOWN`, every connection closes after the frames
+    /// queued for it, and the task ends: [`ControlPlane`] calls return
+    /// [`Stopped`] from then on, and the [`SfuLink`]'s commands end after
+    /// the last `Leave`.
+    pub async fn run(self, stop: impl Future<Output = ()>) {
+        let ControllerTask { controller: mut ctl, mut input, sfu } = self;
+        let mut conns: HashMap<ConnId, ConnectionEnds> = HashMap::new();
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            drain(&mut ctl, &mut conns, &sfu);
+            let deadline = ctl.poll_timeout().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                input = input.recv() => {
+                    // Every handle is gone: nobody can talk to the controller.
+                    let Some(input) = input else { return };
+                    handle(&mut ctl, &mut conns, input);
+                }
+                // Without a deadline only input wakes the controller.
+                () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                    ctl.handle_timeout(now());
+                }
+                () = &mut stop => {
+                    ctl.handle_shutdown(now());
+                    drain(&mut ctl, &mut conns, &sfu);
+                    // Dropping the connections' ends lets each writer finish
+                    // its queue and close with the reason already set.
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn handle(ctl: &mut Controller, conns: &mut HashMap<ConnId, ConnectionEnds>, input: Input) {
+    let now = now();
+    match input {
+        Input::Up { conn, credential, ends } => {
+            conns.insert(conn, ends);
+            ctl.handle_connection_up(now, unix_now(), conn, credential);
+        }
+        Input::Frame { conn, frame } => ctl.handle_frame(now, conn, frame),
+        Input::WireError { conn, error } => ctl.handle_wire_error(now, conn, &error),
+        Input::Down { conn, detail } => {
+            conns.remove(&conn);
+            ctl.handle_connection_down(now, conn, &detail);
+        }
+        Input::Sfu(notice) => ctl.handle_sfu(now, notice),
+        // A requester that went away does not want the answer.
+        Input::Devices(reply) => {
+            let _ = reply.send(ctl.devices());
+        }
+        Input::Calls(reply) => {
+            let _ = reply.send(ctl.calls());
+        }
+        Input::Observe(reply) => {
+            let _ = reply.send((ctl.stats().clone(), ctl.gauges()));
+        }
+        Input::EndCall { call, reply } => {
+            let _ = reply.send(ctl.handle_operator_end(now, call));
+        }
+        Input::Revoke { subject, at, reply } => {
+            let _ = reply.send(ctl.handle_revoke(now, &subject, at));
+        }
+    }
+}
+
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
@@ -170,48 +268,6 @@ fn now() -> Instant {
 /// The wall clock, in which credentials are stated.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-async fn run_controller(
-    mut ctl: Controller,
-    mut input: mpsc::Receiver<Input>,
-    sfu: mpsc::UnboundedSender<SfuCommand>,
-) {
-    let mut conns: HashMap<ConnId, ConnectionEnds> = HashMap::new();
-    loop {
-        drain(&mut ctl, &mut conns, &sfu);
-        let deadline = ctl.poll_timeout().map(tokio::time::Instant::from_std);
-        tokio::select! {
-            input = input.recv() => {
-                let Some(input) = input else { return };
-                let now = now();
-                match input {
-                    Input::Up { conn, credential, ends } => {
-                        conns.insert(conn, ends);
-                        ctl.handle_connection_up(now, unix_now(), conn, credential);
-                    }
-                    Input::Frame { conn, frame } => ctl.handle_frame(now, conn, frame),
-                    Input::WireError { conn, error } => ctl.handle_wire_error(now, conn, &error),
-                    Input::Down { conn, detail } => {
-                        conns.remove(&conn);
-                        ctl.handle_connection_down(now, conn, &detail);
-                    }
-                    Input::Sfu(notice) => ctl.handle_sfu(now, notice),
-                    Input::Devices(reply) => { let _ = reply.send(ctl.devices()); }
-                    Input::Calls(reply) => { let _ = reply.send(ctl.calls()); }
-                    Input::Observe(reply) => { let _ = reply.send((ctl.stats().clone(), ctl.gauges())); }
-                    Input::EndCall { call, reply } => { let _ = reply.send(ctl.handle_operator_end(now, call)); }
-                    Input::Revoke { subject, at, reply } => { let _ = reply.send(ctl.handle_revoke(now, &subject, at)); }
-                    Input::Shutdown(done) => {
-                        ctl.handle_shutdown(now);
-                        drain(&mut ctl, &mut conns, &sfu);
-                        let _ = done.send(());
-                    }
-                }
-            }
-            () = sleep_until(deadline) => ctl.handle_timeout(now()),
-        }
-    }
 }
 
 /// Carries out everything the controller asked for, as the sans-IO contract
@@ -234,160 +290,11 @@ fn drain(ctl: &mut Controller, conns: &mut HashMap<ConnId, ConnectionEnds>, sfu:
                     let _ = ends.close.send(Some(reason));
                 }
             }
-            // The adapter only stops with the runtime.
+            // The link only closes once the bridge has stopped, after this
+            // task: nobody is left to apply the command then.
             Output::Sfu(command) => {
                 let _ = sfu.send(command);
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Applies SFU commands in order and turns SFU events into notices. Commands
-/// are applied one at a time so a `Leave` never overtakes its `Join`.
-async fn run_sfu_adapter(sfu: SfuHandle, mut commands: mpsc::UnboundedReceiver<SfuCommand>, notices: mpsc::Sender<Input>) {
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let mut sessions: HashMap<ParticipantKey, Session> = HashMap::new();
-    let mut keys: HashMap<fleetcall_sfu::ParticipantId, ParticipantKey> = HashMap::new();
-    loop {
-        let notice = tokio::select! {
-            command = commands.recv() => {
-                let Some(command) = command else { return };
-                apply(&sfu, command, &events_tx, &mut sessions, &mut keys).await
-            }
-            event = events.recv() => {
-                let Some(event) = event else { return };
-                translate(event, &mut sessions, &mut keys)
-            }
-        };
-        if let Some(notice) = notice
-            && notices.send(Input::Sfu(notice)).await.is_err() {
-                return;
-            }
-    }
-}
-
-async fn apply(
-    sfu: &SfuHandle,
-    command: SfuCommand,
-    events: &mpsc::UnboundedSender<SfuEvent>,
-    sessions: &mut HashMap<ParticipantKey, Session>,
-    keys: &mut HashMap<fleetcall_sfu::ParticipantId, ParticipantKey>,
-) -> Option<SfuNotice> {
-    match command {
-        SfuCommand::Join { room, participant, display_name, offer_sdp, publish, subscribe } => {
-            let offer = match SdpOffer::from_sdp_string(&offer_sdp) {
-                Ok(offer) => offer,
-                Err(e) => return Some(SfuNotice::JoinFailed { participant, error: format!("invalid SDP offer: {e}") }),
-            };
-            // The SFU's room namespace is the controller's call ids.
-            let room = RoomId(format!("call-{}", room.0));
-            let rights = Rights { publish, subscribe };
-            match sfu.join(room, display_name.to_string(), offer, rights, events.clone()).await {
-                Ok((session, joined)) => {
-                    debug!(%participant, sfu_participant = %session.participant, "joined the SFU");
-                    sessions.insert(participant, session);
-                    keys.insert(session.participant, participant);
-                    let media_id = session.participant.0;
-                    Some(SfuNotice::Joined { participant, answer_sdp: joined.answer.to_sdp_string(), media_id })
-                }
-                Err(e) => Some(SfuNotice::JoinFailed { participant, error: e.to_string() }),
-            }
-        }
-        SfuCommand::Answer { participant, sdp } => {
-            let session = *sessions.get(&participant)?;
-            let answer = match SdpAnswer::from_sdp_string(&sdp) {
-                Ok(answer) => answer,
-                Err(e) => {
-                    // Unusable answers end the participant, as in the SFU itself.
-                    leave(sfu, participant, sessions, keys, LeaveReason::NegotiationFailed).await;
-                    return Some(SfuNotice::Removed { participant, reason: format!("invalid SDP answer: {e}") });
-                }
-            };
-            match sfu.accept_answer(session, answer).await {
-                Ok(()) => None,
-                Err(e) => {
-                    debug!(%participant, error = %e, "answer refused");
-                    None
-                }
-            }
-        }
-        SfuCommand::Offer { participant, sdp } => {
-            let session = *sessions.get(&participant)?;
-            let offer = match SdpOffer::from_sdp_string(&sdp) {
-                Ok(offer) => offer,
-                Err(e) => {
-                    leave(sfu, participant, sessions, keys, LeaveReason::NegotiationFailed).await;
-                    return Some(SfuNotice::Removed { participant, reason: format!("invalid SDP offer: {e}") });
-                }
-            };
-            match sfu.accept_offer(session, offer).await {
-                Ok(answer) => Some(SfuNotice::Answer { participant, sdp: answer.to_sdp_string() }),
-                Err(e) => {
-                    leave(sfu, participant, sessions, keys, LeaveReason::NegotiationFailed).await;
-                    Some(SfuNotice::Removed { participant, reason: e.to_string() })
-                }
-            }
-        }
-        SfuCommand::Leave { participant, .. } => {
-            leave(sfu, participant, sessions, keys, LeaveReason::Requested).await;
-            None
-        }
-        SfuCommand::SetSuppression { device, on } => {
-            let change = PolicyChange::Device { device: device.to_string(), on };
-            if let Err(e) = sfu.set_policy(change).await {
-                warn!(%device, error = %e, "suppression setting not applied");
-            }
-            None
-        }
-    }
-}
-
-/// Forgets the participant first, so the SFU's `Removed` for it is not
-/// reported back as if the SFU had dropped it on its own.
-async fn leave(
-    sfu: &SfuHandle,
-    participant: ParticipantKey,
-    sessions: &mut HashMap<ParticipantKey, Session>,
-    keys: &mut HashMap<fleetcall_sfu::ParticipantId, ParticipantKey>,
-    reason: LeaveReason,
-) {
-    let Some(session) = sessions.remove(&participant) else { return };
-    keys.remove(&session.participant);
-    // Already gone in the SFU is the outcome we want.
-    let _ = sfu.leave(session, reason).await;
-}
-
-fn translate(
-    event: SfuEvent,
-    sessions: &mut HashMap<ParticipantKey, Session>,
-    keys: &mut HashMap<fleetcall_sfu::ParticipantId, ParticipantKey>,
-) -> Option<SfuNotice> {
-    match event {
-        SfuEvent::Offer { participant, offer } => {
-            let key = *keys.get(&participant)?;
-            Some(SfuNotice::Offer { participant: key, sdp: offer.to_sdp_string() })
-        }
-        SfuEvent::Connected { participant } => Some(SfuNotice::Connected { participant: *keys.get(&participant)? }),
-        SfuEvent::ActiveSpeakers { to, speakers } => {
-            let participant = *keys.get(&to)?;
-            // Speakers the adapter no longer knows are leaving: not worth naming.
-            let speakers = speakers.iter().filter_map(|s| keys.get(s).copied()).collect();
-            Some(SfuNotice::ActiveSpeakers { participant, speakers })
-        }
-        SfuEvent::Removed { participant, reason } => {
-            let key = keys.remove(&participant)?;
-            sessions.remove(&key);
-            info!(%key, reason = reason.as_str(), "SFU removed a participant");
-            Some(SfuNotice::Removed { participant: key, reason: reason.as_str().to_owned() })
-        }
-        // Membership is the controller's business; it tells devices itself.
-        _ => None,
     }
 }

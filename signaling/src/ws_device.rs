@@ -105,8 +105,9 @@ impl TokenCheck {
 }
 
 /// Upgrades a request to a device socket: a session for the token's
-/// credential, or a `Rejected` frame and a close.
-pub fn upgrade(ws: WebSocketUpgrade, credential: Result<Credential, Refusal>, control: ControlPlane) -> Response {
+/// credential, or a `Rejected` frame and a close. `guard` is dropped when
+/// the socket's task has finished (a server's shutdown waits for that).
+pub fn upgrade(ws: WebSocketUpgrade, credential: Result<Credential, Refusal>, control: ControlPlane, guard: impl Send + 'static) -> Response {
     // A little over the frame limit still arrives, so the controller can
     // answer FRAME_TOO_LARGE before closing; far bigger is cut by tungstenite.
     // Small buffers: a fleet of idle devices each holds one socket, and the
@@ -123,6 +124,7 @@ pub fn upgrade(ws: WebSocketUpgrade, credential: Result<Credential, Refusal>, co
                 }
                 Err(refusal) => refuse(socket, refusal).await,
             }
+            drop(guard);
         })
 }
 

@@ -218,7 +218,7 @@ fn participant_whose_media_fails_is_removed_alone() {
     sim.add("owner").add("b").add("c");
     let call = sim.group("owner", &["b", "c"]);
     let b_key = sim.key_of("b", call).unwrap();
-    sim.sfu_remove(b_key, "ice timeout");
+    sim.sfu_remove(b_key, RemovalReason::IceTimeout);
     sim.run_for(ms(100));
     let ended = sim.ended_for("b", call);
     assert_eq!(ended[0].reason(), EndReason::MediaFailed);

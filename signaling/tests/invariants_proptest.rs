@@ -282,7 +282,7 @@ fn apply(sim: &mut Sim, action: &Action, last_op: &mut BTreeMap<String, (u64, C)
                 .find(|(_, p)| p.device.as_str() == dev)
                 .map(|(k, _)| *k);
             if let Some(key) = key {
-                sim.sfu_remove(key, "ice timeout");
+                sim.sfu_remove(key, RemovalReason::IceTimeout);
             }
         }
         Action::SfuRefuses(a) => {

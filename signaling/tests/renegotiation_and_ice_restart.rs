@@ -38,7 +38,7 @@ fn server_offers_are_relayed_with_revisions_and_answers_go_back_to_the_sfu() {
         now,
         SfuNotice::Offer {
             participant: a_key,
-            sdp: "v=0 second".into(),
+            sdp: sdp("v=0 second"),
         },
     );
     sim.drain();
@@ -69,7 +69,7 @@ fn server_offers_are_relayed_with_revisions_and_answers_go_back_to_the_sfu() {
     sim.acked_call("a", good);
     assert!(sim.sfu.commands.contains(&SfuCommand::Answer {
         participant: a_key,
-        sdp: "v=0 a2".into()
+        sdp: sdp("v=0 a2")
     }));
     sim.check();
 }
@@ -93,7 +93,7 @@ fn ice_restart_from_the_device_is_answered_by_the_sfu() {
     sim.acked_call("b", op);
     assert!(sim.sfu.commands.contains(&SfuCommand::Offer {
         participant: b_key,
-        sdp: "v=0 restart".into()
+        sdp: sdp("v=0 restart")
     }));
     let answers = sim.received("b", |k| match k {
         S::SdpAnswer(a) => Some((a.revision, a.sdp.clone())),
@@ -182,7 +182,7 @@ fn an_offer_made_while_detached_is_delivered_and_timed_after_the_resume() {
         now,
         SfuNotice::Offer {
             participant: a_key,
-            sdp: "v=0 while away".into(),
+            sdp: sdp("v=0 while away"),
         },
     );
     sim.drain();

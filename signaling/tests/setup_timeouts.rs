@@ -79,7 +79,7 @@ fn sfu_losing_a_participant_mid_call() {
     sim.add("a").add("b");
     let call = sim.active_call("a", "b");
     let key = sim.key_of("a", call).unwrap();
-    sim.sfu_remove(key, "ice consent expired");
+    sim.sfu_remove(key, RemovalReason::IceTimeout);
     sim.run_for(ms(100));
     for d in ["a", "b"] {
         let e = &sim.ended_for(d, call)[0];

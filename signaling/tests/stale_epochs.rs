@@ -27,16 +27,16 @@ fn a_late_removal_for_an_old_participation_is_ignored() {
     for notice in [
         SfuNotice::Removed {
             participant: old,
-            reason: "late".into(),
+            reason: RemovalReason::IceTimeout,
         },
         SfuNotice::Connected { participant: old },
         SfuNotice::Offer {
             participant: old,
-            sdp: "v=0".into(),
+            sdp: sdp("v=0"),
         },
         SfuNotice::Joined {
             participant: old,
-            answer_sdp: "v=0".into(),
+            answer_sdp: sdp("v=0"),
             media_id: 99,
         },
     ] {

@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use audiopus::coder::Encoder;
 use audiopus::{Application, Channels, SampleRate};
 use bytes::BytesMut;
-use fleetcall_sfu::client::{MediaConfig, MediaPeer, MediaStats, FRAME};
+use fleetcall_peer::{MediaConfig, MediaPeer, PeerStats, FRAME};
 use fleetcall_signaling::backoff::Backoff;
 use fleetcall_signaling::client::{Client, ClientConfig, ClientEvent};
 use fleetcall_signaling::ids::CallId;
@@ -165,7 +165,7 @@ impl Device {
     }
 
     /// The media counters of the current call.
-    pub fn media_stats(&self) -> MediaStats {
+    pub fn media_stats(&self) -> PeerStats {
         self.current.as_ref().map(|m| m.peer.stats()).unwrap_or_default()
     }
 

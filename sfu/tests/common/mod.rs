@@ -1,4 +1,5 @@
-//! A virtual-time network of str0m client peers around one SFU core.
+//! A virtual-time network of media peers ([`fleetcall_peer::Peer`], the
+//! one the device agent and the load tester run) around one SFU core.
 //!
 //! Every datagram is delivered at once; time advances to the earliest deadline
 //! of the SFU, any client, or the next 20 ms audio frame. Clients publish fake
@@ -11,14 +12,11 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use fleetcall_peer::{AudioFrame, AudioLevel, DtlsIdentity, MediaKind, Output, Peer, PeerConfig, PeerEvent};
 use fleetcall_sfu::{
-    JoinRequest, LeaveReason, ParticipantId, Rights, RoomId, Sfu, SfuConfig, SfuEvent, SfuStats,
+    JoinRequest, LeaveReason, Output as SfuOutput, ParticipantId, Rights, RoomId, SdpAnswer, SdpOffer, Sfu, SfuConfig,
+    SfuEvent, SfuStats,
 };
-use str0m::change::SdpPendingOffer;
-use str0m::format::Codec;
-use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid};
-use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, Input, Output, Rtc};
 
 pub const SFU_ADDR: &str = "10.0.0.100:5000";
 pub const FRAME: Duration = Duration::from_millis(20);
@@ -55,15 +53,14 @@ pub struct RtpRecord {
 pub struct Client {
     pub index: u8,
     pub addr: SocketAddr,
-    pub rtc: Rtc,
+    pub peer: Peer,
     pub participant: ParticipantId,
-    pub audio_mid: Option<Mid>,
-    pub video_mid: Option<Mid>,
+    /// Publishing a VP8 track beside the audio.
+    pub video: bool,
     /// Keyframe requests the SFU sent this client.
     pub keyframe_requests: u64,
     /// Video frames received.
     pub video_frames: u64,
-    pub pending: Option<SdpPendingOffer>,
     /// Publishing fake audio every 20 ms.
     pub talking: bool,
     /// Stopped: sends and receives nothing (an abrupt network loss).
@@ -75,8 +72,9 @@ pub struct Client {
     pub connected: bool,
     /// Answer SFU offers at once; when false they wait in `held_offers`.
     pub auto_answer: bool,
-    pub held_offers: Vec<str0m::change::SdpOffer>,
-    pub deadline: Instant,
+    pub held_offers: Vec<SdpOffer>,
+    /// The peer's deadline; `None` once it failed.
+    pub deadline: Option<Instant>,
     pub frames_sent: u64,
     /// Packets received per sending client index.
     pub heard: HashMap<u8, u64>,
@@ -96,6 +94,10 @@ pub struct Client {
 
 pub struct Net {
     pub sfu: Sfu,
+    /// The DTLS certificate of every client (generating one each is slow).
+    identity: DtlsIdentity,
+    /// The SFU's deadline as its last drain said.
+    sfu_deadline: Option<Instant>,
     pub now: Instant,
     pub start: Instant,
     pub clients: Vec<Client>,
@@ -134,6 +136,8 @@ impl Net {
         let config = SfuConfig { candidates: vec![SFU_ADDR.parse().unwrap()], ..config };
         Net {
             sfu: Sfu::new(config),
+            identity: DtlsIdentity::generate().unwrap(),
+            sfu_deadline: None,
             now,
             start: now,
             clients: Vec::new(),
@@ -167,29 +171,24 @@ impl Net {
     pub fn join_as(&mut self, room: &str, video: bool, rights: Rights) -> usize {
         let index = self.clients.len() as u8;
         let addr: SocketAddr = format!("10.0.0.{}:{}", index + 1, 4000 + index as u16).parse().unwrap();
-        let mut rtc = Rtc::builder().enable_raw_packets(self.record_rtp).build(self.now);
-        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
-        let mut api = rtc.sdp_api();
-        let mid = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
-        let video_mid = video.then(|| api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None));
-        let (offer, pending) = api.apply().unwrap();
+        let config = PeerConfig { send_video: video, receive_video: true, record_rtp: self.record_rtp, ..PeerConfig::default() };
+        let mut peer = Peer::new(self.now, addr, &self.identity, config).unwrap();
+        let offer = SdpOffer::from_sdp_string(&peer.create_offer(self.now).unwrap()).unwrap();
         let participant = ParticipantId(self.next_participant);
         self.next_participant += 1;
         let joined = self
             .sfu
             .join(self.now, JoinRequest { room: RoomId::from(room), participant, name: format!("client-{index}"), offer, rights })
             .expect("join accepted");
-        rtc.sdp_api().accept_answer(pending, joined.answer).unwrap();
+        peer.accept_answer(self.now, &joined.answer.to_sdp_string()).unwrap();
         self.clients.push(Client {
             index,
             addr,
-            rtc,
+            peer,
             participant,
-            audio_mid: Some(mid),
-            video_mid,
+            video,
             keyframe_requests: 0,
             video_frames: 0,
-            pending: None,
             talking: true,
             silent: false,
             opus: None,
@@ -197,7 +196,7 @@ impl Net {
             connected: false,
             auto_answer: true,
             held_offers: Vec::new(),
-            deadline: self.now,
+            deadline: Some(self.now),
             frames_sent: 0,
             heard: HashMap::new(),
             events: Vec::new(),
@@ -222,12 +221,12 @@ impl Net {
         let end = self.now + duration;
         while self.now < end {
             let mut next = end.min(self.next_frame);
-            if let Some(t) = self.sfu.poll_timeout() {
+            if let Some(t) = self.sfu_deadline {
                 next = next.min(t);
             }
             for c in &self.clients {
-                if !c.silent {
-                    next = next.min(c.deadline);
+                if let Some(deadline) = c.deadline.filter(|_| !c.silent) {
+                    next = next.min(deadline);
                 }
             }
             // Never stand still: str0m may ask for "now" again.
@@ -236,9 +235,9 @@ impl Net {
             self.sfu.handle_timeout(self.now);
             self.sfu_time += started.elapsed();
             for i in 0..self.clients.len() {
-                if !self.clients[i].silent && self.clients[i].deadline <= self.now {
-                    let now = self.now;
-                    self.clients[i].rtc.handle_input(Input::Timeout(now)).unwrap();
+                let c = &mut self.clients[i];
+                if !c.silent && c.deadline.is_some_and(|at| at <= self.now) {
+                    c.peer.handle_timeout(self.now);
                     self.drain_client(i);
                 }
             }
@@ -273,15 +272,6 @@ impl Net {
             if c.silent || !c.talking || !c.connected {
                 continue;
             }
-            let Some(mid) = c.audio_mid else { continue };
-            let Some(mut writer) = c.rtc.writer(mid) else { continue };
-            if let Some(level) = c.level {
-                writer = writer.audio_level(level, level > -60);
-            }
-            let Some(pt) = writer.payload_params().find(|p| p.spec().codec == Codec::Opus).map(|p| p.pt()) else {
-                continue;
-            };
-            let time = MediaTime::new(c.frames_sent * 960, Frequency::FORTY_EIGHT_KHZ);
             let payload = match &c.opus {
                 Some(encoder) => {
                     let pcm = pcm_frame(c.signal, c.frames_sent, c.index);
@@ -292,14 +282,15 @@ impl Net {
                 }
                 None => vec![c.index, 0xde, 0xad, 0xbe, 0xef, (c.frames_sent & 0xff) as u8],
             };
-            writer.write(pt, now, time, payload).unwrap();
-            if let Some(mid) = c.video_mid {
-                let writer = c.rtc.writer(mid).unwrap();
-                let pt = writer.payload_params().find(|p| p.spec().codec == Codec::Vp8).map(|p| p.pt()).unwrap();
-                let time = MediaTime::new(c.frames_sent * 1800, Frequency::NINETY_KHZ);
+            let level = c.level.map(|dbov| AudioLevel { dbov, voice: dbov > -60 });
+            let sent = c.peer.send_audio(now, &AudioFrame { payload: Some(payload.into()), level });
+            if !matches!(sent, fleetcall_peer::Sent::Written { .. }) {
+                // Not negotiated yet.
+                continue;
+            }
+            if c.video {
                 // A VP8 payload header byte, then an opaque "frame".
-                let frame = vec![c.index; 1200];
-                writer.write(pt, now, time, frame).unwrap();
+                c.peer.send_video(now, &vec![c.index; 1200]);
             }
             c.frames_sent += 1;
             self.drain_client(i);
@@ -310,8 +301,17 @@ impl Net {
     pub fn pump(&mut self) {
         loop {
             let mut moved = false;
-            while let Some(t) = self.sfu.poll_transmit() {
-                self.wire.push_back((t.source, t.destination, t.contents));
+            // Everything the SFU has to do, drained to its timeout.
+            loop {
+                match self.sfu.poll_output() {
+                    SfuOutput::Transmit(t) => self.wire.push_back((t.source, t.destination, t.contents)),
+                    SfuOutput::Event(event) => self.handle_sfu_event(event),
+                    SfuOutput::Audio(command) => self.run_dsp(command),
+                    SfuOutput::Timeout(at) => {
+                        self.sfu_deadline = at;
+                        break;
+                    }
+                }
                 moved = true;
             }
             while let Some((from, to, bytes)) = self.wire.pop_front() {
@@ -335,24 +335,14 @@ impl Net {
                 if self.clients[i].silent {
                     continue;
                 }
-                let now = self.now;
-                let input = Input::Receive(now, Receive { proto: Protocol::Udp, source: from, destination: to, contents: bytes.as_slice().try_into().unwrap() });
-                self.clients[i].rtc.handle_input(input).unwrap();
+                self.clients[i].peer.handle_datagram(self.now, from, &bytes);
                 self.drain_client(i);
-            }
-            while let Some(command) = self.sfu.poll_audio() {
-                moved = true;
-                self.run_dsp(command);
-            }
-            while let Some(event) = self.sfu.poll_event() {
-                moved = true;
-                self.handle_sfu_event(event);
             }
             if !moved {
                 break;
             }
         }
-        if self.sfu.poll_timeout().is_some_and(|at| at <= self.now) {
+        if self.sfu_deadline.is_some_and(|at| at <= self.now) {
             self.overdue_after_pump += 1;
         }
     }
@@ -366,7 +356,7 @@ impl Net {
                     .entry(track)
                     .or_insert_with(|| TrackProcessor::new(fleetcall_dsp::PipelineConfig::default()).unwrap());
                 let mut results = Vec::new();
-                processor.process(track, &packet, &mut results, &mut self.audio_totals);
+                processor.process(Instant::now, track, &packet, &mut results, &mut self.audio_totals);
                 for result in results {
                     self.sfu.handle_processed(self.now, result);
                 }
@@ -395,10 +385,10 @@ impl Net {
                     c.held_offers.push(offer);
                     return;
                 }
-                let answer = c.rtc.sdp_api().accept_offer(offer).unwrap();
+                let answer = c.peer.accept_offer(now, &offer.to_sdp_string()).unwrap();
                 let i = self.clients.iter().position(|c| c.participant == participant).unwrap();
                 self.drain_client(i);
-                self.sfu.accept_answer(now, participant, answer).unwrap();
+                self.sfu.accept_answer(now, participant, SdpAnswer::from_sdp_string(&answer).unwrap()).unwrap();
             }
             SfuEvent::Connected { participant } => {
                 if let Some(c) = self.client_by_participant(participant) {
@@ -426,45 +416,43 @@ impl Net {
         }
     }
 
-    fn drain_client(&mut self, i: usize) {
+    /// Moves what client `i`'s peer has to do: datagrams onto the wire,
+    /// events into the client's record.
+    pub fn drain_client(&mut self, i: usize) {
         let c = &mut self.clients[i];
         loop {
-            match c.rtc.poll_output().unwrap() {
-                Output::Timeout(t) => {
-                    c.deadline = t;
+            match c.peer.poll_output() {
+                Output::Timeout(at) => {
+                    c.deadline = at;
                     break;
                 }
                 Output::Transmit(t) => {
                     if !c.silent {
-                        self.wire.push_back((t.source, t.destination, t.contents.into()));
+                        self.wire.push_back((c.addr, t.destination, t.contents));
                     }
                 }
-                Output::Event(Event::Connected) => c.connected = true,
-                Output::Event(Event::MediaData(data)) => {
+                Output::Event(PeerEvent::Connected) => c.connected = true,
+                Output::Event(PeerEvent::Frame(frame)) => {
                     if c.opus.is_some() {
-                        let stream = c.rtc.media(data.mid).map(|m| m.stream_id().to_owned()).unwrap_or_default();
-                        c.frames.push((stream, **data.seq_range.start(), data.time.numer(), data.data.to_vec()));
+                        c.frames.push((frame.stream.to_string(), frame.seq, frame.rtp_time, frame.payload.to_vec()));
                     }
-                    if data.params.spec().codec == Codec::Vp8 {
+                    if frame.kind == MediaKind::Video {
                         c.video_frames += 1;
-                    } else if let Some(sender) = data.data.first() {
+                    } else if let Some(sender) = frame.payload.first() {
                         *c.heard.entry(*sender).or_default() += 1;
                     }
                 }
-                Output::Event(Event::KeyframeRequest(_)) => c.keyframe_requests += 1,
-                Output::Event(Event::RawPacket(raw)) => {
-                    if let str0m::rtp::RawPacket::RtpRx(header, payload) = *raw {
-                        c.rtp.push(RtpRecord {
-                            ssrc: *header.ssrc,
-                            seq: header.sequence_number,
-                            timestamp: header.timestamp,
-                            marker: header.marker,
-                            csrc: (header.csrc_count > 0).then_some(header.csrc[0]),
-                            first_byte: payload.first().copied(),
-                            at: self.now,
-                        });
-                    }
-                }
+                Output::Event(PeerEvent::KeyframeRequest) => c.keyframe_requests += 1,
+                Output::Event(PeerEvent::Packet(packet)) => c.rtp.push(RtpRecord {
+                    ssrc: packet.ssrc,
+                    seq: packet.seq,
+                    timestamp: packet.timestamp,
+                    marker: packet.marker,
+                    csrc: packet.csrc,
+                    first_byte: packet.payload.first().copied(),
+                    at: self.now,
+                }),
+                Output::Event(PeerEvent::Failed(reason)) => panic!("client {} failed: {reason}", c.index),
                 Output::Event(_) => {}
             }
         }

@@ -843,7 +843,7 @@ impl Controller {
     ) {
         match member.state {
             MemberState::Invited => self.timers.cancel(Timer::Ring(call_id, member.session)),
-            MemberState::Joined(leg) => self.teardown_leg(leg, cause.reason),
+            MemberState::Joined(leg) => self.teardown_leg(leg, cause.leave_reason(device)),
         }
         if let Some(s) = self.sessions.get_mut(&member.session)
             && s.call == Some(call_id)

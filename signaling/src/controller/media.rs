@@ -6,12 +6,12 @@ use std::time::Instant;
 use tracing::{debug, info};
 
 use super::{
-    Cause, Controller, Handled, Leg, LegPhase, LegTimer, Link, Output, Reject, SfuCommand,
-    SfuNotice, Timer,
+    Cause, Controller, Handled, LeaveReason, Leg, LegPhase, LegTimer, Link, Output, Reject,
+    SfuCommand, SfuNotice, Timer,
 };
-use crate::grants::sdp_sends_media;
 use crate::ids::{CallId, DeviceId, ParticipantKey, SessionId};
 use crate::pb::{self, EndReason, ErrorCode, ParticipantStatus, server_frame};
+use crate::sdp::Sdp;
 
 impl Controller {
     /// A fresh participation for `device` in `call`, waiting for its offer.
@@ -45,7 +45,7 @@ impl Controller {
 
     /// Ends a participation: its deadlines go, and the SFU drops it and all
     /// its forwarding entries.
-    pub(super) fn teardown_leg(&mut self, leg: Leg, reason: EndReason) {
+    pub(super) fn teardown_leg(&mut self, leg: Leg, reason: LeaveReason) {
         for which in LegTimer::ALL {
             self.timers.cancel(Timer::Leg(leg.key, which));
         }
@@ -94,11 +94,17 @@ impl Controller {
         Ok((id, device, leg.key))
     }
 
+    /// The SDP of a device's request, read once here; only an empty one is
+    /// refused (the SFU judges the rest).
+    fn read_sdp(call_id: u64, sdp: String) -> Result<Sdp, Reject> {
+        Sdp::new(sdp).map_err(|_| Reject::new(ErrorCode::InvalidArgument, "empty sdp").call(call_id))
+    }
+
     /// A credential that may not publish never sends: an SDP that would is
     /// refused (the SFU also forwards nothing such a participant sends).
-    fn check_publish(&self, sid: SessionId, call_id: u64, sdp: &str) -> Result<(), Reject> {
+    fn check_publish(&self, sid: SessionId, call_id: u64, sdp: &Sdp) -> Result<(), Reject> {
         let publish = self.sessions.get(&sid).is_some_and(|s| s.credential.grant.publish);
-        if !publish && sdp_sends_media(sdp) {
+        if !publish && sdp.sends_media() {
             return Err(Reject::new(
                 ErrorCode::Forbidden,
                 "this credential may only listen: make every audio and video m-line recvonly",
@@ -126,10 +132,8 @@ impl Controller {
         m: pb::SdpOffer,
     ) -> Handled {
         let (call, device, key) = self.sender_leg(sid, m.call_id, m.session_id)?;
-        if m.sdp.is_empty() {
-            return Err(Reject::new(ErrorCode::InvalidArgument, "empty sdp").call(m.call_id));
-        }
-        self.check_publish(sid, m.call_id, &m.sdp)?;
+        let sdp = Self::read_sdp(m.call_id, m.sdp)?;
+        self.check_publish(sid, m.call_id, &sdp)?;
         let grant = self.sessions.get(&sid).map(|s| s.credential.grant.clone());
         let (publish, subscribe) = grant.map_or((false, false), |g| (g.publish, g.subscribe));
         let sfu_timeout = self.config.sfu_timeout;
@@ -154,7 +158,7 @@ impl Controller {
             room: call,
             participant: key,
             display_name: device,
-            offer_sdp: m.sdp,
+            offer_sdp: sdp,
             publish,
             subscribe,
         }));
@@ -178,7 +182,7 @@ impl Controller {
                         .call(m.call_id),
                 );
             }
-            Some((rev, _)) if *rev != m.revision => {
+            Some(rev) if *rev != m.revision => {
                 return Err(Reject::new(
                     ErrorCode::StaleRevision,
                     format!(
@@ -190,10 +194,8 @@ impl Controller {
             }
             Some(_) => {}
         }
-        if m.sdp.is_empty() {
-            return Err(Reject::new(ErrorCode::InvalidArgument, "empty sdp").call(m.call_id));
-        }
-        self.check_publish(sid, m.call_id, &m.sdp)?;
+        let sdp = Self::read_sdp(m.call_id, m.sdp)?;
+        self.check_publish(sid, m.call_id, &sdp)?;
         let Some(leg) = self.leg_mut(key) else {
             return Err(Reject::new(ErrorCode::InvalidState, "no participation"));
         };
@@ -201,7 +203,7 @@ impl Controller {
         self.timers.cancel(Timer::Leg(key, LegTimer::Answer));
         self.out.push_back(Output::Sfu(SfuCommand::Answer {
             participant: key,
-            sdp: m.sdp,
+            sdp,
         }));
         Ok(m.call_id)
     }
@@ -213,10 +215,8 @@ impl Controller {
         m: pb::IceRestart,
     ) -> Handled {
         let (_, _, key) = self.sender_leg(sid, m.call_id, m.session_id)?;
-        if m.sdp.is_empty() {
-            return Err(Reject::new(ErrorCode::InvalidArgument, "empty sdp").call(m.call_id));
-        }
-        self.check_publish(sid, m.call_id, &m.sdp)?;
+        let sdp = Self::read_sdp(m.call_id, m.sdp)?;
+        self.check_publish(sid, m.call_id, &sdp)?;
         let sfu_timeout = self.config.sfu_timeout;
         let leg = self
             .leg_mut(key)
@@ -237,7 +237,7 @@ impl Controller {
             .set(Timer::Leg(key, LegTimer::SfuAnswer), now + sfu_timeout);
         self.out.push_back(Output::Sfu(SfuCommand::Offer {
             participant: key,
-            sdp: m.sdp,
+            sdp,
         }));
         Ok(m.call_id)
     }
@@ -278,7 +278,7 @@ impl Controller {
                         call_id: call.0,
                         session_id: key.session.0,
                         revision,
-                        sdp: answer_sdp,
+                        sdp: answer_sdp.into_string(),
                     }),
                 );
             }
@@ -299,6 +299,21 @@ impl Controller {
                     .fault_at(now);
                 self.leave(now, call, &device, cause);
             }
+            SfuNotice::NegotiationFailed { error, .. } => {
+                // Its media session cannot go on: out of the SFU now, for
+                // this reason, then out of the call like a lost participant.
+                leg.in_sfu = false;
+                info!(%call, %device, %error, "sfu could not negotiate");
+                self.out.push_back(Output::Sfu(SfuCommand::Leave {
+                    participant: key,
+                    reason: LeaveReason::NegotiationFailed,
+                }));
+                let cause = Cause::new(EndReason::MediaFailed)
+                    .by(&device)
+                    .detail(format!("media lost: {error}"))
+                    .fault_at(now);
+                self.leave(now, call, &device, cause);
+            }
             SfuNotice::Offer { sdp, .. } => {
                 if matches!(leg.phase, LegPhase::AwaitingOffer | LegPhase::Joining) {
                     // The SFU renegotiates only established participants.
@@ -307,7 +322,7 @@ impl Controller {
                 }
                 let revision = leg.next_revision;
                 leg.next_revision += 1;
-                leg.server_offer = Some((revision, sdp.clone()));
+                leg.server_offer = Some(revision);
                 // While detached, the offer waits in the replay buffer and its
                 // deadline starts at the resume.
                 if attached {
@@ -322,7 +337,7 @@ impl Controller {
                         call_id: call.0,
                         session_id: key.session.0,
                         revision,
-                        sdp,
+                        sdp: sdp.into_string(),
                     }),
                 );
             }
@@ -338,7 +353,7 @@ impl Controller {
                         call_id: call.0,
                         session_id: key.session.0,
                         revision,
-                        sdp,
+                        sdp: sdp.into_string(),
                     }),
                 );
             }

@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use rand::{SeedableRng, rngs::StdRng};
 use tracing::{debug, info, trace};
 
-pub use self::sfu::{SfuCommand, SfuNotice};
+pub use self::sfu::{LeaveReason, RemovalReason, SfuCommand, SfuNotice};
 pub use self::stats::{DurationHistogram, Stats, Transition};
 use self::timers::{LegTimer, Timer, TimerTable};
 use crate::Error;
@@ -439,14 +439,15 @@ enum MemberState {
 struct Leg {
     key: ParticipantKey,
     phase: LegPhase,
-    /// A `Join` was sent and no `JoinFailed`/`Removed` came back.
+    /// A `Join` was sent, no `JoinFailed`/`Removed` came back and no
+    /// `Leave` went out.
     in_sfu: bool,
     /// Revision of the device's joining offer, echoed in the answer.
     join_revision: u64,
     /// The participant's id in the SFU, once joined (0 before).
     media_id: u64,
-    /// A server offer awaiting the device's answer: (revision, sdp).
-    server_offer: Option<(u64, String)>,
+    /// The revision of a server offer awaiting the device's answer.
+    server_offer: Option<u64>,
     /// A device offer (ICE restart) awaiting the SFU's answer: its revision.
     device_offer: Option<u64>,
     next_revision: u64,
@@ -555,6 +556,19 @@ impl Cause {
     fn fault_at(mut self, at: Instant) -> Self {
         self.fault_at = Some(at);
         self
+    }
+
+    /// Why `device`'s participant leaves the SFU when this cause ends its
+    /// membership: the call's reason names one device (`by`), and only that
+    /// device's session was lost; everyone else just leaves.
+    fn leave_reason(&self, device: &DeviceId) -> LeaveReason {
+        match self.reason {
+            EndReason::ServerShutdown => LeaveReason::Shutdown,
+            EndReason::ConnectionLost if self.by.as_ref() == Some(device) => {
+                LeaveReason::SignalingClosed
+            }
+            _ => LeaveReason::Requested,
+        }
     }
 }
 

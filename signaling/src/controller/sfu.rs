@@ -8,17 +8,27 @@
 //! participation can never touch a newer one: the controller ignores notices
 //! whose key it no longer knows.
 //!
-//! Ordering contract for the adapter: commands are applied in the order the
+//! The controller decides; whatever carries these messages to the SFU (the
+//! `fleetcall` binary's bridge) only translates them: it never leaves a
+//! participant, retries or gives up on its own, and it reports what the SFU
+//! did with the reasons below, never with free text the controller would
+//! have to read.
+//!
+//! Ordering contract for the bridge: commands are applied in the order the
 //! controller emits them; notices for one participant are delivered in the
 //! order the SFU produced them. `Leave` for an unknown key is a no-op in the
 //! SFU (the controller may send it for a `Join` the SFU has not processed).
+//!
+//! The enums here are exhaustive on purpose: a new command, notice or reason
+//! must not compile until the bridge translates it.
+
+use std::fmt;
 
 use crate::ids::{CallId, DeviceId, ParticipantKey};
-use crate::pb::EndReason;
+use crate::sdp::Sdp;
 
 /// Controller -> SFU.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum SfuCommand {
     /// Create the participant in `room` (creating the room on first join)
     /// from the device's offer. Answered by `Joined` or `JoinFailed`.
@@ -30,7 +40,7 @@ pub enum SfuCommand {
         /// The device id, for logs and the dashboard.
         display_name: DeviceId,
         /// The device's SDP offer.
-        offer_sdp: String,
+        offer_sdp: Sdp,
         /// Whether its grant lets it send media: without, the SFU forwards
         /// nothing it sends.
         publish: bool,
@@ -38,20 +48,23 @@ pub enum SfuCommand {
         subscribe: bool,
     },
     /// The device's answer to a server-initiated offer (`SfuNotice::Offer`).
+    /// An answer the SFU cannot use is reported as `NegotiationFailed` or,
+    /// if the SFU dropped the participant for it, `Removed`.
     Answer {
         /// Who answered.
         participant: ParticipantKey,
         /// SDP answer.
-        sdp: String,
+        sdp: Sdp,
     },
     /// A device-initiated offer on an established participant (ICE restart).
-    /// Answered by `SfuNotice::Answer`. Cancels a server offer in flight; the
-    /// SFU offers again afterwards if it still needs to.
+    /// Answered by `SfuNotice::Answer` or `NegotiationFailed`. Cancels a
+    /// server offer in flight; the SFU offers again afterwards if it still
+    /// needs to.
     Offer {
         /// Who offered.
         participant: ParticipantKey,
         /// SDP offer.
-        sdp: String,
+        sdp: Sdp,
     },
     /// A device's own noise suppression setting (`None`: use the defaults).
     /// Applies to its current and future participants.
@@ -66,20 +79,19 @@ pub enum SfuCommand {
         /// Who leaves.
         participant: ParticipantKey,
         /// Why, for the SFU's logs and metrics.
-        reason: EndReason,
+        reason: LeaveReason,
     },
 }
 
 /// SFU -> controller.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum SfuNotice {
     /// The participant exists; `answer_sdp` answers its join offer.
     Joined {
         /// The participant.
         participant: ParticipantKey,
         /// SDP answer for the device.
-        answer_sdp: String,
+        answer_sdp: Sdp,
         /// The participant's id inside the SFU: the msid stream id of its
         /// tracks and the CSRC of its audio in slots.
         media_id: u64,
@@ -88,7 +100,7 @@ pub enum SfuNotice {
     JoinFailed {
         /// The participant.
         participant: ParticipantKey,
-        /// Human-readable cause.
+        /// Human-readable cause, for the call's end detail.
         error: String,
     },
     /// Server-initiated renegotiation (the room changed): relay to the device.
@@ -96,14 +108,14 @@ pub enum SfuNotice {
         /// The participant.
         participant: ParticipantKey,
         /// SDP offer.
-        sdp: String,
+        sdp: Sdp,
     },
     /// Answer to a device-initiated offer (`SfuCommand::Offer`).
     Answer {
         /// The participant.
         participant: ParticipantKey,
         /// SDP answer.
-        sdp: String,
+        sdp: Sdp,
     },
     /// ICE and DTLS completed: media flows.
     Connected {
@@ -117,13 +129,61 @@ pub enum SfuNotice {
         /// Selected speakers, the dominant one first.
         speakers: Vec<ParticipantKey>,
     },
+    /// The SFU could not use the participant's answer or offer
+    /// (`SfuCommand::Answer`, `SfuCommand::Offer`): its media session cannot
+    /// go on. The participant is still in the SFU until a `Leave`.
+    NegotiationFailed {
+        /// The participant.
+        participant: ParticipantKey,
+        /// Human-readable cause, for the call's end detail.
+        error: String,
+    },
     /// The SFU removed the participant on its own (ICE timeout, DTLS failure).
     Removed {
         /// The participant.
         participant: ParticipantKey,
-        /// Human-readable cause.
-        reason: String,
+        /// Why.
+        reason: RemovalReason,
     },
+}
+
+/// Why the controller takes a participant out of the SFU (the SFU counts
+/// removals by reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LeaveReason {
+    /// Its call ended or it left the call: hangup, leave, a timeout, an
+    /// operator, a revocation, or another member's failure.
+    Requested,
+    /// Its own control session was lost.
+    SignalingClosed,
+    /// The SFU could not use its SDP (after `SfuNotice::NegotiationFailed`).
+    NegotiationFailed,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// Why the SFU removed a participant on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RemovalReason {
+    /// No media accepted, or ICE disconnected, for longer than the grace.
+    IceTimeout,
+    /// The peer closed DTLS, or its connection failed.
+    Closed,
+    /// An SDP the SFU had parsed could not be applied.
+    NegotiationFailed,
+    /// The media plane is shutting down.
+    Shutdown,
+}
+
+impl fmt::Display for RemovalReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RemovalReason::IceTimeout => "ice timeout",
+            RemovalReason::Closed => "closed",
+            RemovalReason::NegotiationFailed => "negotiation failed",
+            RemovalReason::Shutdown => "shutdown",
+        })
+    }
 }
 
 impl SfuNotice {
@@ -136,6 +196,7 @@ impl SfuNotice {
             | SfuNotice::Answer { participant, .. }
             | SfuNotice::Connected { participant }
             | SfuNotice::ActiveSpeakers { participant, .. }
+            | SfuNotice::NegotiationFailed { participant, .. }
             | SfuNotice::Removed { participant, .. } => *participant,
         }
     }

@@ -20,9 +20,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+pub use fleetcall_signaling::controller::RemovalReason;
 use fleetcall_signaling::controller::{Config, Controller, Output, SfuCommand, SfuNotice};
 use fleetcall_signaling::grants::{Credential, CredentialKey, Grant, RoomPattern};
 use fleetcall_signaling::ids::{CallId, ConnId, DeviceId, ParticipantKey};
+use fleetcall_signaling::sdp::Sdp;
 use fleetcall_signaling::pb::{
     self, CallEnded, ClientFrame, CloseReason, ServerFrame, client_frame::Kind as C,
     server_frame::Kind as S,
@@ -182,6 +184,11 @@ pub fn ms(n: u64) -> Duration {
 
 pub fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
+}
+
+/// An SDP for the fake SFU and the simulated devices (they never parse it).
+pub fn sdp(text: &str) -> Sdp {
+    Sdp::new(text).expect("test SDPs are not empty")
 }
 
 impl Sim {
@@ -890,7 +897,7 @@ impl Sim {
                     now + self.sfu.join_delay,
                     SfuNotice::Joined {
                         participant,
-                        answer_sdp: "v=0 sfu answer".into(),
+                        answer_sdp: sdp("v=0 sfu answer"),
                         media_id,
                     },
                 ));
@@ -906,7 +913,7 @@ impl Sim {
                     now + self.sfu.join_delay,
                     SfuNotice::Answer {
                         participant,
-                        sdp: "v=0 sfu restart answer".into(),
+                        sdp: sdp("v=0 sfu restart answer"),
                     },
                 ));
             }
@@ -914,7 +921,6 @@ impl Sim {
             SfuCommand::Leave { participant, .. } => {
                 self.sfu.participants.remove(&participant);
             }
-            other => panic!("unknown sfu command {other:?}"),
         }
         // Notices must stay in time order.
         self.sfu.pending.make_contiguous().sort_by_key(|(t, _)| *t);
@@ -939,12 +945,12 @@ impl Sim {
         let now = self.now;
         for other in others {
             self.sfu.offers += 1;
-            let sdp = format!("v=0 sfu reoffer {}", self.sfu.offers);
+            let text = format!("v=0 sfu reoffer {}", self.sfu.offers);
             self.sfu.pending.push_back((
                 now + ms(1),
                 SfuNotice::Offer {
                     participant: other,
-                    sdp,
+                    sdp: sdp(&text),
                 },
             ));
         }
@@ -952,14 +958,14 @@ impl Sim {
     }
 
     /// The SFU drops a participant on its own (ICE timeout).
-    pub fn sfu_remove(&mut self, key: ParticipantKey, reason: &str) {
+    pub fn sfu_remove(&mut self, key: ParticipantKey, reason: RemovalReason) {
         self.sfu.participants.remove(&key);
         let now = self.now;
         self.ctl.handle_sfu(
             now,
             SfuNotice::Removed {
                 participant: key,
-                reason: reason.into(),
+                reason,
             },
         );
         self.drain();

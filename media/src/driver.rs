@@ -1,5 +1,11 @@
 //! The UDP driver: worker threads, each owning one [`Sfu`] core and one socket.
 //!
+//! A worker's loop: wait for a datagram batch, a command, audio back from
+//! the DSP threads or the core's deadline; feed it to the core with the
+//! time from tokio's clock; then carry out what the core asks
+//! ([`Output`]) until it says when to wake it. The worker makes no decision
+//! of its own.
+//!
 //! # One UDP port per worker
 //!
 //! Each worker binds its own port from a small configured range and every room
@@ -11,7 +17,7 @@
 //! a port per worker the kernel does the hand-off for free, the demux tables
 //! stay inside the worker, and forwarding never takes a lock. Firewalls need
 //! a range of N ports (N = workers, default one per core) instead of one, which
-//! is a fair price on an institutional LAN. Measured (`benches/handoff.rs`,
+//! is a fair price on an institutional LAN. Measured (`media/benches/handoff.rs`,
 //! 2-core VM): the copy and channel hand-off alone cost about 150 ns per
 //! datagram before any wake-up, about 2.5 % of the 6 µs a 5-person room's
 //! packet costs in the core, on every datagram of every room.
@@ -30,17 +36,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use fleetcall_sfu::audio::{PolicyChange, ProcessedAudio, SuppressionPolicy};
+use fleetcall_sfu::{
+    JoinRequest, Joined, LeaveReason, Output, ParticipantId, Rights, RoomId, SdpAnswer, SdpOffer, Sfu, SfuConfig, SfuError, SfuEvent, SfuStats,
+};
 use quinn_udp::{RecvMeta, UdpSocketState, BATCH_SIZE};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, info_span, warn};
 
-use crate::audio::{AudioPool, MeterSnapshot, PolicyChange, ProcessedAudio, SuppressionPolicy};
-use crate::error::SfuError;
-use crate::ids::{ParticipantId, RoomId};
-use crate::sfu::{JoinRequest, Joined, LeaveReason, Rights, Sfu, SfuConfig, SfuEvent, SfuStats};
-use crate::{SdpAnswer, SdpOffer};
+use crate::audio::{AudioPool, MeterSnapshot};
 
 /// Where the media plane listens.
 #[derive(Debug, Clone)]
@@ -135,16 +141,14 @@ pub struct SfuDriver {
 }
 
 impl SfuDriver {
-    /// Binds one socket per worker and starts the workers.
-    pub fn start(config: DriverConfig) -> Result<SfuDriver, SfuError> {
+    /// Binds one socket per worker and starts the workers and the DSP
+    /// threads.
+    pub fn start(config: DriverConfig) -> io::Result<SfuDriver> {
         let advertise_ip = match (config.advertise_ip, config.bind_ip.is_unspecified()) {
             (Some(ip), _) => ip,
             (None, false) => config.bind_ip,
             (None, true) => {
-                return Err(SfuError::Io(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "an advertise IP is required when binding all interfaces",
-                )));
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "an advertise IP is required when binding all interfaces"));
             }
         };
         let crypto = Arc::new(str0m::crypto::from_feature_flags());
@@ -306,8 +310,6 @@ impl SfuHandle {
     }
 }
 
-/// One worker: waits for a datagram batch, a command or the core's deadline,
-/// feeds it to the core, then flushes what the core produced.
 /// A worker's channels besides its socket.
 struct WorkerIo {
     index: usize,
@@ -318,6 +320,16 @@ struct WorkerIo {
     audio: Arc<AudioPool>,
 }
 
+/// Where a worker carries out its core's outputs.
+struct Sinks<'a> {
+    socket: &'a UdpSocket,
+    state: &'a UdpSocketState,
+    /// Each participant's signaling route, from its join to its removal.
+    routes: HashMap<ParticipantId, mpsc::UnboundedSender<SfuEvent>>,
+    audio: &'a AudioPool,
+    worker: usize,
+}
+
 async fn run_worker(mut sfu: Sfu, socket: std::net::UdpSocket, io: WorkerIo) -> io::Result<()> {
     let WorkerIo { index, advertised, mut commands, mut processed, audio } = io;
     let state = UdpSocketState::new((&socket).into())?;
@@ -325,16 +337,12 @@ async fn run_worker(mut sfu: Sfu, socket: std::net::UdpSocket, io: WorkerIo) -> 
     let _ = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES);
     let _ = state.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES);
     let socket = UdpSocket::from_std(socket)?;
-    let mut routes: HashMap<ParticipantId, mpsc::UnboundedSender<SfuEvent>> = HashMap::new();
+    let mut out = Sinks { socket: &socket, state: &state, routes: HashMap::new(), audio: &audio, worker: index };
     let mut buffer = vec![0u8; SLOT_BYTES * BATCH_SIZE];
     let mut metas = [RecvMeta::default(); BATCH_SIZE];
 
     loop {
-        flush(&mut sfu, &socket, &state, &mut routes);
-        while let Some(command) = sfu.poll_audio() {
-            audio.send(command, index);
-        }
-        let deadline = sfu.poll_timeout().map(tokio::time::Instant::from_std);
+        let deadline = out.carry_out(&mut sfu).map(tokio::time::Instant::from_std);
         tokio::select! {
             // Commands first: a leave must not wait behind a flood of media.
             biased;
@@ -344,10 +352,10 @@ async fn run_worker(mut sfu: Sfu, socket: std::net::UdpSocket, io: WorkerIo) -> 
                     // No handle left, or told to stop: the server is shutting down.
                     None | Some(Command::Shutdown) => {
                         sfu.remove_all(now, LeaveReason::Shutdown);
-                        flush(&mut sfu, &socket, &state, &mut routes);
+                        out.carry_out(&mut sfu);
                         return Ok(());
                     }
-                    Some(command) => handle_command(&mut sfu, now, command, &mut routes),
+                    Some(command) => handle_command(&mut sfu, now, command, &mut out.routes),
                 }
             }
             // Disabled (not spinning) if the pool is gone at shutdown.
@@ -380,17 +388,11 @@ async fn run_worker(mut sfu: Sfu, socket: std::net::UdpSocket, io: WorkerIo) -> 
                     }
                 }
             }
-            () = sleep_until(deadline) => {
+            // No deadline: nothing to wake for until some input arrives.
+            () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                 sfu.handle_timeout(tokio::time::Instant::now().into_std());
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -435,40 +437,34 @@ fn handle_command(
     }
 }
 
-/// Sends every queued datagram and routes every event to its participant.
-fn flush(
-    sfu: &mut Sfu,
-    socket: &UdpSocket,
-    state: &UdpSocketState,
-    routes: &mut HashMap<ParticipantId, mpsc::UnboundedSender<SfuEvent>>,
-) {
-    while let Some(t) = sfu.poll_transmit() {
-        let transmit = quinn_udp::Transmit {
-            destination: t.destination,
-            ecn: None,
-            contents: &t.contents,
-            segment_size: None,
-            src_ip: None,
-        };
-        // UDP semantics: a full send buffer drops the datagram, as the network would.
-        if let Err(e) = state.try_send(socket.into(), &transmit) {
-            debug!(error = %e, destination = %t.destination, "udp send failed");
-        }
-    }
-    while let Some(event) = sfu.poll_event() {
-        let to = match &event {
-            SfuEvent::Offer { participant, .. }
-            | SfuEvent::Connected { participant }
-            | SfuEvent::Removed { participant, .. } => *participant,
-            SfuEvent::ParticipantJoined { to, .. } | SfuEvent::ParticipantLeft { to, .. } | SfuEvent::ActiveSpeakers { to, .. } => *to,
-        };
-        let removed = matches!(event, SfuEvent::Removed { .. });
-        if let Some(route) = routes.get(&to) {
-            // The session may be gone already; then nobody needs the event.
-            let _ = route.send(event);
-        }
-        if removed {
-            routes.remove(&to);
+impl Sinks<'_> {
+    /// Does what the core asks until it says when to wake it: sends the
+    /// datagrams, routes each event to its participant, hands audio to the
+    /// DSP threads. Returns the core's deadline.
+    fn carry_out(&mut self, sfu: &mut Sfu) -> Option<std::time::Instant> {
+        loop {
+            match sfu.poll_output() {
+                Output::Transmit(t) => {
+                    let transmit = quinn_udp::Transmit { destination: t.destination, ecn: None, contents: &t.contents, segment_size: None, src_ip: None };
+                    // UDP semantics: a full send buffer drops the datagram, as the network would.
+                    if let Err(e) = self.state.try_send(self.socket.into(), &transmit) {
+                        debug!(error = %e, destination = %t.destination, "udp send failed");
+                    }
+                }
+                Output::Event(event) => {
+                    let to = event.recipient();
+                    let removed = matches!(event, SfuEvent::Removed { .. });
+                    if let Some(route) = self.routes.get(&to) {
+                        // The session may be gone already; then nobody needs the event.
+                        let _ = route.send(event);
+                    }
+                    if removed {
+                        self.routes.remove(&to);
+                    }
+                }
+                Output::Audio(command) => self.audio.send(command, self.worker),
+                Output::Timeout(deadline) => return deadline,
+            }
         }
     }
 }

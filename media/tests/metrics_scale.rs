@@ -2,7 +2,7 @@
 //! 1,000 connected participants.
 //!
 //! ```sh
-//! cargo test --release -p fleetcall-sfu --test metrics_scale -- --ignored --nocapture
+//! cargo test --release -p fleetcall-media --test metrics_scale -- --ignored --nocapture
 //! ```
 //!
 //! Four sans-IO cores (the driver asks every worker for its stats, then
@@ -11,6 +11,9 @@
 //! merging, the metric families and the text encoding. Prints figures,
 //! asserts only that the fill happened.
 
+// The SFU core's virtual-time harness: this figure is about what the driver
+// does with the cores' stats, not about the cores.
+#[path = "../../sfu/tests/common/mod.rs"]
 mod common;
 
 use std::time::{Duration, Instant};
@@ -50,7 +53,7 @@ fn stats_and_families_with_1000_connected_participants() {
         for net in &cores {
             total.merge(&net.sfu.stats());
         }
-        let families = fleetcall_sfu::metrics::families(&total, &AudioTotals::default());
+        let families = fleetcall_media::metrics::families(&total, &AudioTotals::default());
         text.clear();
         prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &families, &mut text).unwrap();
         times.push(start.elapsed());

@@ -1,13 +1,13 @@
-//! The device-side media peer ([`fleetcall_sfu::client::PeerCore`]) against
-//! the SFU core, in virtual time: join offers, renegotiation answers, frames
+//! The media peer ([`fleetcall_peer::Peer`], frame mode) against the SFU
+//! core, in virtual time: join offers, renegotiation answers, frames
 //! delivered per remote stream, and garbage on its socket.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use fleetcall_sfu::client::{FRAME, MediaEvent, PeerCore};
-use fleetcall_sfu::{JoinRequest, ParticipantId, Rights, RoomId, SdpAnswer, SdpOffer, Sfu, SfuConfig, SfuEvent};
+use fleetcall_peer::{DtlsIdentity, FRAME, Output, Peer as PeerCore, PeerConfig, PeerEvent as MediaEvent};
+use fleetcall_sfu::{JoinRequest, Output as SfuOutput, ParticipantId, Rights, RoomId, SdpAnswer, SdpOffer, Sfu, SfuConfig, SfuEvent};
 
 const SFU_ADDR: &str = "10.0.0.100:5000";
 
@@ -19,6 +19,8 @@ struct Peer {
 
 struct Net {
     sfu: Sfu,
+    /// The core's deadline, from its last `poll_output`.
+    sfu_timeout: Option<Instant>,
     sfu_addr: SocketAddr,
     peers: Vec<Peer>,
     now: Instant,
@@ -29,13 +31,13 @@ impl Net {
     fn new() -> Net {
         let sfu_addr: SocketAddr = SFU_ADDR.parse().unwrap();
         let config = SfuConfig { candidates: vec![sfu_addr], ..SfuConfig::default() };
-        Net { sfu: Sfu::new(config), sfu_addr, peers: Vec::new(), now: Instant::now(), wire: VecDeque::new() }
+        Net { sfu: Sfu::new(config), sfu_timeout: None, sfu_addr, peers: Vec::new(), now: Instant::now(), wire: VecDeque::new() }
     }
 
     fn join(&mut self, room: &str) -> anyhow::Result<usize> {
         let index = self.peers.len();
         let local: SocketAddr = format!("10.0.0.{}:4000", index + 1).parse()?;
-        let mut core = PeerCore::new(self.now, local)?;
+        let mut core = PeerCore::new(self.now, local, &DtlsIdentity::generate()?, PeerConfig::default())?;
         let offer = core.create_offer(self.now)?;
         assert!(offer.contains("a=sendonly"), "{offer}");
         let id = ParticipantId(index as u64 + 1);
@@ -55,15 +57,26 @@ impl Net {
     fn pump(&mut self) -> anyhow::Result<()> {
         loop {
             let mut moved = false;
-            while let Some(t) = self.sfu.poll_transmit() {
-                self.wire.push_back((t.source, t.destination, t.contents));
+            let mut sfu_events = Vec::new();
+            loop {
+                match self.sfu.poll_output() {
+                    SfuOutput::Transmit(t) => self.wire.push_back((t.source, t.destination, t.contents)),
+                    SfuOutput::Event(e) => sfu_events.push(e),
+                    // No track here has suppression on.
+                    SfuOutput::Audio(_) => {}
+                    SfuOutput::Timeout(at) => {
+                        self.sfu_timeout = at;
+                        break;
+                    }
+                }
             }
             for peer in &mut self.peers {
-                while let Some(d) = peer.core.poll_transmit() {
-                    self.wire.push_back((peer.core.local_addr(), d.destination, d.contents));
-                }
-                while let Some(e) = peer.core.poll_event() {
-                    peer.events.push(e);
+                loop {
+                    match peer.core.poll_output() {
+                        Output::Transmit(d) => self.wire.push_back((peer.core.local_addr(), d.destination, d.contents)),
+                        Output::Event(e) => peer.events.push(e),
+                        Output::Timeout(_) => break,
+                    }
                 }
             }
             while let Some((from, to, bytes)) = self.wire.pop_front() {
@@ -74,7 +87,7 @@ impl Net {
                     peer.core.handle_datagram(self.now, from, &bytes);
                 }
             }
-            while let Some(event) = self.sfu.poll_event() {
+            for event in sfu_events {
                 moved = true;
                 if let SfuEvent::Offer { participant, offer } = event {
                     let now = self.now;
@@ -96,7 +109,7 @@ impl Net {
         let mut next_frame = self.now;
         while self.now < end {
             let mut next = end.min(next_frame);
-            next = self.sfu.poll_timeout().map_or(next, |t| t.min(next));
+            next = self.sfu_timeout.map_or(next, |t| t.min(next));
             for peer in &self.peers {
                 next = peer.core.poll_timeout().map_or(next, |t| t.min(next));
             }

@@ -1,13 +1,13 @@
 //! The control plane's Prometheus series: every name in one place.
 //!
-//! Built at scrape time from the controller's plain [`Stats`] and [`Gauges`].
-//! Labels are bounded enums (reachability, phase, reason, code), never ids.
+//! Built at scrape time from the controller's plain [`Stats`] and [`Gauges`]
+//! (fleetcall-signaling knows no Prometheus). Labels are bounded enums
+//! (reachability, phase, reason, code), never ids.
 
-use fleetcall_sfu::metrics::Family;
+use fleetcall_media::metrics::Family;
+use fleetcall_signaling::controller::{DurationHistogram, Gauges, Reachability, Stats};
+use fleetcall_signaling::pb::{CallPhase, CloseReason, EndReason, ErrorCode};
 use prometheus::proto::MetricFamily;
-
-use crate::controller::{DurationHistogram, Gauges, Reachability, Stats};
-use crate::pb::{CallPhase, CloseReason, EndReason, ErrorCode};
 
 fn reachability_name(r: Reachability) -> &'static str {
     match r {
@@ -114,8 +114,9 @@ pub fn families(stats: &Stats, gauges: &Gauges) -> Vec<MetricFamily> {
 mod tests {
     use std::time::Duration;
 
+    use fleetcall_signaling::controller::Transition;
+
     use super::*;
-    use crate::controller::Transition;
 
     #[test]
     fn series_follow_the_controller() {

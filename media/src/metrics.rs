@@ -4,13 +4,12 @@
 //! driver turns them into metric families here. Labels are bounded: drop
 //! reasons, removal reasons, stages. Nothing per room, participant or packet.
 //!
-//! The family builders are shared with the control plane's metrics module.
+//! The family builder ([`Family`]) is shared with the server's other series.
 
+use fleetcall_sfu::audio::AudioTotals;
+use fleetcall_sfu::histogram::Histogram;
+use fleetcall_sfu::SfuStats;
 use prometheus::proto::{Bucket, Counter, Gauge, Histogram as PromHistogram, LabelPair, Metric, MetricFamily, MetricType};
-
-use crate::audio::AudioTotals;
-use crate::histogram::Histogram;
-use crate::sfu::SfuStats;
 
 /// A metric family under construction.
 #[derive(Debug)]
