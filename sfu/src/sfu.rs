@@ -337,6 +337,7 @@ impl Sfu {
         if members >= self.config.max_room_size {
             return Err(SfuError::RoomFull(room));
         }
+        check_fingerprint(&offer)?;
 
         let mut rtc = Rtc::builder()
             .set_ice_lite(true)
@@ -923,6 +924,30 @@ const MAX_TIMEOUTS_AT_ONCE: usize = 2;
 /// Drains one participant's `Rtc` to its next timeout, queueing work that
 /// touches other participants, then files its next wake-up. A free function
 /// so callers can hold other fields of the core.
+/// Refuses, at the join, an offer whose DTLS fingerprint the handshake
+/// could never match: str0m checks only sha-256 and sha-1 and would accept
+/// the offer, then drop the participant when DTLS completes. The one
+/// checked is the one str0m uses (session level, else the first m-line).
+/// A missing fingerprint str0m refuses itself.
+fn check_fingerprint(offer: &SdpOffer) -> Result<(), SfuError> {
+    let Some(fingerprint) = offer.session.fingerprint().or_else(|| offer.media_lines.iter().find_map(|m| m.fingerprint())) else {
+        return Ok(());
+    };
+    let digest_len = match fingerprint.hash_func.to_ascii_lowercase().as_str() {
+        "sha-256" => 32,
+        "sha-1" => 20,
+        other => return Err(SfuError::InvalidSdp(format!("DTLS fingerprint hash {other:?} is not supported (sha-256 or sha-1)"))),
+    };
+    if fingerprint.bytes.len() != digest_len {
+        return Err(SfuError::InvalidSdp(format!(
+            "DTLS fingerprint has {} bytes, {} needs {digest_len}",
+            fingerprint.bytes.len(),
+            fingerprint.hash_func
+        )));
+    }
+    Ok(())
+}
+
 fn drain(now: Instant, p: &mut Participant, q: &mut Queues) {
     let mut served_at_once = 0;
     loop {

@@ -123,6 +123,11 @@ pub struct Net {
     pub drop_rtp: Option<fn(u64) -> bool>,
     /// Clients joining from now on record every RTP packet they receive.
     pub record_rtp: bool,
+    /// The last SRTP datagram each client sent to the SFU (by client
+    /// address), kept while `keep_sent_rtp` is set: genuine packets to
+    /// mangle in bad-input tests.
+    pub sent_rtp: HashMap<SocketAddr, Vec<u8>>,
+    pub keep_sent_rtp: bool,
 }
 
 impl Net {
@@ -153,6 +158,8 @@ impl Net {
             audio_totals: Default::default(),
             drop_rtp: None,
             record_rtp: false,
+            sent_rtp: HashMap::new(),
+            keep_sent_rtp: false,
         }
     }
 
@@ -317,6 +324,9 @@ impl Net {
             while let Some((from, to, bytes)) = self.wire.pop_front() {
                 moved = true;
                 if to == SFU_ADDR.parse().unwrap() {
+                    if self.keep_sent_rtp && is_rtp(&bytes) {
+                        self.sent_rtp.insert(from, bytes.clone());
+                    }
                     if is_rtp(&bytes) && self.drop_rtp.is_some_and(|drop| drop(self.rtp_in)) {
                         self.rtp_in += 1;
                         continue;
