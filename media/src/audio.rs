@@ -20,6 +20,10 @@ use fleetcall_sfu::TrackKey;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+/// What a pipeline produced for one packet of a track (maybe nothing):
+/// answered once per `Process` command, so the core's queue bound holds.
+pub type Produced = (TrackKey, Vec<ProcessedAudio>);
+
 /// Meters of every processed track, from all DSP threads.
 pub type MeterSnapshot = Vec<(TrackKey, TrackMeters)>;
 
@@ -45,7 +49,7 @@ pub struct AudioPool {
 
 impl AudioPool {
     /// Starts `threads` DSP threads; results for worker `i` go to `results[i]`.
-    pub fn start(threads: usize, config: PipelineConfig, results: Vec<mpsc::UnboundedSender<Vec<ProcessedAudio>>>) -> std::io::Result<AudioPool> {
+    pub fn start(threads: usize, config: PipelineConfig, results: Vec<mpsc::UnboundedSender<Produced>>) -> std::io::Result<AudioPool> {
         let results: Arc<[_]> = results.into();
         let mut pool = Vec::new();
         for index in 0..threads.max(1) {
@@ -94,29 +98,30 @@ impl AudioPool {
     }
 }
 
-fn run_dsp_thread(rx: std_mpsc::Receiver<PoolMessage>, config: PipelineConfig, results: &[mpsc::UnboundedSender<Vec<ProcessedAudio>>]) {
+fn run_dsp_thread(rx: std_mpsc::Receiver<PoolMessage>, config: PipelineConfig, results: &[mpsc::UnboundedSender<Produced>]) {
     let mut tracks: HashMap<TrackKey, TrackProcessor> = HashMap::new();
     // Counters of closed tracks live on here; live tracks are added on demand.
     let mut totals = AudioTotals::default();
     for message in rx {
         match message {
             PoolMessage::Command { command: AudioCommand::Process { track, packet }, worker } => {
+                let mut out = Vec::with_capacity(1);
                 let processor = match tracks.entry(track) {
-                    Entry::Occupied(entry) => entry.into_mut(),
+                    Entry::Occupied(entry) => Some(entry.into_mut()),
                     Entry::Vacant(entry) => match TrackProcessor::new(config) {
-                        Ok(processor) => entry.insert(processor),
+                        Ok(processor) => Some(entry.insert(processor)),
                         Err(e) => {
                             warn!(error = %e, "cannot create an audio pipeline");
-                            continue;
+                            None
                         }
                     },
                 };
-                let mut out = Vec::with_capacity(1);
-                processor.process(Instant::now, track, &packet, &mut out, &mut totals);
-                if !out.is_empty()
-                    && let Some(tx) = results.get(worker)
-                {
-                    let _ = tx.send(out);
+                if let Some(processor) = processor {
+                    processor.process(Instant::now, track, &packet, &mut out, &mut totals);
+                }
+                // Answered even when empty: the core counts what it handed out.
+                if let Some(tx) = results.get(worker) {
+                    let _ = tx.send((track, out));
                 }
             }
             PoolMessage::Command { command: AudioCommand::Suppress { track, on }, .. } => {

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use fleetcall_sfu::audio::{PolicyChange, ProcessedAudio, SuppressionPolicy};
+use fleetcall_sfu::audio::{PolicyChange, SuppressionPolicy};
 use fleetcall_sfu::{
     JoinRequest, Joined, LeaveReason, Output, ParticipantId, Rights, RoomId, SdpAnswer, SdpOffer, Sfu, SfuConfig, SfuError, SfuEvent, SfuStats,
 };
@@ -46,7 +46,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, info_span, warn};
 
-use crate::audio::{AudioPool, MeterSnapshot};
+use crate::audio::{AudioPool, MeterSnapshot, Produced};
 
 /// Where the media plane listens.
 #[derive(Debug, Clone)]
@@ -316,7 +316,7 @@ struct WorkerIo {
     advertised: SocketAddr,
     commands: mpsc::UnboundedReceiver<Command>,
     /// Packets the DSP threads produced for this worker's tracks.
-    processed: mpsc::UnboundedReceiver<Vec<ProcessedAudio>>,
+    processed: mpsc::UnboundedReceiver<Produced>,
     audio: Arc<AudioPool>,
 }
 
@@ -359,11 +359,9 @@ async fn run_worker(mut sfu: Sfu, socket: std::net::UdpSocket, io: WorkerIo) -> 
                 }
             }
             // Disabled (not spinning) if the pool is gone at shutdown.
-            Some(batch) = processed.recv() => {
+            Some((track, produced)) = processed.recv() => {
                 let now = tokio::time::Instant::now().into_std();
-                for packet in batch {
-                    sfu.handle_processed(now, packet);
-                }
+                sfu.handle_processed(now, track, produced);
             }
             ready = socket.readable() => {
                 ready?;

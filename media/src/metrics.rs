@@ -136,6 +136,7 @@ pub fn families(stats: &SfuStats, audio: &AudioTotals) -> Vec<MetricFamily> {
             .value(&[("reason", "rejected")], total(stats.dropped.rejected))
             .value(&[("reason", "unroutable")], total(stats.dropped.unroutable))
             .value(&[("reason", "not_permitted")], total(stats.dropped.not_permitted))
+            .value(&[("reason", "dsp_overflow")], total(stats.dropped.dsp_overflow))
             .build(),
         removed.build(),
         Family::counter("fleetcall_rtcp_nacks_received_total", "NACKs participants sent about forwarded media.").value(&[], total(stats.nacks_received)).build(),

@@ -53,6 +53,8 @@ pub(crate) struct TrackIn {
     pub last_level: Option<i8>,
     /// Last keyframe request sent upstream, to throttle PLI storms.
     pub last_keyframe_request: Option<Instant>,
+    /// Audio packets handed to the DSP pipeline and not answered yet.
+    pub dsp_pending: usize,
 }
 
 /// A change to this participant's session that needs an SDP offer.

@@ -58,6 +58,12 @@ pub struct SfuConfig {
     /// How long a selected speaker who stopped talking keeps its slot while
     /// another waits.
     pub speaker_hold: Duration,
+    /// Most packets of one track handed to its DSP pipeline and not yet
+    /// answered ([`Sfu::handle_processed`]). More are dropped and counted
+    /// (`dropped.dsp_overflow`): a publisher faster than real time, or a
+    /// DSP thread that cannot keep up, costs that track, never a queue
+    /// without end in front of every track on the thread.
+    pub dsp_queue_per_track: usize,
 }
 
 impl Default for SfuConfig {
@@ -70,6 +76,8 @@ impl Default for SfuConfig {
             suppression: SuppressionPolicy::default(),
             audio_slots: 3,
             speaker_hold: SelectorConfig::default().hold,
+            // 200 ms of 20 ms frames.
+            dsp_queue_per_track: 10,
         }
     }
 }
@@ -249,6 +257,8 @@ struct Queues {
     wakes: BinaryHeap<Reverse<(Instant, ParticipantId)>>,
     stats: SfuStats,
     grace: Duration,
+    /// `SfuConfig::dsp_queue_per_track`.
+    dsp_queue: usize,
 }
 
 /// The RTP header extensions the SFU negotiates: str0m's standard set
@@ -304,6 +314,7 @@ impl Sfu {
     /// A core sharing a certificate with other cores.
     pub fn with_certificate(config: SfuConfig, crypto: Arc<CryptoProvider>, dtls_cert: DtlsCert) -> Self {
         let grace = config.disconnect_grace;
+        let dsp_queue = config.dsp_queue_per_track.max(1);
         Sfu {
             config,
             crypto,
@@ -319,6 +330,7 @@ impl Sfu {
                 wakes: BinaryHeap::new(),
                 stats: SfuStats::default(),
                 grace,
+                dsp_queue,
             },
         }
     }
@@ -595,10 +607,24 @@ impl Sfu {
         self.run_work(now);
     }
 
-    /// Forwards a packet a DSP pipeline produced for a processed track.
-    pub fn handle_processed(&mut self, now: Instant, processed: ProcessedAudio) {
-        let Some(track) = self.participants.get(&processed.track.publisher).and_then(|p| p.tracks_in.get(&processed.track.mid)) else {
+    /// What a DSP pipeline produced for one [`AudioCommand::Process`] of
+    /// `track`: call once per command, with nothing for a packet the
+    /// pipeline dropped, so the track's queue bound counts it as answered.
+    /// The packets are forwarded.
+    pub fn handle_processed(&mut self, now: Instant, track: TrackKey, produced: impl IntoIterator<Item = ProcessedAudio>) {
+        let Some(state) = self.participants.get_mut(&track.publisher).and_then(|p| p.tracks_in.get_mut(&track.mid)) else {
             return; // the publisher left while its packet was processed
+        };
+        state.dsp_pending = state.dsp_pending.saturating_sub(1);
+        for processed in produced {
+            self.forward_processed(now, processed);
+        }
+        self.run_work(now);
+    }
+
+    fn forward_processed(&mut self, now: Instant, processed: ProcessedAudio) {
+        let Some(track) = self.participants.get(&processed.track.publisher).and_then(|p| p.tracks_in.get(&processed.track.mid)) else {
+            return;
         };
         let Some(pt) = track.last_pt else { return };
         let activity = Activity::Speech { probability: processed.speech_probability, level: track.last_level };
@@ -612,7 +638,6 @@ impl Sfu {
             arrived: processed.arrived,
         };
         self.forward(now, processed.track, Codec::Opus, &packet, Some(activity));
-        self.run_work(now);
     }
 
     /// The next thing to do. Drain after every input until it says `Timeout`.
@@ -743,7 +768,7 @@ impl Sfu {
         }
         let suppress = kind == MediaKind::Audio && self.config.suppression.applies(&p.room, &p.name);
         let audio = if suppress { AudioPath::Pipeline { suppress: true } } else { AudioPath::PassThrough };
-        p.tracks_in.insert(source.mid, TrackIn { kind, audio, last_pt: None, last_level: None, last_keyframe_request: None });
+        p.tracks_in.insert(source.mid, TrackIn { kind, audio, last_pt: None, last_level: None, last_keyframe_request: None, dsp_pending: 0 });
         debug!(participant = %p.id, mid = %source.mid, ?kind, "track published");
         room.forwarding.publish(source);
         let members = room.members.clone();
@@ -1041,6 +1066,11 @@ fn handle_event(now: Instant, p: &mut Participant, event: Event, q: &mut Queues)
             track.last_level = packet.header.ext_vals.audio_level;
             let source = TrackKey { publisher: p.id, mid };
             if codec == Codec::Opus && matches!(track.audio, AudioPath::Pipeline { .. }) {
+                if track.dsp_pending >= q.dsp_queue {
+                    q.stats.dropped.dsp_overflow += 1;
+                    return;
+                }
+                track.dsp_pending += 1;
                 let packet = AudioPacket {
                     seq: *packet.seq_no,
                     timestamp: packet.header.timestamp,

@@ -19,6 +19,9 @@ pub struct DropCounts {
     pub unroutable: u64,
     /// RTP from a participant whose grant does not let it publish.
     pub not_permitted: u64,
+    /// Audio for a DSP pipeline that already had its queue full
+    /// (`SfuConfig::dsp_queue_per_track`).
+    pub dsp_overflow: u64,
 }
 
 /// Counts that prove nothing leaks, traffic counters, and the quality the
@@ -141,6 +144,7 @@ impl SfuStats {
         self.dropped.rejected += other.dropped.rejected;
         self.dropped.unroutable += other.dropped.unroutable;
         self.dropped.not_permitted += other.dropped.not_permitted;
+        self.dropped.dsp_overflow += other.dropped.dsp_overflow;
         for (reason, count) in &other.removed {
             *self.removed.entry(reason).or_default() += count;
         }

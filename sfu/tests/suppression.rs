@@ -86,3 +86,46 @@ fn policy_changes_mid_call_keep_the_stream_continuous() {
     }
     assert!(net.dsp.is_empty());
 }
+
+#[test]
+fn a_dsp_that_cannot_keep_up_holds_a_bounded_queue_and_costs_only_its_track() {
+    init_log();
+    let bound = 10;
+    let policy = SuppressionPolicy { rooms: [(RoomId::from("noisy"), true)].into(), ..Default::default() };
+    let config = SfuConfig { suppression: policy, dsp_queue_per_track: bound, ..SfuConfig::default() };
+    let mut net = Net::with_config(config);
+    net.record_rtp = true;
+    let talker = net.join("noisy");
+    let listener = net.join("noisy");
+    let (a, b) = (net.join("quiet"), net.join("quiet"));
+    net.clients[talker].opus = Some(opus_encoder());
+    net.clients[listener].opus = Some(opus_encoder());
+    net.clients[listener].talking = false;
+    net.run(Duration::from_secs(2));
+    assert_eq!(net.stats().processed_tracks, 2, "only the noisy room is processed");
+    let publisher = net.clients[talker].participant.0;
+    assert!(received_from(&net, listener, publisher).len() >= 50, "denoised audio flows");
+
+    // The DSP stops answering for 2 s: the talker goes on at 50 packets/s.
+    net.hold_dsp = true;
+    let stalled = net.now;
+    let before = net.stats().dropped.dsp_overflow;
+    net.run(Duration::from_secs(2));
+    assert_eq!(net.held_dsp.len(), bound, "never more than the bound waits for the DSP");
+    let overflow = net.stats().dropped.dsp_overflow - before;
+    assert!(overflow >= 80, "the rest was dropped and counted: {overflow}");
+
+    // The other call kept its media all along, without a gap over 200 ms.
+    let arrivals: Vec<_> = net.clients[b].rtp.iter().filter(|r| r.first_byte == Some(a as u8) && r.at >= stalled).map(|r| r.at).collect();
+    assert!(arrivals.len() >= 90, "the quiet room kept talking: {}", arrivals.len());
+    let gap = arrivals.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(gap <= Duration::from_millis(200), "gap of {gap:?} in the other call");
+
+    // Once the DSP answers again the track recovers: nothing is stuck.
+    let heard = received_from(&net, listener, publisher).len();
+    net.release_dsp();
+    net.run(Duration::from_secs(2));
+    assert!(received_from(&net, listener, publisher).len() >= heard + 50, "denoised audio flows again");
+    let stats = net.stats();
+    assert_eq!((stats.rooms, stats.participants), (2, 4), "{stats:?}");
+}

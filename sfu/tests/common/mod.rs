@@ -128,6 +128,10 @@ pub struct Net {
     /// mangle in bad-input tests.
     pub sent_rtp: HashMap<SocketAddr, Vec<u8>>,
     pub keep_sent_rtp: bool,
+    /// A DSP that cannot keep up: packets for the pipelines wait in
+    /// `held_dsp` until [`Net::release_dsp`].
+    pub hold_dsp: bool,
+    pub held_dsp: Vec<fleetcall_sfu::audio::AudioCommand>,
 }
 
 impl Net {
@@ -160,6 +164,8 @@ impl Net {
             record_rtp: false,
             sent_rtp: HashMap::new(),
             keep_sent_rtp: false,
+            hold_dsp: false,
+            held_dsp: Vec::new(),
         }
     }
 
@@ -357,9 +363,19 @@ impl Net {
         }
     }
 
+    /// Runs what the held DSP had waiting, and stops holding.
+    pub fn release_dsp(&mut self) {
+        self.hold_dsp = false;
+        for command in std::mem::take(&mut self.held_dsp) {
+            self.run_dsp(command);
+        }
+        self.pump();
+    }
+
     fn run_dsp(&mut self, command: fleetcall_sfu::audio::AudioCommand) {
         use fleetcall_sfu::audio::{AudioCommand, TrackProcessor};
         match command {
+            AudioCommand::Process { .. } if self.hold_dsp => self.held_dsp.push(command),
             AudioCommand::Process { track, packet } => {
                 let processor = self
                     .dsp
@@ -367,9 +383,7 @@ impl Net {
                     .or_insert_with(|| TrackProcessor::new(fleetcall_dsp::PipelineConfig::default()).unwrap());
                 let mut results = Vec::new();
                 processor.process(Instant::now, track, &packet, &mut results, &mut self.audio_totals);
-                for result in results {
-                    self.sfu.handle_processed(self.now, result);
-                }
+                self.sfu.handle_processed(self.now, track, results);
             }
             AudioCommand::Suppress { track, on } => {
                 if let Some(p) = self.dsp.get_mut(&track) {
