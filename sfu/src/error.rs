@@ -29,14 +29,4 @@ pub enum SfuError {
     /// owns the core has stopped (shutting down). The core never does.
     #[error("the SFU is shutting down")]
     ShuttingDown,
-    /// The media peer's socket ([`crate::client`]).
-    #[error("media socket: {0}")]
-    Io(#[from] std::io::Error),
-    /// A media peer ([`crate::client`]) refused a command: wrong state, or
-    /// WebRTC refused the session description.
-    #[error("media peer: {0}")]
-    Peer(String),
-    /// The media peer's task has stopped.
-    #[error("the media peer has stopped")]
-    PeerStopped,
 }
