@@ -616,28 +616,22 @@ impl Sfu {
             return; // the publisher left while its packet was processed
         };
         state.dsp_pending = state.dsp_pending.saturating_sub(1);
+        let Some(pt) = state.last_pt else { return };
+        let level = state.last_level;
         for processed in produced {
-            self.forward_processed(now, processed);
+            let activity = Activity::Speech { probability: processed.speech_probability, level };
+            let packet = Packet {
+                pt,
+                seq: processed.seq,
+                timestamp: processed.timestamp,
+                marker: processed.marker,
+                exts: ExtensionValues::default(),
+                payload: processed.payload,
+                arrived: processed.arrived,
+            };
+            self.forward(now, track, Codec::Opus, &packet, Some(activity));
         }
         self.run_work(now);
-    }
-
-    fn forward_processed(&mut self, now: Instant, processed: ProcessedAudio) {
-        let Some(track) = self.participants.get(&processed.track.publisher).and_then(|p| p.tracks_in.get(&processed.track.mid)) else {
-            return;
-        };
-        let Some(pt) = track.last_pt else { return };
-        let activity = Activity::Speech { probability: processed.speech_probability, level: track.last_level };
-        let packet = Packet {
-            pt,
-            seq: processed.seq,
-            timestamp: processed.timestamp,
-            marker: processed.marker,
-            exts: ExtensionValues::default(),
-            payload: processed.payload,
-            arrived: processed.arrived,
-        };
-        self.forward(now, processed.track, Codec::Opus, &packet, Some(activity));
     }
 
     /// The next thing to do. Drain after every input until it says `Timeout`.
