@@ -89,14 +89,16 @@ struct DropsJson<'a>(&'a DropCounts);
 
 impl Serialize for DropsJson<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let DropCounts { unknown_source, malformed, rejected, unroutable, not_permitted, dsp_overflow } = self.0;
-        let mut out = serializer.serialize_struct("DropCounts", 5)?;
+        let DropCounts { unknown_source, malformed, rejected, unroutable, not_permitted, dsp_overflow, oversize, address_taken } = self.0;
+        let mut out = serializer.serialize_struct("DropCounts", 8)?;
         out.serialize_field("unknown_source", unknown_source)?;
         out.serialize_field("malformed", malformed)?;
         out.serialize_field("rejected", rejected)?;
         out.serialize_field("unroutable", unroutable)?;
         out.serialize_field("not_permitted", not_permitted)?;
         out.serialize_field("dsp_overflow", dsp_overflow)?;
+        out.serialize_field("oversize", oversize)?;
+        out.serialize_field("address_taken", address_taken)?;
         out.end()
     }
 }

@@ -137,6 +137,8 @@ pub fn families(stats: &SfuStats, audio: &AudioTotals) -> Vec<MetricFamily> {
             .value(&[("reason", "unroutable")], total(stats.dropped.unroutable))
             .value(&[("reason", "not_permitted")], total(stats.dropped.not_permitted))
             .value(&[("reason", "dsp_overflow")], total(stats.dropped.dsp_overflow))
+            .value(&[("reason", "oversize")], total(stats.dropped.oversize))
+            .value(&[("reason", "address_taken")], total(stats.dropped.address_taken))
             .build(),
         removed.build(),
         Family::counter("fleetcall_rtcp_nacks_received_total", "NACKs participants sent about forwarded media.").value(&[], total(stats.nacks_received)).build(),

@@ -22,9 +22,22 @@ pub enum SfuError {
     /// The room holds its configured maximum.
     #[error("room {0} is full")]
     RoomFull(RoomId),
+    /// The offer publishes more tracks than `SfuConfig::max_tracks_per_participant`.
+    #[error("the offer publishes {offered} tracks; at most {limit} are allowed")]
+    TooManyTracks {
+        /// Tracks the offer sends on.
+        offered: usize,
+        /// The configured maximum.
+        limit: usize,
+    },
     /// This SFU holds its configured maximum of participants.
     #[error("the SFU is at capacity")]
     AtCapacity,
+    /// The worker that owns the room has as many commands waiting as it
+    /// may queue: a driver refuses more at once instead of letting them
+    /// (and everyone's joins behind them) wait. The core never does.
+    #[error("the media worker is overloaded; try again later")]
+    Overloaded,
     /// The core is out of reach: a driver reports this when the worker that
     /// owns the core has stopped (shutting down). The core never does.
     #[error("the SFU is shutting down")]

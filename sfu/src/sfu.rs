@@ -64,6 +64,13 @@ pub struct SfuConfig {
     /// DSP thread that cannot keep up, costs that track, never a queue
     /// without end in front of every track on the thread.
     pub dsp_queue_per_track: usize,
+    /// Most tracks one participant may publish (m-lines it sends on); an
+    /// offer with more is refused, so one client cannot make the room
+    /// renegotiate and forward without end.
+    pub max_tracks_per_participant: usize,
+    /// Longest datagram taken on the media port; longer ones are dropped
+    /// and counted (`dropped.oversize`) before any parsing.
+    pub max_datagram: usize,
 }
 
 impl Default for SfuConfig {
@@ -78,6 +85,10 @@ impl Default for SfuConfig {
             speaker_hold: SelectorConfig::default().hold,
             // 200 ms of 20 ms frames.
             dsp_queue_per_track: 10,
+            // Audio, camera, screen, and one to spare.
+            max_tracks_per_participant: 4,
+            // An Ethernet MTU: WebRTC stacks keep under the path MTU.
+            max_datagram: 1500,
         }
     }
 }
@@ -350,6 +361,7 @@ impl Sfu {
             return Err(SfuError::RoomFull(room));
         }
         check_fingerprint(&offer)?;
+        self.check_tracks(&offer)?;
 
         let mut rtc = Rtc::builder()
             .set_ice_lite(true)
@@ -448,6 +460,12 @@ impl Sfu {
     /// in flight is abandoned and its changes are offered again afterwards.
     pub fn accept_offer(&mut self, now: Instant, id: ParticipantId, offer: SdpOffer) -> Result<SdpAnswer, SfuError> {
         let _span = debug_span!("participant", %id).entered();
+        if !self.participants.contains_key(&id) {
+            return Err(SfuError::UnknownParticipant(id));
+        }
+        // Refused before it touches the session: the participant keeps the
+        // media it has.
+        self.check_tracks(&offer)?;
         let p = self.participants.get_mut(&id).ok_or(SfuError::UnknownParticipant(id))?;
         if p.pending_offer.take().is_some()
             && let Some(room) = self.rooms.get_mut(&p.room)
@@ -519,6 +537,10 @@ impl Sfu {
     pub fn handle_datagram(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, datagram: &[u8]) {
         self.q.stats.datagrams_in += 1;
         self.q.stats.bytes_in += datagram.len() as u64;
+        if datagram.len() > self.config.max_datagram {
+            self.q.stats.dropped.oversize += 1;
+            return;
+        }
         let kind = classify(datagram);
         let routed = match kind {
             DatagramKind::Stun => stun_local_ufrag(datagram).and_then(|u| self.demux.by_ufrag(u)).or_else(|| self.demux.by_addr(source)),
@@ -533,6 +555,14 @@ impl Sfu {
             self.q.stats.dropped.unknown_source += 1;
             return;
         };
+        // An address belongs to the participant ICE validated it for until
+        // that one leaves: STUN naming someone else from it (a participant
+        // replaying its own credentials from a spoofed source) would turn
+        // the owner's media over to the wrong session.
+        if kind == DatagramKind::Stun && self.demux.by_addr(source).is_some_and(|owner| owner != id) {
+            self.q.stats.dropped.address_taken += 1;
+            return;
+        }
         let Some(p) = self.participants.get_mut(&id) else {
             self.q.stats.dropped.unknown_source += 1;
             return;
@@ -948,6 +978,18 @@ const MAX_TIMEOUTS_AT_ONCE: usize = 2;
 /// the offer, then drop the participant when DTLS completes. The one
 /// checked is the one str0m uses (session level, else the first m-line).
 /// A missing fingerprint str0m refuses itself.
+impl Sfu {
+    /// Refuses an offer that publishes more tracks than a participant may.
+    fn check_tracks(&self, offer: &SdpOffer) -> Result<(), SfuError> {
+        let limit = self.config.max_tracks_per_participant;
+        let offered = offer.media_lines.iter().filter(|m| matches!(m.direction(), Direction::SendRecv | Direction::SendOnly)).count();
+        if offered > limit {
+            return Err(SfuError::TooManyTracks { offered, limit });
+        }
+        Ok(())
+    }
+}
+
 fn check_fingerprint(offer: &SdpOffer) -> Result<(), SfuError> {
     let Some(fingerprint) = offer.session.fingerprint().or_else(|| offer.media_lines.iter().find_map(|m| m.fingerprint())) else {
         return Ok(());

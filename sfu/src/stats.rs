@@ -22,6 +22,12 @@ pub struct DropCounts {
     /// Audio for a DSP pipeline that already had its queue full
     /// (`SfuConfig::dsp_queue_per_track`).
     pub dsp_overflow: u64,
+    /// Longer than `SfuConfig::max_datagram`: no WebRTC stack sends more
+    /// than a path MTU.
+    pub oversize: u64,
+    /// STUN naming one participant from an address another participant
+    /// holds: never allowed to take the address over (see `Demux`).
+    pub address_taken: u64,
 }
 
 /// Counts that prove nothing leaks, traffic counters, and the quality the
@@ -145,6 +151,8 @@ impl SfuStats {
         self.dropped.unroutable += other.dropped.unroutable;
         self.dropped.not_permitted += other.dropped.not_permitted;
         self.dropped.dsp_overflow += other.dropped.dsp_overflow;
+        self.dropped.oversize += other.dropped.oversize;
+        self.dropped.address_taken += other.dropped.address_taken;
         for (reason, count) in &other.removed {
             *self.removed.entry(reason).or_default() += count;
         }

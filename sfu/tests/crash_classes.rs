@@ -30,7 +30,7 @@ fn call() -> Net {
 }
 
 fn dropped(s: &SfuStats) -> u64 {
-    s.dropped.unknown_source + s.dropped.malformed + s.dropped.rejected + s.dropped.unroutable
+    s.dropped.unknown_source + s.dropped.malformed + s.dropped.rejected + s.dropped.unroutable + s.dropped.oversize + s.dropped.address_taken
 }
 
 /// Sends each datagram from the first participant's address and from a

@@ -128,6 +128,8 @@ pub struct Net {
     /// mangle in bad-input tests.
     pub sent_rtp: HashMap<SocketAddr, Vec<u8>>,
     pub keep_sent_rtp: bool,
+    /// The last STUN binding request each client sent (with `keep_sent_rtp`).
+    pub sent_stun: HashMap<SocketAddr, Vec<u8>>,
     /// A DSP that cannot keep up: packets for the pipelines wait in
     /// `held_dsp` until [`Net::release_dsp`].
     pub hold_dsp: bool,
@@ -163,6 +165,7 @@ impl Net {
             drop_rtp: None,
             record_rtp: false,
             sent_rtp: HashMap::new(),
+            sent_stun: HashMap::new(),
             keep_sent_rtp: false,
             hold_dsp: false,
             held_dsp: Vec::new(),
@@ -332,6 +335,10 @@ impl Net {
                 if to == SFU_ADDR.parse().unwrap() {
                     if self.keep_sent_rtp && is_rtp(&bytes) {
                         self.sent_rtp.insert(from, bytes.clone());
+                    }
+                    // STUN type 0x0001: a binding request.
+                    if self.keep_sent_rtp && bytes.starts_with(&[0x00, 0x01]) {
+                        self.sent_stun.insert(from, bytes.clone());
                     }
                     if is_rtp(&bytes) && self.drop_rtp.is_some_and(|drop| drop(self.rtp_in)) {
                         self.rtp_in += 1;
