@@ -3,10 +3,15 @@
 //! media plane's handle (`SfuHandle`).
 //!
 //! It translates and decides nothing. Each command becomes one call on the
-//! handle, and each result or SFU event at most one notice; what to do about
+//! handle, and each outcome or SFU event at most one notice; what to do about
 //! a refusal, a failed negotiation or a removal is the controller's call
 //! (it answers a `NegotiationFailed` with a `Leave`, for instance). SDP is
 //! parsed here, once, into str0m's types: that is the media plane's edge.
+//!
+//! Commands are queued at their worker in the order the controller gave
+//! them (so a Leave never overtakes its Join), and their outcomes awaited
+//! together: a worker busy with a queue of joins delays nobody else's, and
+//! a join it has no room for is refused at once (`overloaded`).
 //!
 //! It holds one id map, [`Participations`]: the controller's
 //! `ParticipantKey` <-> the participant's `Session` in the SFU. The map stays
@@ -20,9 +25,11 @@
 use std::collections::HashMap;
 
 use fleetcall_media::{
-    LeaveReason as SfuLeaveReason, ParticipantId, PolicyChange, Rights, RoomId, SdpAnswer, SdpOffer, Session, SfuEvent,
-    SfuHandle,
+    Joined, LeaveReason as SfuLeaveReason, ParticipantId, PolicyChange, Rights, RoomId, SdpAnswer, SdpOffer, Session, SfuError,
+    SfuEvent, SfuHandle,
 };
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use fleetcall_signaling::controller::{LeaveReason, RemovalReason, SfuCommand, SfuNotice};
 use fleetcall_signaling::ids::ParticipantKey;
 use fleetcall_signaling::sdp::Sdp;
@@ -37,17 +44,32 @@ pub async fn run(sfu: SfuHandle, link: SfuLink) {
     let SfuLink { mut commands, notices } = link;
     let (events, mut sfu_events) = mpsc::unbounded_channel();
     let mut bridge = Bridge { sfu, events, participations: Participations::default() };
-    loop {
+    let mut pending = FuturesUnordered::new();
+    let mut controller_gone = false;
+    while !(controller_gone && pending.is_empty()) {
         let notice = tokio::select! {
-            // One command at a time, awaited: a Leave never overtakes its Join.
-            command = commands.recv() => match command {
-                Some(command) => bridge.apply(command).await,
-                // The controller has stopped, and its last commands (the
-                // Leaves of a shutdown) are applied.
-                None => return,
-            },
+            // Outcomes before events: a worker answers a command before it
+            // reports anything that follows from it, and the controller must
+            // hear them in that order (a join's answer before its removal).
+            biased;
+            Some(outcome) = pending.next() => bridge.settle(outcome),
             // Never `None`: the bridge holds a sender itself.
             Some(event) = sfu_events.recv() => bridge.translate(event),
+            command = commands.recv(), if !controller_gone => match command {
+                Some(command) => match bridge.queue(command).await {
+                    Queued::Awaiting(outcome) => {
+                        pending.push(outcome);
+                        None
+                    }
+                    Queued::Answered(notice) => notice,
+                },
+                // The controller has stopped; its last commands (the Leaves
+                // of a shutdown) are applied before the bridge returns.
+                None => {
+                    controller_gone = true;
+                    None
+                }
+            },
         };
         if let Some(notice) = notice {
             // Fails only once the controller has stopped: nobody listens
@@ -64,69 +86,110 @@ struct Bridge {
     participations: Participations,
 }
 
+/// A command handed to the SFU, or answered without it.
+enum Queued {
+    Awaiting(BoxFuture<'static, Outcome>),
+    Answered(Option<SfuNotice>),
+}
+
+/// What a worker answered to a queued command.
+enum Outcome {
+    Join { participant: ParticipantKey, session: Session, result: Result<Joined, SfuError> },
+    Offer { participant: ParticipantKey, result: Result<SdpAnswer, SfuError> },
+    Answer { participant: ParticipantKey, result: Result<(), SfuError> },
+    Applied,
+}
+
 impl Bridge {
-    /// Applies one command; the notice that answers it, if any.
-    async fn apply(&mut self, command: SfuCommand) -> Option<SfuNotice> {
+    /// Queues one command at the SFU; a notice at once when it never gets
+    /// there (bad SDP, a full worker, a participant already gone).
+    async fn queue(&mut self, command: SfuCommand) -> Queued {
+        use Queued::{Answered, Awaiting};
         match command {
             SfuCommand::Join { room, participant, display_name, offer_sdp, publish, subscribe } => {
                 let offer = match SdpOffer::from_sdp_string(offer_sdp.as_str()) {
                     Ok(offer) => offer,
-                    Err(e) => return Some(SfuNotice::JoinFailed { participant, error: format!("invalid SDP offer: {e}") }),
+                    Err(e) => return Answered(Some(SfuNotice::JoinFailed { participant, error: format!("invalid SDP offer: {e}") })),
                 };
                 // The SFU's room namespace is the controller's call ids.
                 let room = RoomId(format!("call-{}", room.0));
                 let rights = Rights { publish, subscribe };
-                match self.sfu.join(room, display_name.to_string(), offer, rights, self.events.clone()).await {
-                    Ok((session, joined)) => {
-                        debug!(%participant, sfu_participant = %session.participant, "joined the SFU");
+                match self.sfu.join(room, display_name.to_string(), offer, rights, self.events.clone()) {
+                    Ok((session, reply)) => {
+                        // Known before the worker answers, so the commands
+                        // that follow find it.
                         self.participations.insert(participant, session);
-                        let answer_sdp = from_sfu(joined.answer.to_sdp_string());
-                        Some(SfuNotice::Joined { participant, answer_sdp, media_id: session.participant.0 })
+                        Awaiting(Box::pin(async move { Outcome::Join { participant, session, result: reply.await } }))
                     }
-                    Err(e) => Some(SfuNotice::JoinFailed { participant, error: e.to_string() }),
+                    Err(e) => Answered(Some(SfuNotice::JoinFailed { participant, error: e.to_string() })),
                 }
             }
             SfuCommand::Answer { participant, sdp } => {
-                let session = self.participations.session(participant)?;
+                let Some(session) = self.participations.session(participant) else { return Answered(None) };
                 let answer = match SdpAnswer::from_sdp_string(sdp.as_str()) {
                     Ok(answer) => answer,
-                    Err(e) => return Some(SfuNotice::NegotiationFailed { participant, error: format!("invalid SDP answer: {e}") }),
+                    Err(e) => return Answered(Some(SfuNotice::NegotiationFailed { participant, error: format!("invalid SDP answer: {e}") })),
                 };
-                // An answer the SFU parsed but cannot apply makes it remove
-                // the participant, which it reports itself (`Removed`); the
-                // other refusals (gone already, no offer pending) change
-                // nothing.
-                if let Err(e) = self.sfu.accept_answer(session, answer).await {
-                    debug!(%participant, error = %e, "answer refused");
-                }
-                None
+                let reply = self.sfu.accept_answer(session, answer).await;
+                Awaiting(Box::pin(async move { Outcome::Answer { participant, result: reply.await } }))
             }
             SfuCommand::Offer { participant, sdp } => {
-                let session = self.participations.session(participant)?;
+                let Some(session) = self.participations.session(participant) else { return Answered(None) };
                 let offer = match SdpOffer::from_sdp_string(sdp.as_str()) {
                     Ok(offer) => offer,
-                    Err(e) => return Some(SfuNotice::NegotiationFailed { participant, error: format!("invalid SDP offer: {e}") }),
+                    Err(e) => return Answered(Some(SfuNotice::NegotiationFailed { participant, error: format!("invalid SDP offer: {e}") })),
                 };
-                match self.sfu.accept_offer(session, offer).await {
-                    Ok(answer) => Some(SfuNotice::Answer { participant, sdp: from_sfu(answer.to_sdp_string()) }),
-                    Err(e) => Some(SfuNotice::NegotiationFailed { participant, error: e.to_string() }),
-                }
+                let reply = self.sfu.accept_offer(session, offer).await;
+                Awaiting(Box::pin(async move { Outcome::Offer { participant, result: reply.await } }))
             }
             SfuCommand::Leave { participant, reason } => {
                 // Forgotten first: the SFU's `Removed` for it is the echo of
                 // this command, not news for the controller.
-                let session = self.participations.forget(participant)?;
+                let Some(session) = self.participations.forget(participant) else { return Answered(None) };
+                let reply = self.sfu.leave(session, to_sfu(reason)).await;
                 // Already gone in the SFU is the outcome we want.
-                let _ = self.sfu.leave(session, to_sfu(reason)).await;
-                None
+                Awaiting(Box::pin(async move {
+                    let _ = reply.await;
+                    Outcome::Applied
+                }))
             }
             SfuCommand::SetSuppression { device, on } => {
                 let change = PolicyChange::Device { device: device.to_string(), on };
                 if let Err(e) = self.sfu.set_policy(change).await {
                     warn!(%device, error = %e, "suppression setting not applied");
                 }
+                Answered(None)
+            }
+        }
+    }
+
+    /// The notice a worker's answer becomes, if any.
+    fn settle(&mut self, outcome: Outcome) -> Option<SfuNotice> {
+        match outcome {
+            Outcome::Join { participant, session, result: Ok(joined) } => {
+                debug!(%participant, sfu_participant = %session.participant, "joined the SFU");
+                let answer_sdp = from_sfu(joined.answer.to_sdp_string());
+                Some(SfuNotice::Joined { participant, answer_sdp, media_id: session.participant.0 })
+            }
+            Outcome::Join { participant, session, result: Err(e) } => {
+                // Nothing was created; unless a Leave already forgot it.
+                if self.participations.session(participant) == Some(session) {
+                    self.participations.forget(participant);
+                }
+                Some(SfuNotice::JoinFailed { participant, error: e.to_string() })
+            }
+            Outcome::Offer { participant, result } => match result {
+                Ok(answer) => Some(SfuNotice::Answer { participant, sdp: from_sfu(answer.to_sdp_string()) }),
+                Err(e) => Some(SfuNotice::NegotiationFailed { participant, error: e.to_string() }),
+            },
+            // An answer the SFU parsed but cannot apply makes it remove the
+            // participant, which it reports itself (`Removed`); the other
+            // refusals (gone already, no offer pending) change nothing.
+            Outcome::Answer { participant, result: Err(e) } => {
+                debug!(%participant, error = %e, "answer refused");
                 None
             }
+            Outcome::Answer { result: Ok(()), .. } | Outcome::Applied => None,
         }
     }
 
@@ -255,6 +318,19 @@ mod tests {
         }
     }
 
+    impl Bridge {
+        /// One command, from queueing to its notice, as `run` carries it.
+        async fn apply(&mut self, command: SfuCommand) -> Option<SfuNotice> {
+            match self.queue(command).await {
+                Queued::Answered(notice) => notice,
+                Queued::Awaiting(outcome) => {
+                    let outcome = outcome.await;
+                    self.settle(outcome)
+                }
+            }
+        }
+    }
+
     #[tokio::test]
     async fn the_bridge_reports_and_the_controller_decides() {
         let driver = SfuDriver::start(DriverConfig {
@@ -265,6 +341,7 @@ mod tests {
             sfu: SfuConfig::default(),
             audio_threads: 1,
             pipeline: PipelineConfig::default(),
+            worker_queue: DriverConfig::DEFAULT_WORKER_QUEUE,
         })
         .unwrap();
         let (events, mut sfu_events) = mpsc::unbounded_channel();
@@ -307,6 +384,46 @@ mod tests {
         // Commands for a participant the SFU no longer has change nothing.
         assert_eq!(bridge.apply(SfuCommand::Leave { participant: key, reason: LeaveReason::Requested }).await, None);
         assert_eq!(bridge.apply(SfuCommand::Answer { participant: key, sdp: Sdp::new("v=0").unwrap() }).await, None);
+        drop(bridge);
+        tokio::task::spawn_blocking(move || driver.shutdown()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_join_its_worker_has_no_room_for_is_refused_at_once_and_leaves_nothing_behind() {
+        let driver = SfuDriver::start(DriverConfig {
+            bind_ip: Ipv4Addr::LOCALHOST.into(),
+            first_port: 0,
+            workers: 1,
+            advertise_ip: None,
+            sfu: SfuConfig::default(),
+            audio_threads: 1,
+            pipeline: PipelineConfig::default(),
+            worker_queue: 1,
+        })
+        .unwrap();
+        let (events, _sfu_events) = mpsc::unbounded_channel();
+        let mut bridge = Bridge { sfu: driver.handle(), events, participations: Participations::default() };
+        let offer = offer();
+        let (mut refused, mut queued) = (0, Vec::new());
+        for epoch in 0..50 {
+            let key = ParticipantKey { session: SessionId(1), epoch: Epoch(epoch) };
+            match bridge.queue(join(key, offer.clone())).await {
+                Queued::Answered(Some(SfuNotice::JoinFailed { participant, error })) => {
+                    assert_eq!(participant, key);
+                    assert!(error.contains("overloaded"), "{error}");
+                    refused += 1;
+                }
+                Queued::Awaiting(outcome) => queued.push(outcome),
+                Queued::Answered(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(refused > 0, "a queue of one overflowed");
+        assert_eq!(bridge.participations.sessions.len(), queued.len(), "only queued joins are mapped");
+        for outcome in queued {
+            let outcome = outcome.await;
+            assert!(matches!(bridge.settle(outcome), Some(SfuNotice::Joined { .. })));
+        }
+        assert_eq!(bridge.sfu.stats().await.unwrap().participants, 50 - refused);
         drop(bridge);
         tokio::task::spawn_blocking(move || driver.shutdown()).await.unwrap();
     }

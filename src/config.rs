@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use fleetcall_media::{DriverConfig, SfuConfig};
 use serde::Deserialize;
 
 /// When to serve HTTPS.
@@ -105,6 +106,19 @@ pub struct ServeArgs {
     /// active-speaker detection; 0 forwards everyone to everyone. Default 3.
     #[arg(long, env = "FLEETCALL_AUDIO_SLOTS")]
     pub audio_slots: Option<usize>,
+    // Media plane limits (README "Limits").
+    /// Joins waiting at one media worker before more are refused (`overloaded`).
+    #[arg(long, env = "FLEETCALL_WORKER_QUEUE")]
+    pub worker_queue: Option<usize>,
+    /// Most tracks one participant may publish.
+    #[arg(long, env = "FLEETCALL_MAX_TRACKS_PER_PARTICIPANT")]
+    pub max_tracks_per_participant: Option<usize>,
+    /// Longest datagram taken on the media ports, in bytes.
+    #[arg(long, env = "FLEETCALL_MAX_DATAGRAM_BYTES")]
+    pub max_datagram_bytes: Option<usize>,
+    /// Packets of one track waiting for noise suppression before more are dropped.
+    #[arg(long, env = "FLEETCALL_DSP_QUEUE_PER_TRACK")]
+    pub dsp_queue_per_track: Option<usize>,
     /// Serve /metrics on this address instead of the HTTP port.
     #[arg(long, env = "FLEETCALL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -185,6 +199,10 @@ struct FileMedia {
     audio_threads: Option<usize>,
     audio_mode: Option<AudioMode>,
     audio_slots: Option<usize>,
+    worker_queue: Option<usize>,
+    max_tracks_per_participant: Option<usize>,
+    max_datagram_bytes: Option<usize>,
+    dsp_queue_per_track: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +228,10 @@ pub struct Config {
     pub audio_threads: usize,
     pub audio_mode: AudioMode,
     pub audio_slots: usize,
+    pub worker_queue: usize,
+    pub max_tracks_per_participant: usize,
+    pub max_datagram_bytes: usize,
+    pub dsp_queue_per_track: usize,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
     pub metrics_addr: Option<SocketAddr>,
@@ -253,6 +275,13 @@ impl Config {
             audio_threads: args.audio_threads.or(file.media.audio_threads).unwrap_or(workers),
             audio_mode: args.audio_mode.or(file.media.audio_mode).unwrap_or(AudioMode::Voip),
             audio_slots: args.audio_slots.or(file.media.audio_slots).unwrap_or(3),
+            worker_queue: args.worker_queue.or(file.media.worker_queue).unwrap_or(DriverConfig::DEFAULT_WORKER_QUEUE),
+            max_tracks_per_participant: args
+                .max_tracks_per_participant
+                .or(file.media.max_tracks_per_participant)
+                .unwrap_or(SfuConfig::default().max_tracks_per_participant),
+            max_datagram_bytes: args.max_datagram_bytes.or(file.media.max_datagram_bytes).unwrap_or(SfuConfig::default().max_datagram),
+            dsp_queue_per_track: args.dsp_queue_per_track.or(file.media.dsp_queue_per_track).unwrap_or(SfuConfig::default().dsp_queue_per_track),
             shutdown_timeout: seconds("shutdown timeout", args.shutdown_timeout_secs.or(file.shutdown.timeout_secs).unwrap_or(5.0))?,
             log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             metrics_addr: args.metrics_addr.or(file.metrics.addr),
@@ -279,6 +308,15 @@ impl Config {
         }
         if self.max_room_size < 2 {
             bail!("max room size must be at least 2");
+        }
+        for (name, value) in [("worker queue", self.worker_queue), ("max tracks per participant", self.max_tracks_per_participant), ("DSP queue per track", self.dsp_queue_per_track)] {
+            if value == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        // A DTLS flight or a video packet must still fit.
+        if self.max_datagram_bytes < 1200 {
+            bail!("max datagram bytes must be at least 1200 (WebRTC packets are up to about 1200), got {}", self.max_datagram_bytes);
         }
         for origin in &self.allowed_origins {
             let host = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));

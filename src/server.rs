@@ -137,9 +137,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
             max_room_size: config.max_room_size,
             suppression: SuppressionPolicy { default: config.suppression, ..SuppressionPolicy::default() },
             audio_slots: config.audio_slots,
+            max_tracks_per_participant: config.max_tracks_per_participant,
+            max_datagram: config.max_datagram_bytes,
+            dsp_queue_per_track: config.dsp_queue_per_track,
             ..SfuConfig::default()
         },
         audio_threads: config.audio_threads,
+        worker_queue: config.worker_queue,
         pipeline: match config.audio_mode {
             AudioMode::Voip => PipelineConfig::default(),
             AudioMode::LowDelay => PipelineConfig::low_delay(),

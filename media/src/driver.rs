@@ -32,6 +32,8 @@ use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -43,7 +45,7 @@ use fleetcall_sfu::{
 use quinn_udp::{RecvMeta, UdpSocketState, BATCH_SIZE};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, info, info_span, warn};
 
 use crate::audio::{AudioPool, MeterSnapshot, Produced};
@@ -67,10 +69,24 @@ pub struct DriverConfig {
     pub audio_threads: usize,
     /// How processed tracks are decoded, denoised and encoded.
     pub pipeline: fleetcall_dsp::PipelineConfig,
+    /// Commands one worker may have waiting. A join beyond it is refused at
+    /// once with [`SfuError::Overloaded`]; commands for participants
+    /// already in (answers, offers, leaves) wait for room instead.
+    pub worker_queue: usize,
+}
+
+impl DriverConfig {
+    /// Commands waiting per worker, by default: a whole assembly of
+    /// devices joining one room at once (about 1 ms each) fits.
+    pub const DEFAULT_WORKER_QUEUE: usize = 1024;
 }
 
 /// Receive buffer per batch slot: room for a GRO batch of datagrams.
 const SLOT_BYTES: usize = 64 * 1024;
+
+/// Receive batches one wake-up handles at most before the loop looks at
+/// its other inputs.
+const BATCHES_PER_WAKE: usize = 8;
 
 /// Socket buffers big enough for bursts of fan-out on a busy worker.
 const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
@@ -115,13 +131,14 @@ enum Command {
         change: Option<PolicyChange>,
         reply: oneshot::Sender<SuppressionPolicy>,
     },
-    /// Remove everyone (they hear `shutdown`) and stop.
-    Shutdown,
 }
 
 #[derive(Debug)]
 struct Worker {
-    commands: mpsc::UnboundedSender<Command>,
+    commands: mpsc::Sender<Command>,
+    /// Tells the worker to remove everyone (they hear `shutdown`) and stop,
+    /// ahead of whatever commands wait.
+    stop: Arc<Notify>,
     local_addr: SocketAddr,
 }
 
@@ -131,6 +148,27 @@ pub struct SfuHandle {
     workers: Arc<[Worker]>,
     next_participant: Arc<AtomicU64>,
     audio: Arc<AudioPool>,
+    /// Joins refused because their worker's queue was full.
+    overloaded: Arc<AtomicU64>,
+}
+
+/// The outcome of a command a worker has queued. Commands to one worker are
+/// applied in the order they were queued, so a caller may queue the next
+/// (a participant's answer after its join) before this resolves.
+#[derive(Debug)]
+#[must_use = "the command is applied whether or not its outcome is awaited"]
+pub struct Reply<T>(Option<oneshot::Receiver<Result<T, SfuError>>>);
+
+impl<T> Future for Reply<T> {
+    type Output = Result<T, SfuError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            // Never queued: the worker had stopped.
+            None => Poll::Ready(Err(SfuError::ShuttingDown)),
+            Some(reply) => Pin::new(reply).poll(cx).map(|outcome| outcome.unwrap_or(Err(SfuError::ShuttingDown))),
+        }
+    }
 }
 
 /// Owns the worker threads.
@@ -168,8 +206,10 @@ impl SfuDriver {
             let advertised = SocketAddr::new(advertise_ip, local_addr.port());
             let sfu_config = SfuConfig { candidates: vec![advertised], ..config.sfu.clone() };
             let sfu = Sfu::with_certificate(sfu_config, crypto.clone(), cert.clone());
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, rx) = mpsc::channel(config.worker_queue.max(1));
+            let stop = Arc::new(Notify::new());
             let pool = audio.clone();
+            let worker_stop = stop.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("sfu-worker-{index}"))
                 .spawn(move || {
@@ -179,16 +219,16 @@ impl SfuDriver {
                         .expect("worker runtime");
                     let span = info_span!("sfu_worker", worker = index, %local_addr);
                     let _enter = span.enter();
-                    let io = WorkerIo { index, advertised, commands: rx, processed, audio: pool };
+                    let io = WorkerIo { index, advertised, commands: rx, stop: worker_stop, processed, audio: pool };
                     if let Err(e) = runtime.block_on(run_worker(sfu, socket, io)) {
                         warn!(error = %e, "worker stopped on socket error");
                     }
                 })?;
             info!(worker = index, %local_addr, %advertised, "media worker listening");
-            workers.push(Worker { commands: tx, local_addr });
+            workers.push(Worker { commands: tx, stop, local_addr });
             threads.push(thread);
         }
-        let handle = SfuHandle { workers: workers.into(), next_participant: Arc::new(AtomicU64::new(1)), audio };
+        let handle = SfuHandle { workers: workers.into(), next_participant: Arc::new(AtomicU64::new(1)), audio, overloaded: Arc::default() };
         Ok(SfuDriver { handle, threads })
     }
 
@@ -202,7 +242,7 @@ impl SfuDriver {
     pub fn shutdown(self) {
         for worker in self.handle.workers.iter() {
             // A worker that already stopped has nothing left to shut down.
-            let _ = worker.commands.send(Command::Shutdown);
+            worker.stop.notify_one();
         }
         for thread in self.threads {
             let _ = thread.join();
@@ -216,36 +256,52 @@ impl SfuHandle {
         self.workers.iter().map(|w| w.local_addr).collect()
     }
 
-    /// Joins `room` with a new participant. Events for it arrive on `events`
-    /// after the reply, in order.
-    pub async fn join(
+    /// Queues a join of `room` by a new participant at the worker that owns
+    /// the room. Refused at once with [`SfuError::Overloaded`] when that
+    /// worker has its queue full: new work waits nowhere without end, and
+    /// the participant's place is known before the worker answers. Events
+    /// for it arrive on `events` after the reply, in order.
+    pub fn join(
         &self,
         room: RoomId,
         name: String,
         offer: SdpOffer,
         rights: Rights,
         events: mpsc::UnboundedSender<SfuEvent>,
-    ) -> Result<(Session, Joined), SfuError> {
+    ) -> Result<(Session, Reply<Joined>), SfuError> {
         let worker = self.worker_of(&room);
         let participant = ParticipantId(self.next_participant.fetch_add(1, Ordering::Relaxed));
         let request = JoinRequest { room, participant, name, offer, rights };
-        let joined = self.call(worker, |reply| Command::Join { request, events, reply }).await??;
-        Ok((Session { worker, participant }, joined))
+        let (reply, outcome) = oneshot::channel();
+        match self.workers[worker].commands.try_send(Command::Join { request, events, reply }) {
+            Ok(()) => Ok((Session { worker, participant }, Reply(Some(outcome)))),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overloaded.fetch_add(1, Ordering::Relaxed);
+                Err(SfuError::Overloaded)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SfuError::ShuttingDown),
+        }
     }
 
-    /// Applies the participant's answer to the SFU's offer.
-    pub async fn accept_answer(&self, session: Session, answer: SdpAnswer) -> Result<(), SfuError> {
-        self.call(session.worker, |reply| Command::Answer { participant: session.participant, answer, reply }).await?
+    /// Queues the participant's answer to the SFU's offer (waiting for room
+    /// in the worker's queue).
+    pub async fn accept_answer(&self, session: Session, answer: SdpAnswer) -> Reply<()> {
+        self.queue(session.worker, |reply| Command::Answer { participant: session.participant, answer, reply }).await
     }
 
-    /// Answers the participant's own offer (ICE restart).
-    pub async fn accept_offer(&self, session: Session, offer: SdpOffer) -> Result<SdpAnswer, SfuError> {
-        self.call(session.worker, |reply| Command::Offer { participant: session.participant, offer, reply }).await?
+    /// Queues the participant's own offer (ICE restart); the reply is the answer.
+    pub async fn accept_offer(&self, session: Session, offer: SdpOffer) -> Reply<SdpAnswer> {
+        self.queue(session.worker, |reply| Command::Offer { participant: session.participant, offer, reply }).await
     }
 
-    /// Removes the participant.
-    pub async fn leave(&self, session: Session, reason: LeaveReason) -> Result<(), SfuError> {
-        self.call(session.worker, |reply| Command::Leave { participant: session.participant, reason, reply }).await?
+    /// Queues the participant's removal.
+    pub async fn leave(&self, session: Session, reason: LeaveReason) -> Reply<()> {
+        self.queue(session.worker, |reply| Command::Leave { participant: session.participant, reason, reply }).await
+    }
+
+    /// Joins refused so far because their worker's queue was full.
+    pub fn overloaded(&self) -> u64 {
+        self.overloaded.load(Ordering::Relaxed)
     }
 
     /// Counts summed over all workers.
@@ -287,7 +343,13 @@ impl SfuHandle {
         let stats = self.stats().await?;
         let audio = self.audio.clone();
         let totals = tokio::task::spawn_blocking(move || audio.totals()).await.unwrap_or_default();
-        Ok(crate::metrics::families(&stats, &totals))
+        let mut families = crate::metrics::families(&stats, &totals);
+        families.push(
+            crate::metrics::Family::counter("fleetcall_media_joins_refused_total", "Joins the media plane refused before trying them, by reason.")
+                .value(&[("reason", "overloaded")], self.overloaded() as f64)
+                .build(),
+        );
+        Ok(families)
     }
 
     /// Meters of every denoised track.
@@ -303,9 +365,19 @@ impl SfuHandle {
         (hasher.finish() % self.workers.len() as u64) as usize
     }
 
+    /// Queues a command (waiting for room) whose outcome may be an error.
+    async fn queue<T>(&self, worker: usize, command: impl FnOnce(oneshot::Sender<Result<T, SfuError>>) -> Command) -> Reply<T> {
+        let (reply, outcome) = oneshot::channel();
+        match self.workers[worker].commands.send(command(reply)).await {
+            Ok(()) => Reply(Some(outcome)),
+            Err(_) => Reply(None),
+        }
+    }
+
+    /// Queues a command (waiting for room) and waits for its answer.
     async fn call<T>(&self, worker: usize, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, SfuError> {
         let (reply, rx) = oneshot::channel();
-        self.workers[worker].commands.send(command(reply)).map_err(|_| SfuError::ShuttingDown)?;
+        self.workers[worker].commands.send(command(reply)).await.map_err(|_| SfuError::ShuttingDown)?;
         rx.await.map_err(|_| SfuError::ShuttingDown)
     }
 }
@@ -314,7 +386,8 @@ impl SfuHandle {
 struct WorkerIo {
     index: usize,
     advertised: SocketAddr,
-    commands: mpsc::UnboundedReceiver<Command>,
+    commands: mpsc::Receiver<Command>,
+    stop: Arc<Notify>,
     /// Packets the DSP threads produced for this worker's tracks.
     processed: mpsc::UnboundedReceiver<Produced>,
     audio: Arc<AudioPool>,
@@ -331,32 +404,46 @@ struct Sinks<'a> {
 }
 
 async fn run_worker(mut sfu: Sfu, socket: std::net::UdpSocket, io: WorkerIo) -> io::Result<()> {
-    let WorkerIo { index, advertised, mut commands, mut processed, audio } = io;
+    let WorkerIo { index, advertised, mut commands, stop, mut processed, audio } = io;
     let state = UdpSocketState::new((&socket).into())?;
     // Best effort: the kernel may cap these; smaller buffers only drop earlier.
     let _ = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES);
     let _ = state.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES);
     let socket = UdpSocket::from_std(socket)?;
     let mut out = Sinks { socket: &socket, state: &state, routes: HashMap::new(), audio: &audio, worker: index };
-    let mut buffer = vec![0u8; SLOT_BYTES * BATCH_SIZE];
-    let mut metas = [RecvMeta::default(); BATCH_SIZE];
+    let mut inbox = Inbox { buffer: vec![0u8; SLOT_BYTES * BATCH_SIZE], metas: [RecvMeta::default(); BATCH_SIZE], advertised };
 
     loop {
         let deadline = out.carry_out(&mut sfu).map(tokio::time::Instant::from_std);
         tokio::select! {
-            // Commands first: a leave must not wait behind a flood of media.
             biased;
+            () = stop.notified() => {
+                sfu.remove_all(tokio::time::Instant::now().into_std(), LeaveReason::Shutdown);
+                out.carry_out(&mut sfu);
+                return Ok(());
+            }
+            // Commands first, so a leave never waits behind a flood of
+            // media; and media right after each one, so a queue of joins
+            // never holds the calls on this worker off for longer than one
+            // command takes.
             command = commands.recv() => {
                 let now = tokio::time::Instant::now().into_std();
                 match command {
-                    // No handle left, or told to stop: the server is shutting down.
-                    None | Some(Command::Shutdown) => {
+                    Some(command) => handle_command(&mut sfu, now, command, &mut out.routes),
+                    // No handle left: the server is gone.
+                    None => {
                         sfu.remove_all(now, LeaveReason::Shutdown);
                         out.carry_out(&mut sfu);
                         return Ok(());
                     }
-                    Some(command) => handle_command(&mut sfu, now, command, &mut out.routes),
                 }
+                out.carry_out(&mut sfu);
+                let now = tokio::time::Instant::now().into_std();
+                inbox.receive(&mut sfu, now, &socket, &state, false);
+                while let Ok((track, produced)) = processed.try_recv() {
+                    sfu.handle_processed(now, track, produced);
+                }
+                sfu.handle_timeout(now);
             }
             // Disabled (not spinning) if the pool is gone at shutdown.
             Some((track, produced)) = processed.recv() => {
@@ -366,29 +453,52 @@ async fn run_worker(mut sfu: Sfu, socket: std::net::UdpSocket, io: WorkerIo) -> 
             ready = socket.readable() => {
                 ready?;
                 let now = tokio::time::Instant::now().into_std();
-                loop {
-                    let mut slices: Vec<IoSliceMut<'_>> = buffer.chunks_mut(SLOT_BYTES).map(IoSliceMut::new).collect();
-                    let received = socket.try_io(Interest::READABLE, || state.recv((&socket).into(), &mut slices, &mut metas));
-                    let count = match received {
-                        Ok(count) => count,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        // ICMP errors surface here on Linux; they concern one peer only.
-                        Err(e) => {
-                            debug!(error = %e, "udp receive error");
-                            break;
-                        }
-                    };
-                    for (meta, slot) in metas.iter().zip(buffer.chunks(SLOT_BYTES)).take(count) {
-                        let stride = meta.stride.max(1);
-                        for datagram in slot[..meta.len].chunks(stride) {
-                            sfu.handle_datagram(now, meta.addr, advertised, datagram);
-                        }
-                    }
-                }
+                inbox.receive(&mut sfu, now, &socket, &state, true);
             }
             // No deadline: nothing to wake for until some input arrives.
             () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                 sfu.handle_timeout(tokio::time::Instant::now().into_std());
+            }
+        }
+    }
+}
+
+/// Receive buffers of one worker.
+struct Inbox {
+    buffer: Vec<u8>,
+    metas: [RecvMeta; BATCH_SIZE],
+    advertised: SocketAddr,
+}
+
+impl Inbox {
+    /// Feeds the core what the socket holds, a bounded number of batches
+    /// (so a flood that never lets it run dry still leaves the other inputs
+    /// their turn).
+    /// their turn). `readiness`: go through tokio's readiness flag, which
+    /// a `WouldBlock` clears; without, straight to the socket, since the
+    /// flag may not have been refreshed while a command ran.
+    fn receive(&mut self, sfu: &mut Sfu, now: std::time::Instant, socket: &UdpSocket, state: &UdpSocketState, readiness: bool) {
+        for _ in 0..BATCHES_PER_WAKE {
+            let mut slices: Vec<IoSliceMut<'_>> = self.buffer.chunks_mut(SLOT_BYTES).map(IoSliceMut::new).collect();
+            let received = if readiness {
+                socket.try_io(Interest::READABLE, || state.recv(socket.into(), &mut slices, &mut self.metas))
+            } else {
+                state.recv(socket.into(), &mut slices, &mut self.metas)
+            };
+            let count = match received {
+                Ok(count) => count,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // ICMP errors surface here on Linux; they concern one peer only.
+                Err(e) => {
+                    debug!(error = %e, "udp receive error");
+                    return;
+                }
+            };
+            for (meta, slot) in self.metas.iter().zip(self.buffer.chunks(SLOT_BYTES)).take(count) {
+                let stride = meta.stride.max(1);
+                for datagram in slot[..meta.len].chunks(stride) {
+                    sfu.handle_datagram(now, meta.addr, self.advertised, datagram);
+                }
             }
         }
     }
@@ -431,7 +541,6 @@ fn handle_command(
             }
             let _ = reply.send(sfu.policy().clone());
         }
-        Command::Shutdown => unreachable!("handled by the worker loop"),
     }
 }
 

@@ -21,6 +21,6 @@ pub mod audio;
 mod driver;
 pub mod metrics;
 
-pub use driver::{DriverConfig, Session, SfuDriver, SfuHandle};
+pub use driver::{DriverConfig, Reply, Session, SfuDriver, SfuHandle};
 pub use fleetcall_sfu::audio::{PolicyChange, SuppressionPolicy};
 pub use fleetcall_sfu::{Joined, LeaveReason, ParticipantId, Rights, RoomId, SdpAnswer, SdpOffer, SfuConfig, SfuError, SfuEvent, SfuStats, TrackKey};

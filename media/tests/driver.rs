@@ -5,7 +5,13 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use fleetcall_media::{DriverConfig, LeaveReason, PolicyChange, Rights, RoomId, SfuConfig, SfuDriver, SfuError, SfuEvent};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use fleetcall_media::{
+    DriverConfig, LeaveReason, PolicyChange, Rights, RoomId, SdpAnswer, SdpOffer, SfuConfig, SfuDriver, SfuError, SfuEvent, SfuHandle,
+};
+use fleetcall_peer::{MediaConfig, MediaPeer, PeerEvent};
 use str0m::media::{Direction, MediaKind};
 use str0m::{Candidate, Rtc};
 use tokio::sync::mpsc;
@@ -19,6 +25,7 @@ fn config(workers: usize) -> DriverConfig {
         sfu: SfuConfig::default(),
         audio_threads: 1,
         pipeline: fleetcall_dsp::PipelineConfig::default(),
+        worker_queue: DriverConfig::DEFAULT_WORKER_QUEUE,
     }
 }
 
@@ -52,10 +59,12 @@ async fn commands_reach_the_room_and_shutdown_removes_everyone() {
     let (a_tx, mut a_events) = mpsc::unbounded_channel();
     let (b_tx, mut b_events) = mpsc::unbounded_channel();
     let room = RoomId::from("ward-1");
-    let (a, joined) = sfu.join(room.clone(), "bed-1".into(), offer(), Rights::ALL, a_tx).await.unwrap();
+    let (a, joined) = sfu.join(room.clone(), "bed-1".into(), offer(), Rights::ALL, a_tx).unwrap();
+    let joined = joined.await.unwrap();
     let answer = joined.answer.to_sdp_string();
     assert!(addrs.iter().any(|addr| answer.contains(&format!("{} {}", addr.ip(), addr.port()))), "the answer names a worker's socket: {answer}");
-    let (b, joined) = sfu.join(room.clone(), "bed-2".into(), offer(), Rights::ALL, b_tx).await.unwrap();
+    let (b, joined) = sfu.join(room.clone(), "bed-2".into(), offer(), Rights::ALL, b_tx).unwrap();
+    let joined = joined.await.unwrap();
     assert_eq!(joined.others, vec![(a.participant, "bed-1".to_owned())]);
     let joiner = wait_for(&mut a_events, |e| match e {
         SfuEvent::ParticipantJoined { participant, .. } => Some(participant),
@@ -72,8 +81,8 @@ async fn commands_reach_the_room_and_shutdown_removes_everyone() {
     assert_eq!(policy.rooms.get(&room), Some(&true));
     assert_eq!(sfu.policy().await.unwrap(), policy, "every worker holds the same policy");
 
-    sfu.leave(b, LeaveReason::Requested).await.unwrap();
-    assert!(matches!(sfu.leave(b, LeaveReason::Requested).await, Err(SfuError::UnknownParticipant(_))));
+    sfu.leave(b, LeaveReason::Requested).await.await.unwrap();
+    assert!(matches!(sfu.leave(b, LeaveReason::Requested).await.await, Err(SfuError::UnknownParticipant(_))));
     let reason = wait_for(&mut b_events, |e| match e {
         SfuEvent::Removed { reason, .. } => Some(reason),
         _ => None,
@@ -97,4 +106,107 @@ async fn commands_reach_the_room_and_shutdown_removes_everyone() {
 fn binding_every_interface_needs_an_advertised_address() {
     let err = SfuDriver::start(DriverConfig { bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED), ..config(1) }).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+}
+
+/// A real peer in `room`: joined, its answers to the SFU's renegotiations
+/// given for as long as the route lives. Returns the peer and its events.
+async fn connect(sfu: &SfuHandle, room: &RoomId, name: &str) -> (MediaPeer, mpsc::Receiver<PeerEvent>) {
+    let (peer, events) = MediaPeer::start(MediaConfig::default()).await.unwrap();
+    let offer = SdpOffer::from_sdp_string(&peer.create_offer().await.unwrap()).unwrap();
+    let (route, mut sfu_events) = mpsc::unbounded_channel();
+    let (session, joined) = sfu.join(room.clone(), name.into(), offer, Rights::ALL, route).unwrap();
+    peer.accept_answer(joined.await.unwrap().answer.to_sdp_string()).await.unwrap();
+    let (sfu, answering) = (sfu.clone(), peer.clone());
+    tokio::spawn(async move {
+        while let Some(event) = sfu_events.recv().await {
+            if let SfuEvent::Offer { offer, .. } = event {
+                let Ok(answer) = answering.accept_offer(offer.to_sdp_string()).await else { return };
+                let answer = SdpAnswer::from_sdp_string(&answer).unwrap();
+                let _ = sfu.accept_answer(session, answer).await.await;
+            }
+        }
+    });
+    (peer, events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_flood_at_one_worker_is_refused_while_its_calls_keep_their_audio() {
+    let driver = SfuDriver::start(DriverConfig { worker_queue: 16, ..config(1) }).unwrap();
+    let sfu = driver.handle();
+    let room = RoomId::from("ward");
+    let (talker, _talker_events) = connect(&sfu, &room, "talker").await;
+    let (_listener, mut heard) = connect(&sfu, &room, "listener").await;
+    // 20 ms Opus frames (the payload is opaque to the SFU: no DSP here).
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            if talker.send_opus(vec![0xfc, 0xff, 0xfe]).is_err() {
+                return;
+            }
+        }
+    });
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    let recorded = arrivals.clone();
+    tokio::spawn(async move {
+        while let Some(event) = heard.recv().await {
+            if matches!(event, PeerEvent::Frame(_)) {
+                recorded.lock().unwrap().push(Instant::now());
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while arrivals.lock().unwrap().len() < 25 {
+        assert!(Instant::now() < deadline, "the call never carried audio");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Two seconds of joins, far faster than the worker can take them, each
+    // into a room of its own on the same worker.
+    let offer_sdp = offer().to_sdp_string();
+    let flood_started = Instant::now();
+    let (mut queued, mut refused, mut replies) = (0, 0, Vec::new());
+    while flood_started.elapsed() < Duration::from_secs(2) {
+        for _ in 0..20 {
+            let (route, _events) = mpsc::unbounded_channel();
+            let offer = SdpOffer::from_sdp_string(&offer_sdp).unwrap();
+            match sfu.join(RoomId(format!("flood-{queued}-{refused}")), "flood".into(), offer, Rights::ALL, route) {
+                Ok((_, reply)) => {
+                    queued += 1;
+                    replies.push(reply);
+                }
+                Err(SfuError::Overloaded) => refused += 1,
+                Err(e) => panic!("a join refused for another reason: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Every join the worker queued is carried out; the rest were refused at
+    // once and counted.
+    for reply in replies {
+        reply.await.expect("a queued join is applied");
+    }
+    let flood_ended = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(refused > queued, "the flood outran the queue: {queued} queued, {refused} refused");
+    assert_eq!(sfu.overloaded(), refused);
+    let families = sfu.metric_families().await.unwrap();
+    let counted = families.iter().find(|f| f.name() == "fleetcall_media_joins_refused_total").expect("the refusal counter");
+    assert_eq!(counted.get_metric()[0].get_counter().value(), refused as f64);
+
+    // The call on the flooded worker kept its audio.
+    let arrivals: Vec<Instant> = arrivals.lock().unwrap().iter().copied().filter(|at| *at >= flood_started).collect();
+    assert!(arrivals.len() >= 100, "the listener heard {} frames during the flood", arrivals.len());
+    let mut gap = arrivals[0] - flood_started;
+    for pair in arrivals.windows(2) {
+        gap = gap.max(pair[1] - pair[0]);
+    }
+    assert!(*arrivals.last().unwrap() > flood_ended, "audio went on after the flood");
+    assert!(gap <= Duration::from_millis(200), "audio gap of {gap:?} during the flood");
+
+    // Once the queue has drained, joins are taken again.
+    let (route, _events) = mpsc::unbounded_channel();
+    let (_, reply) = sfu.join(RoomId::from("after"), "late".into(), offer(), Rights::ALL, route).expect("room in the queue again");
+    reply.await.unwrap();
+    tokio::task::spawn_blocking(move || driver.shutdown()).await.unwrap();
 }
