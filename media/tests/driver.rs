@@ -210,3 +210,89 @@ async fn a_join_flood_at_one_worker_is_refused_while_its_calls_keep_their_audio(
     reply.await.unwrap();
     tokio::task::spawn_blocking(move || driver.shutdown()).await.unwrap();
 }
+
+/// 20 ms of a 440 Hz tone as real Opus (the DSP decodes what it denoises).
+fn opus_frames(count: usize) -> Vec<Vec<u8>> {
+    use audiopus::coder::Encoder;
+    use audiopus::{Application, Channels, SampleRate};
+    let encoder = Encoder::new(SampleRate::Hz48000, Channels::Mono, Application::Voip).unwrap();
+    (0..count)
+        .map(|frame| {
+            let pcm: Vec<i16> =
+                (0..960).map(|i| ((((frame * 960 + i) as f32) * 440.0 * std::f32::consts::TAU / 48_000.0).sin() * 8000.0) as i16).collect();
+            let mut out = vec![0u8; 1500];
+            let len = encoder.encode(&pcm, &mut out).unwrap();
+            out.truncate(len);
+            out
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_ten_times_faster_than_real_time_costs_only_its_own_track() {
+    // Everyone denoised, on one DSP thread: the fast publisher's packets and
+    // the honest call's share it.
+    let mut config = config(1);
+    config.sfu.suppression.default = true;
+    // Low, so that bursts from a debug-build peer (which sends not much
+    // faster than the DSP thread denoises) cross it.
+    config.sfu.dsp_queue_per_track = 2;
+    let driver = SfuDriver::start(config).unwrap();
+    let sfu = driver.handle();
+    let (honest, _) = connect(&sfu, &RoomId::from("ward"), "honest").await;
+    let (_listener, mut heard) = connect(&sfu, &RoomId::from("ward"), "listener").await;
+    let (greedy, _) = connect(&sfu, &RoomId::from("lab"), "greedy").await;
+    let (_greedy_listener, _greedy_heard) = connect(&sfu, &RoomId::from("lab"), "lab-listener").await;
+    let frames = Arc::new(opus_frames(50));
+
+    let talk = |peer: MediaPeer, burst: usize, every: Duration| {
+        let frames = frames.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            for n in 0.. {
+                tick.tick().await;
+                for i in 0..burst {
+                    if peer.send_opus(frames[(n * burst + i) % frames.len()].clone()).is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    let recorded = arrivals.clone();
+    tokio::spawn(async move {
+        while let Some(event) = heard.recv().await {
+            if matches!(event, PeerEvent::Frame(_)) {
+                recorded.lock().unwrap().push(Instant::now());
+            }
+        }
+    });
+    let _honest = talk(honest, 1, Duration::from_millis(20));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while arrivals.lock().unwrap().len() < 25 {
+        assert!(Instant::now() < deadline, "the honest call never carried audio");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = sfu.stats().await.unwrap();
+    assert_eq!(stats.suppressed_tracks, 4, "{stats:?}");
+
+    // 500 ms of audio every 50 ms: ten times real time, in bursts.
+    let started = Instant::now();
+    let before = stats.dropped.dsp_overflow;
+    let greedy = talk(greedy, 25, Duration::from_millis(50));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    greedy.abort();
+
+    let stats = sfu.stats().await.unwrap();
+    assert!(stats.dropped.dsp_overflow > before, "the fast publisher's excess is dropped and counted: {:?}", stats.dropped);
+    assert_eq!(stats.participants, 4, "nobody was removed");
+    let arrivals: Vec<Instant> = arrivals.lock().unwrap().iter().copied().filter(|at| *at >= started).collect();
+    assert!(arrivals.len() >= 100, "the honest call carried {} frames meanwhile", arrivals.len());
+    let mut gap = arrivals[0] - started;
+    for pair in arrivals.windows(2) {
+        gap = gap.max(pair[1] - pair[0]);
+    }
+    assert!(gap <= Duration::from_millis(200), "the honest call had an audio gap of {gap:?}");
+    tokio::task::spawn_blocking(move || driver.shutdown()).await.unwrap();
+}
