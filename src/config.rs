@@ -147,10 +147,10 @@ pub struct ControlLimitArgs {
     /// Frames refused for the rate before the connection is closed (default 50).
     #[arg(long, env = "FLEETCALL_MAX_RATE_LIMITED_FRAMES")]
     pub max_rate_limited_frames: Option<u32>,
-    /// Devices (sessions) this node holds; more are refused OVERLOADED (default 10000).
+    /// Devices (sessions) this node holds; more are refused OVERLOADED (default 20000).
     #[arg(long, env = "FLEETCALL_MAX_DEVICES")]
     pub max_devices: Option<usize>,
-    /// Live calls and rooms this node holds; more are refused OVERLOADED (default 5000).
+    /// Live calls and rooms this node holds; more are refused OVERLOADED (default 10000).
     #[arg(long, env = "FLEETCALL_MAX_CALLS")]
     pub max_calls: Option<usize>,
     /// Invitations one device may have ringing at once (default 31).

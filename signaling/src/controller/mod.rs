@@ -169,9 +169,11 @@ impl Default for Config {
             messages_per_second: 20,
             message_burst: 100,
             max_rate_limited_frames: 50,
-            max_devices: 10_000,
+            // As many as the QUIC endpoint takes connections
+            // (`QuicConfig::max_connections`).
+            max_devices: 20_000,
             // Every device of a full node in a 1:1 call.
-            max_calls: 5_000,
+            max_calls: 10_000,
             // A group ringing all of its other members at once.
             max_pending_invites: 31,
             outbound_queue: 256,
