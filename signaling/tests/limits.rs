@@ -439,6 +439,11 @@ fn a_device_that_stops_reading_is_closed_and_counted_alone() {
     sim.check();
 }
 
+#[test]
+fn the_outbound_queue_default_is_the_drivers() {
+    assert_eq!(Config::default().outbound_queue, fleetcall_signaling::service::OUTBOUND_QUEUE);
+}
+
 fn hello() -> ClientFrame {
     ClientFrame {
         op_id: 0,

@@ -109,7 +109,8 @@ impl Controller {
         self.live_calls += 1;
     }
 
-    /// Invitations `device` has ringing now, in every call.
+    /// Invitations `device` has ringing now, in every call. A walk over
+    /// every member: only invitations ask, and they are rate-limited.
     fn invites_ringing_from(&self, device: &DeviceId) -> usize {
         self.calls
             .values()
