@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use fleetcall_signaling::controller;
 use serde::Deserialize;
 
 /// When to serve HTTPS.
@@ -176,7 +175,7 @@ pub struct ControlLimits {
 impl ControlLimits {
     /// Flags/environment over the `[control]` keys over the controller's defaults.
     fn resolve(args: &ControlLimitArgs, file: &FileControl) -> anyhow::Result<ControlLimits> {
-        let d = controller::Config::default();
+        let d = fleetcall_signaling::controller::Config::default();
         let limits = ControlLimits {
             messages_per_second: args.messages_per_second.or(file.messages_per_second).unwrap_or(d.messages_per_second),
             message_burst: args.message_burst.or(file.message_burst).unwrap_or(d.message_burst),
@@ -203,7 +202,7 @@ impl ControlLimits {
     }
 
     /// Puts the limits into the controller's settings.
-    pub fn apply(&self, config: &mut controller::Config) {
+    pub fn apply(&self, config: &mut fleetcall_signaling::controller::Config) {
         config.messages_per_second = self.messages_per_second;
         config.message_burst = self.message_burst;
         config.max_rate_limited_frames = self.max_rate_limited_frames;
@@ -458,6 +457,7 @@ mod tests {
 
     #[test]
     fn control_limits_come_from_flags_the_file_or_the_controller() {
+        use fleetcall_signaling::controller;
         let defaults = controller::Config::default();
         let config = load(&[]).unwrap();
         assert_eq!(config.control_limits.messages_per_second, defaults.messages_per_second);
