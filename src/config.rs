@@ -140,7 +140,94 @@ pub struct ServeArgs {
     /// Seconds a device's session survives a lost connection (resume).
     #[arg(long, env = "FLEETCALL_RESUME_GRACE_SECS")]
     pub resume_grace_secs: Option<f64>,
+    #[command(flatten)]
+    pub control_limits: ControlLimitArgs,
 }
+
+// ---- control-plane limits (issue 15): flags, [control] keys, resolved ------
+
+/// Limits the controller enforces; each flag also reads its `FLEETCALL_*`
+/// variable and the `[control]` key of the same name. Defaults are the
+/// controller's (`fleetcall_signaling::controller::Config::default()`).
+#[derive(Debug, Default, Args)]
+pub struct ControlLimitArgs {
+    /// Frames per second one control connection may send, sustained (default 20).
+    #[arg(long, env = "FLEETCALL_MESSAGES_PER_SECOND")]
+    pub messages_per_second: Option<u32>,
+    /// Frames one control connection may send at once above the rate (default 100).
+    #[arg(long, env = "FLEETCALL_MESSAGE_BURST")]
+    pub message_burst: Option<u32>,
+    /// Frames refused for the rate before the connection is closed (default 50).
+    #[arg(long, env = "FLEETCALL_MAX_RATE_LIMITED_FRAMES")]
+    pub max_rate_limited_frames: Option<u32>,
+    /// Devices (sessions) this node holds; more are refused OVERLOADED (default 20000).
+    #[arg(long, env = "FLEETCALL_MAX_DEVICES")]
+    pub max_devices: Option<usize>,
+    /// Live calls and rooms this node holds; more are refused OVERLOADED (default 10000).
+    #[arg(long, env = "FLEETCALL_MAX_CALLS")]
+    pub max_calls: Option<usize>,
+    /// Invitations one device may have ringing at once (default 31).
+    #[arg(long, env = "FLEETCALL_MAX_PENDING_INVITES")]
+    pub max_pending_invites: Option<usize>,
+    /// Frames queued for a connection before it is closed as not reading (default 256).
+    #[arg(long, env = "FLEETCALL_OUTBOUND_QUEUE")]
+    pub outbound_queue: Option<usize>,
+}
+
+/// The resolved control-plane limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlLimits {
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+    pub max_rate_limited_frames: u32,
+    pub max_devices: usize,
+    pub max_calls: usize,
+    pub max_pending_invites: usize,
+    pub outbound_queue: usize,
+}
+
+impl ControlLimits {
+    /// Flags/environment over the `[control]` keys over the controller's defaults.
+    fn resolve(args: &ControlLimitArgs, file: &FileControl) -> anyhow::Result<ControlLimits> {
+        let d = fleetcall_signaling::controller::Config::default();
+        let limits = ControlLimits {
+            messages_per_second: args.messages_per_second.or(file.messages_per_second).unwrap_or(d.messages_per_second),
+            message_burst: args.message_burst.or(file.message_burst).unwrap_or(d.message_burst),
+            max_rate_limited_frames: args.max_rate_limited_frames.or(file.max_rate_limited_frames).unwrap_or(d.max_rate_limited_frames),
+            max_devices: args.max_devices.or(file.max_devices).unwrap_or(d.max_devices),
+            max_calls: args.max_calls.or(file.max_calls).unwrap_or(d.max_calls),
+            max_pending_invites: args.max_pending_invites.or(file.max_pending_invites).unwrap_or(d.max_pending_invites),
+            outbound_queue: args.outbound_queue.or(file.outbound_queue).unwrap_or(d.outbound_queue),
+        };
+        let positive = [
+            ("messages_per_second", limits.messages_per_second as usize),
+            ("message_burst", limits.message_burst as usize),
+            ("max_devices", limits.max_devices),
+            ("max_calls", limits.max_calls),
+            ("max_pending_invites", limits.max_pending_invites),
+            ("outbound_queue", limits.outbound_queue),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        Ok(limits)
+    }
+
+    /// Puts the limits into the controller's settings.
+    pub fn apply(&self, config: &mut fleetcall_signaling::controller::Config) {
+        config.messages_per_second = self.messages_per_second;
+        config.message_burst = self.message_burst;
+        config.max_rate_limited_frames = self.max_rate_limited_frames;
+        config.max_devices = self.max_devices;
+        config.max_calls = self.max_calls;
+        config.max_pending_invites = self.max_pending_invites;
+        config.outbound_queue = self.outbound_queue;
+    }
+}
+
+// ---- end of control-plane limits --------------------------------------------
 
 /// The configuration file. Unknown keys are errors, so a typo never silently
 /// falls back to a default.
@@ -176,6 +263,14 @@ struct FileControl {
     heartbeat_secs: Option<f64>,
     ring_timeout_secs: Option<f64>,
     resume_grace_secs: Option<f64>,
+    // Control-plane limits (issue 15), see `ControlLimits`.
+    messages_per_second: Option<u32>,
+    message_burst: Option<u32>,
+    max_rate_limited_frames: Option<u32>,
+    max_devices: Option<usize>,
+    max_calls: Option<usize>,
+    max_pending_invites: Option<usize>,
+    outbound_queue: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -241,6 +336,7 @@ pub struct Config {
     pub heartbeat: Duration,
     pub ring_timeout: Duration,
     pub resume_grace: Duration,
+    pub control_limits: ControlLimits,
 }
 
 impl Config {
@@ -291,6 +387,7 @@ impl Config {
             heartbeat: seconds("heartbeat interval", args.heartbeat_secs.or(file.control.heartbeat_secs).unwrap_or(2.0))?,
             ring_timeout: seconds("ring timeout", args.ring_timeout_secs.or(file.control.ring_timeout_secs).unwrap_or(30.0))?,
             resume_grace: seconds("resume grace", args.resume_grace_secs.or(file.control.resume_grace_secs).unwrap_or(10.0))?,
+            control_limits: ControlLimits::resolve(&args.control_limits, &file.control)?,
         };
         config.validate()?;
         Ok(config)
@@ -394,5 +491,30 @@ mod tests {
         assert!(load(&["--allowed-origin", "portal.example"]).is_err());
         assert!(load(&["--allowed-origin", "https://portal.example/app"]).is_err());
         assert_eq!(load(&["--allowed-origin", "https://portal.example"]).unwrap().allowed_origins, ["https://portal.example"]);
+    }
+
+    #[test]
+    fn control_limits_come_from_flags_the_file_or_the_controller() {
+        use fleetcall_signaling::controller;
+        let defaults = controller::Config::default();
+        let config = load(&[]).unwrap();
+        assert_eq!(config.control_limits.messages_per_second, defaults.messages_per_second);
+        assert_eq!(config.control_limits.outbound_queue, defaults.outbound_queue);
+        let dir = std::env::temp_dir().join(format!("fleetcall-config-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("limits.toml");
+        std::fs::write(&path, "[control]\nmessages_per_second = 5\nmax_devices = 40\nmax_calls = 9\noutbound_queue = 64\n").unwrap();
+        let config = load(&["--config", path.to_str().unwrap(), "--max-devices", "50", "--max-pending-invites", "3"]).unwrap();
+        let limits = &config.control_limits;
+        assert_eq!((limits.messages_per_second, limits.max_devices, limits.max_calls), (5, 50, 9));
+        assert_eq!((limits.max_pending_invites, limits.outbound_queue, limits.message_burst), (3, 64, defaults.message_burst));
+        let mut applied = controller::Config::default();
+        limits.apply(&mut applied);
+        applied.validate().unwrap();
+        assert_eq!((applied.max_devices, applied.outbound_queue), (50, 64));
+        assert!(format!("{:#}", load(&["--outbound-queue", "0"]).unwrap_err()).contains("outbound_queue"));
+        assert!(load(&["--messages-per-second", "0"]).is_err());
+        std::fs::write(&path, "[control]\nmax_device = 4\n").unwrap();
+        assert!(format!("{:#}", load(&["--config", path.to_str().unwrap()]).unwrap_err()).contains("max_device"));
     }
 }

@@ -159,6 +159,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     control_config.ring_timeout = config.ring_timeout;
     control_config.resume_grace = config.resume_grace;
     control_config.max_room_members = config.max_room_size;
+    config.control_limits.apply(&mut control_config);
     let seed: [u8; 32] = rand::random();
     let now = std::time::Instant::now();
     let mut controller = Controller::new(control_config, now, seed).context("controller settings")?;

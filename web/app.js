@@ -391,6 +391,11 @@ function onWelcome(w) {
 }
 
 function onRejected(r) {
+  // A full server may have room later: try again with backoff.
+  if (r.code === 'ERROR_CODE_OVERLOADED' && fleetcall.ws) {
+    lost(fleetcall.ws, describeError(r.code, r.reason));
+    return;
+  }
   finish(describeError(r.code, r.reason), r.code);
 }
 
@@ -449,9 +454,12 @@ const CLOSE_TEXT = {
   4011: 'token expired',
   4012: 'access revoked',
   4013: 'this identity is in use by another credential',
+  4014: 'this page sent messages too fast',
+  4015: 'the server is full',
 };
-// These will not get better by trying again.
-const CLOSE_FINAL = new Set([4001, 4002, 4003, 4006, 4007, 4010, 4011, 4012, 4013]);
+// These will not get better by trying again (a page that floods would
+// flood again; a full server is worth a retry, with backoff).
+const CLOSE_FINAL = new Set([4001, 4002, 4003, 4006, 4007, 4010, 4011, 4012, 4013, 4014]);
 
 function onClose(ws, event, opened) {
   const code = event.code;
@@ -670,7 +678,8 @@ const ERROR_TEXT = {
   ERROR_CODE_IDENTITY_IN_USE: 'this identity is in use by another credential',
   ERROR_CODE_UNSUPPORTED_VERSION: 'the server speaks another protocol version',
   ERROR_CODE_INVALID_ARGUMENT: 'invalid request',
-  ERROR_CODE_OVERLOADED: 'the room is full',
+  ERROR_CODE_OVERLOADED: 'over capacity',
+  ERROR_CODE_RATE_LIMITED: 'too many messages',
   ERROR_CODE_ALREADY_IN_CALL: 'already in another call',
   ERROR_CODE_CALL_ENDED: 'the call has ended',
   ERROR_CODE_SHUTTING_DOWN: 'the server is shutting down',

@@ -24,7 +24,8 @@ use crate::grants::Credential;
 use crate::ids::{CallId, ConnId};
 use crate::pb::{self, CloseReason};
 
-/// Frames queued for one connection before it counts as not reading.
+/// Frames queued for one connection before it counts as not reading, by
+/// default (`controller::Config::outbound_queue` is the setting in force).
 pub const OUTBOUND_QUEUE: usize = 256;
 
 /// What a connection task receives from the controller.
@@ -71,6 +72,8 @@ enum Input {
 pub struct ControlPlane {
     input: mpsc::Sender<Input>,
     next_conn: Arc<AtomicU64>,
+    /// Each connection's outbound queue, in frames.
+    outbound_queue: usize,
 }
 
 impl std::fmt::Debug for Input {
@@ -96,15 +99,17 @@ impl ControlPlane {
         // Unbounded: the controller never waits on the SFU.
         let (sfu_commands, commands) = mpsc::unbounded_channel();
         let link = SfuLink { commands, notices: SfuNotices(input.clone()) };
+        let outbound_queue = controller.config().outbound_queue;
         let task = ControllerTask { controller, input: rx, sfu: sfu_commands };
-        (ControlPlane { input, next_conn: Arc::new(AtomicU64::new(1)) }, link, task)
+        (ControlPlane { input, next_conn: Arc::new(AtomicU64::new(1)), outbound_queue }, link, task)
     }
 
     /// Registers a new connection with the credential its transport proved;
     /// frames for it arrive on the returned link.
     pub async fn connection_up(&self, credential: Credential) -> Result<(ConnId, ConnectionLink), Stopped> {
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
-        let (frames_tx, frames) = mpsc::channel(OUTBOUND_QUEUE);
+        // Config::validate keeps this >= 1 (a zero-sized channel panics).
+        let (frames_tx, frames) = mpsc::channel(self.outbound_queue.max(1));
         let (close_tx, close) = watch::channel(None);
         let ends = ConnectionEnds { frames: frames_tx, close: close_tx };
         self.send(Input::Up { conn, credential, ends }).await?;
@@ -282,7 +287,9 @@ fn drain(ctl: &mut Controller, conns: &mut HashMap<ConnId, ConnectionEnds>, sfu:
                     if let Some(ends) = conns.remove(&conn) {
                         let _ = ends.close.send(Some(CloseReason::NotReading));
                     }
-                    ctl.handle_connection_down(now(), conn, "not reading its stream");
+                    // Counted, closed NOT_READING and detached by the
+                    // controller; its Close finds the ends gone.
+                    ctl.handle_not_reading(now(), conn);
                 }
             }
             Output::Close { conn, reason } => {

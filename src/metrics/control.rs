@@ -5,7 +5,7 @@
 //! (reachability, phase, reason, code), never ids.
 
 use fleetcall_media::metrics::Family;
-use fleetcall_signaling::controller::{DurationHistogram, Gauges, Reachability, Stats};
+use fleetcall_signaling::controller::{DurationHistogram, Gauges, Reachability, Refusal, Stats};
 use fleetcall_signaling::pb::{CallPhase, CloseReason, EndReason, ErrorCode};
 use prometheus::proto::MetricFamily;
 
@@ -63,6 +63,13 @@ pub fn families(stats: &Stats, gauges: &Gauges) -> Vec<MetricFamily> {
         let name = reason.as_str_name().trim_start_matches("CLOSE_REASON_").to_lowercase();
         closed = closed.value(&[("reason", &name)], total(stats.connections_closed.get(&reason).copied().unwrap_or(0)));
     }
+    let mut refused = Family::counter(
+        "fleetcall_control_refused_total",
+        "Frames, requests and connections the controller refused at a limit: rate_limited (a frame over its connection's message rate), devices (devices per node), calls (live calls per node), pending_invites (invitations ringing per device), call_full (members per call or room), outbound_queue (a connection that stopped reading).",
+    );
+    for r in Refusal::ALL {
+        refused = refused.value(&[("reason", r.as_str())], total(stats.refused.get(&r).copied().unwrap_or(0)));
+    }
     let mut reachability = Family::counter("fleetcall_reachability_changes_total", "Device reachability changes (flapping shows here).");
     for ((from, to), n) in &stats.reachability_changes {
         reachability = reachability.value(&[("from", reachability_name(*from)), ("to", reachability_name(*to))], total(*n));
@@ -100,6 +107,7 @@ pub fn families(stats: &Stats, gauges: &Gauges) -> Vec<MetricFamily> {
         Family::counter("fleetcall_duplicate_requests_total", "Requests answered from the idempotency cache.").value(&[], total(stats.duplicate_requests)).build(),
         errors.build(),
         closed.build(),
+        refused.build(),
         Family::counter("fleetcall_stale_sfu_notices_total", "SFU notices for participations the controller no longer knows (ignored).")
             .value(&[], total(stats.stale_sfu_notices))
             .build(),
@@ -123,6 +131,7 @@ mod tests {
         let mut stats = Stats::default();
         stats.call_transitions.insert(Transition { from: CallPhase::Ringing, to: CallPhase::Ended, reason: Some(EndReason::RingTimeout) }, 2);
         stats.heartbeats_missed = 4;
+        stats.refused.insert(Refusal::RateLimited, 7);
         stats.fault_to_convergence.observe(Duration::from_millis(700));
         let mut gauges = Gauges::default();
         gauges.devices_by_reachability.insert(Reachability::Degraded, 3);
@@ -134,6 +143,9 @@ mod tests {
         assert!(text.contains("fleetcall_calls{phase=\"ringing\"} 1\n"));
         assert!(text.contains("fleetcall_call_transitions_total{from=\"ringing\",to=\"ended\",reason=\"ring_timeout\"} 2\n"));
         assert!(text.contains("fleetcall_heartbeats_total{event=\"missed\"} 4\n"));
+        assert!(text.contains("fleetcall_control_refused_total{reason=\"rate_limited\"} 7\n"), "{text}");
+        assert!(text.contains("fleetcall_control_refused_total{reason=\"devices\"} 0\n"), "every limit has a series from the start");
+        assert!(text.contains("fleetcall_connections_closed_total{reason=\"rate_limited\"} 0\n"), "{text}");
         assert!(text.contains("fleetcall_convergence_seconds_bucket{le=\"1\"} 1\n"), "{text}");
     }
 }

@@ -7,7 +7,7 @@ use tracing::{debug, info};
 
 use super::{
     Call, CallKindState, Cause, Controller, Handled, LegPhase, LivePhase, MAX_GROUP_NAME, Member,
-    MemberState, Phase, Reject, Timer, Transition,
+    MemberState, Phase, Refusal, Reject, Timer, Transition,
 };
 use crate::grants::RoomName;
 use crate::ids::{CallId, DeviceId, SessionId};
@@ -92,6 +92,55 @@ impl Controller {
         id
     }
 
+    /// Refuses a new call while the node holds `max_calls` live ones.
+    fn room_for_a_call(&mut self) -> Result<(), Reject> {
+        let max = self.config.max_calls;
+        if self.live_calls < max {
+            return Ok(());
+        }
+        *self.stats.refused.entry(Refusal::Calls).or_default() += 1;
+        info!(max, "call cap reached: new call refused");
+        Err(Reject::new(ErrorCode::Overloaded, format!("this server holds its most calls ({max}); try again later")))
+    }
+
+    /// Files a new live call.
+    fn insert_call(&mut self, call_id: CallId, call: Call) {
+        self.calls.insert(call_id, call);
+        self.live_calls += 1;
+    }
+
+    /// Invitations `device` has ringing now, in every call. A walk over
+    /// every member: only invitations ask, and they are rate-limited.
+    fn invites_ringing_from(&self, device: &DeviceId) -> usize {
+        self.calls
+            .values()
+            .flat_map(|c| c.members.values())
+            .filter(|m| matches!(m.state, MemberState::Invited) && m.invited_by.as_ref() == Some(device))
+            .count()
+    }
+
+    /// Refuses `more` invitations from `device` if they would take it over
+    /// `max_pending_invites`; nobody is rung then.
+    fn room_for_invites(&mut self, device: &DeviceId, more: usize) -> Result<(), Reject> {
+        let max = self.config.max_pending_invites;
+        let ringing = self.invites_ringing_from(device);
+        if ringing + more <= max {
+            return Ok(());
+        }
+        *self.stats.refused.entry(Refusal::PendingInvites).or_default() += 1;
+        info!(%device, ringing, more, max, "pending invitation cap: refused");
+        Err(Reject::new(
+            ErrorCode::Overloaded,
+            format!("at most {max} invitations ringing at once; {ringing} are ringing"),
+        ))
+    }
+
+    /// A member over the capacity of a call or room.
+    fn call_full(&mut self, call_id: u64, what: &str) -> Reject {
+        *self.stats.refused.entry(Refusal::CallFull).or_default() += 1;
+        Reject::new(ErrorCode::Overloaded, format!("the {what} is full")).call(call_id)
+    }
+
     fn record_transition(&mut self, from: CallPhase, to: CallPhase, reason: Option<EndReason>) {
         *self
             .stats
@@ -118,13 +167,14 @@ impl Controller {
     /// The `CallState` message for a call.
     /// Files `device` (on session `sid`) as invited to the call and starts
     /// its ring timer; the caller sends the `IncomingCall`.
-    fn add_invited(&mut self, now: Instant, call_id: CallId, device: &DeviceId, sid: SessionId) {
+    fn add_invited(&mut self, now: Instant, call_id: CallId, device: &DeviceId, sid: SessionId, inviter: &DeviceId) {
         if let Some(call) = self.calls.get_mut(&call_id) {
             call.members.insert(
                 device.clone(),
                 Member {
                     session: sid,
                     state: MemberState::Invited,
+                    invited_by: Some(inviter.clone()),
                     reconnecting: false,
                 },
             );
@@ -196,6 +246,8 @@ impl Controller {
                 "cannot call yourself",
             ));
         }
+        self.room_for_a_call()?;
+        self.room_for_invites(&caller, 1)?;
         let call_id = self.alloc_call();
         info!(%call_id, %caller, %callee, "invite");
         let mut call = Call {
@@ -216,10 +268,11 @@ impl Controller {
             Member {
                 session: sid,
                 state: MemberState::Joined(leg),
+                invited_by: None,
                 reconnecting: false,
             },
         );
-        self.calls.insert(call_id, call);
+        self.insert_call(call_id, call);
         self.stats.direct_calls_created += 1;
         self.record_transition(CallPhase::Unspecified, CallPhase::Inviting, None);
         if let Some(s) = self.sessions.get_mut(&sid) {
@@ -235,7 +288,7 @@ impl Controller {
                 self.end_call(now, call_id, Cause::new(reason).by(&callee).detail(detail));
             }
             Ok(callee_sid) => {
-                self.add_invited(now, call_id, &callee, callee_sid);
+                self.add_invited(now, call_id, &callee, callee_sid, &caller);
                 self.push(
                     callee_sid,
                     server_frame::Kind::IncomingCall(pb::IncomingCall {
@@ -443,6 +496,8 @@ impl Controller {
             ));
         }
         let invitees = parse_invitees(&m.invitees, self.config.max_group_members - 1)?;
+        self.room_for_a_call()?;
+        self.room_for_invites(&owner, invitees.len())?;
         let call_id = self.alloc_call();
         info!(%call_id, %owner, name = %m.name, "group created");
         let leg = self.new_leg(now, sid, call_id, &owner);
@@ -452,10 +507,11 @@ impl Controller {
             Member {
                 session: sid,
                 state: MemberState::Joined(leg),
+                invited_by: None,
                 reconnecting: false,
             },
         );
-        self.calls.insert(
+        self.insert_call(
             call_id,
             Call {
                 kind: CallKindState::Group {
@@ -510,7 +566,13 @@ impl Controller {
             );
         }
         let room = call.capacity(&self.config).saturating_sub(call.members.len());
-        let invitees = parse_invitees(&m.invitees, room)?;
+        let invitees = parse_invitees(&m.invitees, usize::MAX)?;
+        if invitees.len() > room {
+            let mut rej = self.call_full(m.call_id, "call");
+            rej.message = format!("the call is full: room for {room} more");
+            return Err(rej);
+        }
+        self.room_for_invites(&device, invitees.len())?;
         for target in invitees {
             self.invite_to_group(now, id, &device, target);
         }
@@ -541,7 +603,7 @@ impl Controller {
                 self.notify_others(call_id, &target, ParticipantStatus::Gone, reason);
             }
             Ok(tsid) => {
-                self.add_invited(now, call_id, &target, tsid);
+                self.add_invited(now, call_id, &target, tsid, inviter);
                 self.push(
                     tsid,
                     server_frame::Kind::IncomingCall(pb::IncomingCall {
@@ -588,7 +650,7 @@ impl Controller {
                     );
                 }
                 if call.members.len() >= call.capacity(&self.config) {
-                    return Err(Reject::new(ErrorCode::Overloaded, "the call is full").call(call_id));
+                    return Err(self.call_full(call_id, "call"));
                 }
             }
         }
@@ -609,6 +671,7 @@ impl Controller {
                 Member {
                     session: sid,
                     state: MemberState::Joined(leg),
+                    invited_by: None,
                     reconnecting: false,
                 },
             );
@@ -654,16 +717,17 @@ impl Controller {
             }
             (Some(id), None) => {
                 if self.calls[&id].members.len() >= self.config.max_room_members {
-                    return Err(Reject::new(ErrorCode::Overloaded, "the room is full").call(id.0));
+                    return Err(self.call_full(id.0, "room"));
                 }
                 self.add_joined(now, id, sid, &device);
                 return Ok(id.0);
             }
             (None, None) => {}
         }
+        self.room_for_a_call()?;
         let call_id = self.alloc_call();
         info!(%call_id, %room, %device, "room opened");
-        self.calls.insert(
+        self.insert_call(
             call_id,
             Call {
                 kind: CallKindState::Room { name: room.clone(), creator: device.clone() },
@@ -764,6 +828,7 @@ impl Controller {
             reason: cause.reason,
             at: now,
         };
+        self.live_calls -= 1;
         let members = std::mem::take(&mut call.members);
         if let CallKindState::Room { name, .. } = &call.kind
             && self.rooms.get(name) == Some(&call_id)

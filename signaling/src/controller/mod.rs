@@ -44,6 +44,7 @@
 
 mod calls;
 mod media;
+mod rate;
 mod sessions;
 pub mod sfu;
 mod stats;
@@ -56,7 +57,7 @@ use rand::{SeedableRng, rngs::StdRng};
 use tracing::{debug, info, trace};
 
 pub use self::sfu::{LeaveReason, RemovalReason, SfuCommand, SfuNotice};
-pub use self::stats::{DurationHistogram, Stats, Transition};
+pub use self::stats::{DurationHistogram, Refusal, Stats, Transition};
 use self::timers::{LegTimer, Timer, TimerTable};
 use crate::Error;
 use crate::grants::{Credential, RoomName};
@@ -117,6 +118,28 @@ pub struct Config {
     pub max_group_members: usize,
     /// Members per named room.
     pub max_room_members: usize,
+    /// Frames per second one connection may send, sustained. Frames over
+    /// the rate are answered `RATE_LIMITED` and not processed.
+    pub messages_per_second: u32,
+    /// Frames one connection may send at once above the sustained rate
+    /// (the bucket's size).
+    pub message_burst: u32,
+    /// Frames refused for the rate, since the connection's bucket was last
+    /// full, after which the connection is closed (`RATE_LIMITED`).
+    pub max_rate_limited_frames: u32,
+    /// Sessions (devices) the node holds; a new device beyond is
+    /// `Rejected{OVERLOADED}` and closed. Resuming or replacing its own
+    /// session is always allowed.
+    pub max_devices: usize,
+    /// Live calls (1:1, group and named rooms) the node holds; creating one
+    /// more is refused with `OVERLOADED`. Joining live ones is not affected.
+    pub max_calls: usize,
+    /// Invitations one device may have ringing at once (1:1 and group).
+    /// A callee rings for one call at a time: a second caller gets `BUSY`.
+    pub max_pending_invites: usize,
+    /// Frames queued for one connection before it counts as not reading
+    /// and is closed (`NOT_READING`); read by the driver (`service.rs`).
+    pub outbound_queue: usize,
 }
 
 impl Default for Config {
@@ -138,6 +161,22 @@ impl Default for Config {
             replay_limit_bytes: 256 * 1024,
             max_group_members: 32,
             max_room_members: 100,
+            // A join is 5 frames, heartbeats 1 a second both ways, and a
+            // renegotiation answer per change in the room (one offer in
+            // flight at a time); 100 people joining a room within 2 s cost
+            // each member about 100 answers. 20/s with a burst of 100
+            // holds that with margin.
+            messages_per_second: 20,
+            message_burst: 100,
+            max_rate_limited_frames: 50,
+            // As many as the QUIC endpoint takes connections
+            // (`QuicConfig::max_connections`).
+            max_devices: 20_000,
+            // Every device of a full node in a 1:1 call.
+            max_calls: 10_000,
+            // A group ringing all of its other members at once.
+            max_pending_invites: 31,
+            outbound_queue: 256,
         }
     }
 }
@@ -158,6 +197,14 @@ impl Config {
         if self.op_cache_size == 0 || self.max_group_members < 2 || self.max_room_members < 2 {
             return Err(Error::InvalidConfig(
                 "op_cache_size >= 1, max_group_members >= 2 and max_room_members >= 2",
+            ));
+        }
+        if self.messages_per_second == 0 || self.message_burst == 0 {
+            return Err(Error::InvalidConfig("messages_per_second and message_burst must be >= 1"));
+        }
+        if self.max_devices == 0 || self.max_calls == 0 || self.max_pending_invites == 0 || self.outbound_queue == 0 {
+            return Err(Error::InvalidConfig(
+                "max_devices, max_calls, max_pending_invites and outbound_queue must be >= 1",
             ));
         }
         Ok(())
@@ -300,6 +347,8 @@ pub struct Controller {
     next_session: u64,
     next_call: u64,
     next_epoch: u64,
+    /// Calls whose phase is live (tombstones not counted), for `max_calls`.
+    live_calls: usize,
     stats: Stats,
 }
 
@@ -309,6 +358,7 @@ struct Conn {
     credential: Credential,
     state: ConnState,
     errors: u32,
+    rate: rate::RateLimiter,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -424,6 +474,8 @@ impl Phase {
 struct Member {
     session: SessionId,
     state: MemberState,
+    /// Who rang it, while it is `Invited` (for `max_pending_invites`).
+    invited_by: Option<DeviceId>,
     /// Its session is detached; media goes on until the grace ends.
     reconnecting: bool,
 }
@@ -619,6 +671,7 @@ impl Controller {
             next_session: 1,
             next_call: 1,
             next_epoch: 1,
+            live_calls: 0,
             stats: Stats {
                 heartbeat_rtt: stats::DurationHistogram::with_bounds_ms(&[1, 2, 5, 10, 25, 50, 100, 250, 500, 1000]),
                 ..Stats::default()
@@ -666,6 +719,7 @@ impl Controller {
                 credential,
                 state: ConnState::AwaitingHello,
                 errors: 0,
+                rate: rate::RateLimiter::new(now),
             },
         );
         if revoked {
@@ -748,6 +802,21 @@ impl Controller {
         }
     }
 
+    /// The driver found `conn`'s outbound queue full (`outbound_queue`
+    /// frames waiting): the device stopped reading. The connection closes
+    /// (`NOT_READING`) and its session detaches as for a lost connection,
+    /// so no other device's frames wait on it.
+    pub fn handle_not_reading(&mut self, now: Instant, conn: ConnId) {
+        let now = self.advance(now);
+        if !self.conns.contains_key(&conn) {
+            return;
+        }
+        *self.stats.refused.entry(Refusal::OutboundQueue).or_default() += 1;
+        info!(%conn, "not reading its stream: closing");
+        self.note_device_error(conn, "not reading its stream");
+        self.close_and_detach(now, conn, CloseReason::NotReading, "not reading its stream");
+    }
+
     /// A decoded frame arrived on `conn`.
     pub fn handle_frame(&mut self, now: Instant, conn: ConnId, frame: pb::ClientFrame) {
         let now = self.advance(now);
@@ -757,6 +826,9 @@ impl Controller {
         };
         let state = c.state;
         let op_id = frame.op_id;
+        if !self.admit(now, conn, op_id) {
+            return;
+        }
         match (state, frame.kind) {
             (ConnState::AwaitingHello, Some(client_frame::Kind::Hello(hello))) => {
                 self.on_hello(now, conn, hello);
@@ -810,6 +882,10 @@ impl Controller {
             return;
         };
         let state = c.state;
+        // A bad frame costs as much as a good one: it counts against the rate.
+        if !error.is_fatal() && !self.admit(now, conn, 0) {
+            return;
+        }
         debug!(%conn, %error, "wire error");
         self.send_error(conn, 0, error.error_code(), &error.to_string(), 0);
         self.note_device_error(conn, &error.to_string());
@@ -1060,6 +1136,10 @@ impl Controller {
                     }
                 }
             }
+        }
+        let live = self.calls.values().filter(|c| c.is_live()).count();
+        if live != self.live_calls {
+            bad.push(format!("{live} live calls, counted {}", self.live_calls));
         }
         for (key, (call, dev)) in &self.legs {
             let ok = self.calls.get(call).is_some_and(|c| {
@@ -1370,6 +1450,33 @@ impl Controller {
         {
             self.detach(now, sid, detail.to_string());
         }
+    }
+
+    /// Applies the connection's message rate to one inbound frame. Over the
+    /// rate the frame is not processed: it is answered `RATE_LIMITED` (the
+    /// client may send it again later, with the same op id), and a
+    /// connection that keeps flooding is closed. Returns whether to process.
+    fn admit(&mut self, now: Instant, conn: ConnId, op_id: u64) -> bool {
+        let (per_second, burst) = (self.config.messages_per_second, self.config.message_burst);
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        let rate::Verdict::Refuse(refused) = c.rate.take(now, per_second, burst) else {
+            return true;
+        };
+        *self.stats.refused.entry(Refusal::RateLimited).or_default() += 1;
+        let message = format!("over {per_second} messages a second: not processed, send it again later");
+        self.send_error(conn, op_id, ErrorCode::RateLimited, &message, 0);
+        if refused == 1 {
+            debug!(%conn, per_second, burst, "connection over its message rate");
+        }
+        if refused > self.config.max_rate_limited_frames {
+            let detail = "kept sending over the message rate";
+            info!(%conn, refused, "{detail}: closing");
+            self.note_device_error(conn, detail);
+            self.close_and_detach(now, conn, CloseReason::RateLimited, detail);
+        }
+        false
     }
 
     fn count_bad_frame(&mut self, conn: ConnId) {

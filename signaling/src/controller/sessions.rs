@@ -7,7 +7,7 @@ use tracing::{debug, info};
 
 use super::{
     Cause, ConnState, Controller, Heartbeats, Link, MAX_SOFTWARE_VERSION, MemberState,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Session, Timer, truncate,
+    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Refusal, Session, Timer, truncate,
 };
 use crate::ids::{ConnId, Epoch, SessionId};
 use crate::pb::{self, CloseReason, EndReason, ErrorCode, ParticipantStatus, server_frame};
@@ -53,6 +53,19 @@ impl Controller {
                 "this identity is in use by a different credential",
                 CloseReason::IdentityInUse,
             );
+            return;
+        }
+        // The node's device cap: a device with a session (a resume, a
+        // reboot that replaces it) always gets back in; a new one is told
+        // to come back later.
+        let has_session = self.devices.get(&device).and_then(|d| d.session).is_some();
+        let max = self.config.max_devices;
+        if !has_session && self.sessions.len() >= max {
+            *self.stats.refused.entry(Refusal::Devices).or_default() += 1;
+            info!(%conn, %device, max, "device cap reached: refused");
+            self.note_device_error(conn, "refused: the server holds its most devices");
+            let reason = format!("this server holds its most devices ({max}); try again later");
+            self.reject(conn, ErrorCode::Overloaded, &reason, CloseReason::Overloaded);
             return;
         }
         if let Some(d) = self.devices.get_mut(&device) {

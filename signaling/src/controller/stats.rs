@@ -52,6 +52,9 @@ pub struct Stats {
     pub connections_closed: BTreeMap<CloseReason, u64>,
     /// SFU notices for participants the controller no longer knows.
     pub stale_sfu_notices: u64,
+    /// Requests, frames and connections refused because a limit was
+    /// reached, by limit.
+    pub refused: BTreeMap<Refusal, u64>,
     /// Time from a fault (last proof of life of the failed session, or the
     /// start of the phase that timed out) until the call or participant
     /// reached its terminal state.
@@ -60,6 +63,50 @@ pub struct Stats {
     pub heartbeat_rtt: DurationHistogram,
     /// From an invitation to its answer (1:1 calls).
     pub ring_to_answer: DurationHistogram,
+}
+
+/// Which limit refused something (see [`Config`](super::Config)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// A frame over the connection's message rate (`messages_per_second`,
+    /// `message_burst`): answered `RATE_LIMITED`, not processed.
+    RateLimited,
+    /// A new device while the node holds `max_devices` sessions.
+    Devices,
+    /// A new call or room while the node holds `max_calls` live ones.
+    Calls,
+    /// Invitations over `max_pending_invites` from one device.
+    PendingInvites,
+    /// A member over a call's or room's capacity (`max_group_members`,
+    /// `max_room_members`).
+    CallFull,
+    /// A connection whose outbound queue (`outbound_queue`) was full.
+    OutboundQueue,
+}
+
+impl Refusal {
+    /// Every limit, for exporters that show zeros too.
+    pub const ALL: [Refusal; 6] = [
+        Refusal::RateLimited,
+        Refusal::Devices,
+        Refusal::Calls,
+        Refusal::PendingInvites,
+        Refusal::CallFull,
+        Refusal::OutboundQueue,
+    ];
+
+    /// A stable lower-case name (metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::RateLimited => "rate_limited",
+            Refusal::Devices => "devices",
+            Refusal::Calls => "calls",
+            Refusal::PendingInvites => "pending_invites",
+            Refusal::CallFull => "call_full",
+            Refusal::OutboundQueue => "outbound_queue",
+        }
+    }
 }
 
 /// One call phase transition.
