@@ -39,7 +39,10 @@ impl Scrape {
     /// The Prometheus text exposition.
     pub async fn render(&self) -> anyhow::Result<String> {
         let mut families = self.sfu.metric_families().await?;
-        let (stats, gauges) = self.control.observe().await?;
+        let (mut stats, gauges) = self.control.observe().await?;
+        // The shell around the controller closes a connection whose queue is
+        // full; the controller's stats count only the closes it decides.
+        *stats.connections_closed.entry(fleetcall_signaling::pb::CloseReason::NotReading).or_default() += self.control.closed_not_reading();
         families.extend(control::families(&stats, &gauges));
         families.extend(transport::families(&self.transports));
         if self.room_labels {

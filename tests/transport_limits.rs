@@ -413,7 +413,10 @@ async fn an_address_over_its_socket_limit_is_refused_and_others_go_on() -> anyho
         connections.push(endpoint.connect_with(config.clone(), server.quic_addr, "localhost")?.await?);
     }
     let retries = metric(&server, "fleetcall_quic_retries_total", &[]).await?;
-    let third = endpoint.connect_with(config.clone(), server.quic_addr, "localhost")?.await;
+    // With a fresh client config: the first two's token store holds the
+    // server's address-validation tokens (NEW_TOKEN), which need no Retry.
+    let (fresh, fresh_config) = quic_client(loopback(2), &files)?;
+    let third = fresh.connect_with(fresh_config, server.quic_addr, "localhost")?.await;
     match third {
         Err(quinn::ConnectionError::ConnectionClosed(close)) => assert_eq!(close.error_code, quinn::TransportErrorCode::CONNECTION_REFUSED),
         other => bail!("the third connection from one address was not refused: {other:?}"),
@@ -516,17 +519,26 @@ async fn a_websocket_that_stops_reading_is_closed_and_blocks_nobody() -> anyhow:
     ws_send(&mut greedy, json!({ "hello": { "minVersion": 1, "maxVersion": 1, "softwareVersion": "web 1" } })).await?;
     while ws_next(&mut greedy, PROMPT).await?.get("welcome").is_none() {}
     let (mut write, mut read) = greedy.split();
-    // Writes without end, never reads: each heartbeat makes the server queue an ack.
+    // Writes until the server gives up on it, never reads: each heartbeat
+    // makes the server queue an ack. Then it falls silent too, its TCP
+    // connection open: only the server can end it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
     let flood = tokio::spawn(async move {
-        for seq in 1u64.. {
+        let mut seq = 0u64;
+        while !stopping.load(Ordering::Relaxed) {
+            seq += 1;
             let frame = json!({ "heartbeat": { "seq": seq.to_string(), "sentAtMs": "1" } }).to_string();
             if write.send(Message::Text(frame.into())).await.is_err() {
-                return seq;
+                break;
             }
         }
-        0
+        (seq, write)
     });
     wait_metric(&server, "fleetcall_connections_closed_total", &[("reason", "not_reading")], LIMIT, |v| v > closed_before).await?;
+    stop.store(true, Ordering::Relaxed);
+    let (sent, _write) = tokio::time::timeout(LIMIT, flood).await.context("the flood never stopped")??;
+    eprintln!("greedy client wrote {sent} heartbeats");
     // The server let go of the socket: reading it now drains what was
     // buffered, then ends.
     let ended = tokio::time::timeout(LIMIT, async {
@@ -534,8 +546,6 @@ async fn a_websocket_that_stops_reading_is_closed_and_blocks_nobody() -> anyhow:
     })
     .await;
     anyhow::ensure!(ended.is_ok(), "the server kept the socket of a client that stopped reading");
-    let sent = tokio::time::timeout(LIMIT, flood).await.context("the flood never failed")??;
-    eprintln!("greedy client wrote {sent} heartbeats before its socket closed");
     let table = devices(&server).await?;
     assert_eq!(table["greedy"]["reachability"], "unreachable", "{}", table["greedy"]);
     prober.check(Duration::from_secs(1))?;

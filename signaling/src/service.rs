@@ -71,6 +71,9 @@ enum Input {
 pub struct ControlPlane {
     input: mpsc::Sender<Input>,
     next_conn: Arc<AtomicU64>,
+    /// Connections closed NOT_READING by this shell (the controller's own
+    /// stats count only the closes it decides).
+    not_reading: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Input {
@@ -96,8 +99,9 @@ impl ControlPlane {
         // Unbounded: the controller never waits on the SFU.
         let (sfu_commands, commands) = mpsc::unbounded_channel();
         let link = SfuLink { commands, notices: SfuNotices(input.clone()) };
-        let task = ControllerTask { controller, input: rx, sfu: sfu_commands };
-        (ControlPlane { input, next_conn: Arc::new(AtomicU64::new(1)) }, link, task)
+        let not_reading = Arc::new(AtomicU64::new(0));
+        let task = ControllerTask { controller, input: rx, sfu: sfu_commands, not_reading: not_reading.clone() };
+        (ControlPlane { input, next_conn: Arc::new(AtomicU64::new(1)), not_reading }, link, task)
     }
 
     /// Registers a new connection with the credential its transport proved;
@@ -109,6 +113,11 @@ impl ControlPlane {
         let ends = ConnectionEnds { frames: frames_tx, close: close_tx };
         self.send(Input::Up { conn, credential, ends }).await?;
         Ok((conn, ConnectionLink { frames, close }))
+    }
+
+    /// Connections closed so far because their outbound queue was full.
+    pub fn closed_not_reading(&self) -> u64 {
+        self.not_reading.load(Ordering::Relaxed)
     }
 
     /// A decoded frame from `conn`.
@@ -191,6 +200,7 @@ pub struct ControllerTask {
     controller: Controller,
     input: mpsc::Receiver<Input>,
     sfu: mpsc::UnboundedSender<SfuCommand>,
+    not_reading: Arc<AtomicU64>,
 }
 
 impl ControllerTask {
@@ -200,11 +210,11 @@ impl ControllerTask {
     /// [`Stopped`] from then on, and the [`SfuLink`]'s commands end after
     /// the last `Leave`.
     pub async fn run(self, stop: impl Future<Output = ()>) {
-        let ControllerTask { controller: mut ctl, mut input, sfu } = self;
+        let ControllerTask { controller: mut ctl, mut input, sfu, not_reading } = self;
         let mut conns: HashMap<ConnId, ConnectionEnds> = HashMap::new();
         let mut stop = std::pin::pin!(stop);
         loop {
-            drain(&mut ctl, &mut conns, &sfu);
+            drain(&mut ctl, &mut conns, &sfu, &not_reading);
             let deadline = ctl.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
                 input = input.recv() => {
@@ -218,7 +228,7 @@ impl ControllerTask {
                 }
                 () = &mut stop => {
                     ctl.handle_shutdown(now());
-                    drain(&mut ctl, &mut conns, &sfu);
+                    drain(&mut ctl, &mut conns, &sfu, &not_reading);
                     // Dropping the connections' ends lets each writer finish
                     // its queue and close with the reason already set.
                     return;
@@ -272,13 +282,14 @@ pub fn unix_now() -> u64 {
 
 /// Carries out everything the controller asked for, as the sans-IO contract
 /// requires after every input.
-fn drain(ctl: &mut Controller, conns: &mut HashMap<ConnId, ConnectionEnds>, sfu: &mpsc::UnboundedSender<SfuCommand>) {
+fn drain(ctl: &mut Controller, conns: &mut HashMap<ConnId, ConnectionEnds>, sfu: &mpsc::UnboundedSender<SfuCommand>, not_reading: &AtomicU64) {
     while let Some(output) = ctl.poll_output() {
         match output {
             Output::Send { conn, frame } => {
                 let Some(ends) = conns.get(&conn) else { continue };
                 if ends.frames.try_send(frame).is_err() {
                     warn!(%conn, "device is not reading its stream; closing");
+                    not_reading.fetch_add(1, Ordering::Relaxed);
                     if let Some(ends) = conns.remove(&conn) {
                         let _ = ends.close.send(Some(CloseReason::NotReading));
                     }
