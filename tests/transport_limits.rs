@@ -85,8 +85,13 @@ async fn wait_metric(server: &Server, name: &str, labels: &[(&str, &str)], limit
 
 /// A device WebSocket from `from`, registered (`hello` answered).
 async fn ws_register(server: &Server, from: IpAddr, id: &str) -> anyhow::Result<Socket> {
+    ws_register_with(server, from, id, &[]).await
+}
+
+/// [`ws_register`] with a grant for `rooms`.
+async fn ws_register_with(server: &Server, from: IpAddr, id: &str, rooms: &[&str]) -> anyhow::Result<Socket> {
     let stream = tcp_from(server, from).await?;
-    let (mut ws, _) = tokio_tungstenite::client_async(server.ws_url(&server.token(id, &[])), stream).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async(server.ws_url(&server.token(id, rooms)), stream).await?;
     ws_send(&mut ws, json!({ "hello": { "minVersion": 1, "maxVersion": 1, "softwareVersion": "web 1" } })).await?;
     loop {
         let frame = ws_next(&mut ws, PROMPT).await?;
@@ -501,8 +506,9 @@ async fn forged_initials_cost_no_slot_past_the_retry_threshold() -> anyhow::Resu
 
 // ---- a WebSocket client that stops reading ----------------------------------------
 
-/// A WebSocket client that floods heartbeats and never reads the acks (its
-/// TCP connection kept open, its receive buffer small) is closed
+/// A WebSocket client in a room that stops reading (and writing), its TCP
+/// connection open and its receive buffer small, while the server pushes to
+/// it (another device joins and leaves the room over and over) is closed
 /// NOT_READING and its socket released; another WebSocket device keeps
 /// every heartbeat acked promptly meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -515,42 +521,61 @@ async fn a_websocket_that_stops_reading_is_closed_and_blocks_nobody() -> anyhow:
     socket.set_recv_buffer_size(4096)?;
     socket.bind(SocketAddr::new(loopback(2), 0))?;
     let stream = socket.connect(http_addr(&server)).await?;
-    let (mut greedy, _) = tokio_tungstenite::client_async(server.ws_url(&server.token("greedy", &[])), stream).await?;
+    let (mut greedy, _) = tokio_tungstenite::client_async(server.ws_url(&server.token("greedy", &["ward"])), stream).await?;
     ws_send(&mut greedy, json!({ "hello": { "minVersion": 1, "maxVersion": 1, "softwareVersion": "web 1" } })).await?;
     while ws_next(&mut greedy, PROMPT).await?.get("welcome").is_none() {}
-    let (mut write, mut read) = greedy.split();
-    // Writes until the server gives up on it, never reads: each heartbeat
-    // makes the server queue an ack. Then it falls silent too, its TCP
-    // connection open: only the server can end it.
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopping = stop.clone();
-    let flood = tokio::spawn(async move {
-        let mut seq = 0u64;
-        while !stopping.load(Ordering::Relaxed) {
-            seq += 1;
-            let frame = json!({ "heartbeat": { "seq": seq.to_string(), "sentAtMs": "1" } }).to_string();
-            if write.send(Message::Text(frame.into())).await.is_err() {
-                break;
-            }
+    ws_request(&mut greedy, 1, json!({ "roomJoin": { "room": "ward" } })).await?;
+    // From here on `greedy` neither reads nor writes.
+
+    let mut churn = ws_register_with(&server, loopback(1), "churn", &["ward"]).await?;
+    let started = Instant::now();
+    let mut op = 1u64;
+    let mut closed = closed_before;
+    while closed <= closed_before {
+        for _ in 0..50 {
+            op += 1;
+            let ack = ws_request(&mut churn, op, json!({ "roomJoin": { "room": "ward" } })).await?;
+            let call = ack["ack"]["callId"].clone();
+            op += 1;
+            ws_request(&mut churn, op, json!({ "groupLeave": { "callId": call } })).await?;
         }
-        (seq, write)
-    });
-    wait_metric(&server, "fleetcall_connections_closed_total", &[("reason", "not_reading")], LIMIT, |v| v > closed_before).await?;
-    stop.store(true, Ordering::Relaxed);
-    let (sent, _write) = tokio::time::timeout(LIMIT, flood).await.context("the flood never stopped")??;
-    eprintln!("greedy client wrote {sent} heartbeats");
-    // The server let go of the socket: reading it now drains what was
-    // buffered, then ends.
+        closed = metric(&server, "fleetcall_connections_closed_total", &[("reason", "not_reading")]).await?;
+        anyhow::ensure!(started.elapsed() < LIMIT, "the server kept queueing for a client that does not read");
+    }
+    eprintln!("closed NOT_READING after {} joins and leaves", op / 2);
+    // The server lets go of the socket while the client still reads
+    // nothing (the kiosk, the churner and this scrape are what stays open).
+    wait_metric(&server, "fleetcall_transport_connections", &[("transport", "http")], LIMIT, |v| v <= 3.0)
+        .await
+        .context("the server kept the socket of a client that stopped reading")?;
+    // Reading it now drains what was buffered, then ends.
     let ended = tokio::time::timeout(LIMIT, async {
-        while let Some(Ok(_)) = read.next().await {}
+        while let Some(Ok(_)) = greedy.next().await {}
     })
     .await;
     anyhow::ensure!(ended.is_ok(), "the server kept the socket of a client that stopped reading");
     let table = devices(&server).await?;
     assert_eq!(table["greedy"]["reachability"], "unreachable", "{}", table["greedy"]);
     prober.check(Duration::from_secs(1))?;
-    wait_metric(&server, "fleetcall_transport_connections", &[("transport", "http")], LIMIT, |v| v <= 2.0).await?;
     Ok(())
+}
+
+/// Sends a request with `op` as its id and returns the reply to it,
+/// answering heartbeats on the way; an error reply is an error.
+async fn ws_request(ws: &mut Socket, op: u64, mut frame: Value) -> anyhow::Result<Value> {
+    frame["opId"] = json!(op.to_string());
+    ws_send(ws, frame).await?;
+    loop {
+        let reply = ws_next(ws, PROMPT).await?;
+        if let Some(hb) = reply.get("heartbeat") {
+            let seq = hb.get("seq").cloned().unwrap_or(json!("0"));
+            ws_send(ws, json!({ "heartbeatAck": { "seq": seq, "echoSentAtMs": "1" } })).await?;
+        }
+        if reply["replyTo"] == json!(op.to_string()) {
+            anyhow::ensure!(reply.get("error").is_none(), "request {op} refused: {reply}");
+            return Ok(reply);
+        }
+    }
 }
 
 // ---- length prefixes far past the frame limit ----------------------------------------
