@@ -133,7 +133,8 @@ pub async fn serve(endpoint: Endpoint, config: QuicConfig, control: ControlPlane
         }
         let Some(address_slot) = addresses.try_acquire(remote.ip()) else {
             stats.refused(Refusal::PerAddress);
-            warn!(%remote, "connection limit of this address reached; refusing");
+            // Counted; at debug so that a flood does not flood the log.
+            debug!(%remote, "connection limit of this address reached; refusing");
             incoming.refuse();
             continue;
         };

@@ -6,7 +6,9 @@
 //! first reads up to 24 bytes to tell HTTP/2 from HTTP/1 with no timer, so a
 //! socket that sends nothing would otherwise stay open for ever. It ends
 //! with the server's first write (a response, or the 101 of the device
-//! WebSocket), which only a complete request gets; after that hyper's
+//! WebSocket), which only a complete request gets (so the first answer must
+//! also begin within the deadline: every handler here answers in
+//! milliseconds, the WebSocket upgrade at once); after that hyper's
 //! `header_read_timeout` bounds every idle keep-alive wait, and the
 //! controller's hello timeout bounds a WebSocket that never says Hello.
 
@@ -22,7 +24,7 @@ use fleetcall_signaling::limits::{AddressLimit, AddressSlot, Refusal, TransportS
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// The HTTP port's limits.
 #[derive(Debug, Clone)]
@@ -80,7 +82,8 @@ where
                 Some(slot) => slot,
                 None => {
                     self.stats.refused(Refusal::PerAddress);
-                    warn!(%peer, "connection limit of this address reached; closing");
+                    // Counted; at debug so that a flood does not flood the log.
+                    debug!(%peer, "connection limit of this address reached; closing");
                     // Dropping the stream closes it.
                     return Box::pin(std::future::ready(Err(io::Error::other("too many connections from this address"))));
                 }
