@@ -7,7 +7,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use fleetcall_media::{DriverConfig, SfuConfig};
+use fleetcall_signaling::quic::QuicConfig;
 use serde::Deserialize;
+
+use crate::http::HttpLimits;
 
 /// When to serve HTTPS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -142,6 +145,34 @@ pub struct ServeArgs {
     pub resume_grace_secs: Option<f64>,
     #[command(flatten)]
     pub control_limits: ControlLimitArgs,
+
+    // ---- transport limits (TOML section [transport]) ----
+    /// Most TCP connections (device WebSockets included) from one source IP
+    /// on the HTTP port. Default 256.
+    #[arg(long, env = "FLEETCALL_HTTP_MAX_CONNECTIONS_PER_IP")]
+    pub http_max_connections_per_ip: Option<usize>,
+    /// Seconds a TCP connection has to complete its first HTTP request (TLS
+    /// handshake included) and each later one's headers. Default 10.
+    #[arg(long, env = "FLEETCALL_HTTP_REQUEST_TIMEOUT_SECS")]
+    pub http_request_timeout_secs: Option<f64>,
+    /// Most QUIC device connections in all (handshakes included). Default 20000.
+    #[arg(long, env = "FLEETCALL_QUIC_MAX_CONNECTIONS")]
+    pub quic_max_connections: Option<usize>,
+    /// Most QUIC connections from one source IP (handshakes included). Default 256.
+    #[arg(long, env = "FLEETCALL_QUIC_MAX_CONNECTIONS_PER_IP")]
+    pub quic_max_connections_per_ip: Option<usize>,
+    /// QUIC handshakes in progress from which new unvalidated addresses get a
+    /// Retry first (0: always). Default 64.
+    #[arg(long, env = "FLEETCALL_QUIC_RETRY_THRESHOLD")]
+    pub quic_retry_threshold: Option<usize>,
+    /// Seconds a QUIC handshake may take. Default 10.
+    #[arg(long, env = "FLEETCALL_QUIC_HANDSHAKE_TIMEOUT_SECS")]
+    pub quic_handshake_timeout_secs: Option<f64>,
+    /// Seconds a QUIC device has to open its control stream after the
+    /// handshake. Default 10.
+    #[arg(long, env = "FLEETCALL_QUIC_STREAM_TIMEOUT_SECS")]
+    pub quic_stream_timeout_secs: Option<f64>,
+    // ---- end of transport limits ----
 }
 
 // ---- control-plane limits (issue 15): flags, [control] keys, resolved ------
@@ -246,7 +277,51 @@ struct FileConfig {
     control: FileControl,
     #[serde(default)]
     metrics: FileMetrics,
+    #[serde(default)]
+    transport: FileTransport,
 }
+
+// ---- transport limits ----
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTransport {
+    http_max_connections_per_ip: Option<usize>,
+    http_request_timeout_secs: Option<f64>,
+    quic_max_connections: Option<usize>,
+    quic_max_connections_per_ip: Option<usize>,
+    quic_retry_threshold: Option<usize>,
+    quic_handshake_timeout_secs: Option<f64>,
+    quic_stream_timeout_secs: Option<f64>,
+}
+
+impl FileTransport {
+    /// The limits of both transports: flags over the file over defaults.
+    fn resolve(self, args: &ServeArgs) -> anyhow::Result<(HttpLimits, QuicConfig)> {
+        let http_default = HttpLimits::default();
+        let http = HttpLimits {
+            max_connections_per_address: args.http_max_connections_per_ip.or(self.http_max_connections_per_ip).unwrap_or(http_default.max_connections_per_address),
+            request_timeout: match args.http_request_timeout_secs.or(self.http_request_timeout_secs) {
+                Some(secs) => seconds("HTTP request timeout", secs)?,
+                None => http_default.request_timeout,
+            },
+        };
+        let quic_default = QuicConfig::default();
+        let quic_seconds = |what, flag: Option<f64>, file: Option<f64>, default| flag.or(file).map_or(Ok(default), |secs| seconds(what, secs));
+        let quic = QuicConfig {
+            max_connections: args.quic_max_connections.or(self.quic_max_connections).unwrap_or(quic_default.max_connections),
+            max_connections_per_address: args.quic_max_connections_per_ip.or(self.quic_max_connections_per_ip).unwrap_or(quic_default.max_connections_per_address),
+            retry_threshold: args.quic_retry_threshold.or(self.quic_retry_threshold).unwrap_or(quic_default.retry_threshold),
+            handshake_timeout: quic_seconds("QUIC handshake timeout", args.quic_handshake_timeout_secs, self.quic_handshake_timeout_secs, quic_default.handshake_timeout)?,
+            stream_timeout: quic_seconds("QUIC stream timeout", args.quic_stream_timeout_secs, self.quic_stream_timeout_secs, quic_default.stream_timeout)?,
+            ..quic_default
+        };
+        if http.max_connections_per_address == 0 || quic.max_connections == 0 || quic.max_connections_per_address == 0 {
+            bail!("connection limits must be at least 1");
+        }
+        Ok((http, quic))
+    }
+}
+// ---- end of transport limits ----
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -337,6 +412,10 @@ pub struct Config {
     pub ring_timeout: Duration,
     pub resume_grace: Duration,
     pub control_limits: ControlLimits,
+    /// Limits of the HTTP port (sockets per address, first-request deadline).
+    pub http_limits: HttpLimits,
+    /// The QUIC transport, limits included.
+    pub quic: QuicConfig,
 }
 
 impl Config {
@@ -356,6 +435,7 @@ impl Config {
             .workers
             .or(file.media.workers)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let (http_limits, quic) = file.transport.resolve(&args)?;
         let config = Config {
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("fleetcall-data")),
             http_addr,
@@ -388,6 +468,8 @@ impl Config {
             ring_timeout: seconds("ring timeout", args.ring_timeout_secs.or(file.control.ring_timeout_secs).unwrap_or(30.0))?,
             resume_grace: seconds("resume grace", args.resume_grace_secs.or(file.control.resume_grace_secs).unwrap_or(10.0))?,
             control_limits: ControlLimits::resolve(&args.control_limits, &file.control)?,
+            http_limits,
+            quic,
         };
         config.validate()?;
         Ok(config)
@@ -516,5 +598,27 @@ mod tests {
         assert!(load(&["--messages-per-second", "0"]).is_err());
         std::fs::write(&path, "[control]\nmax_device = 4\n").unwrap();
         assert!(format!("{:#}", load(&["--config", path.to_str().unwrap()]).unwrap_err()).contains("max_device"));
+    }
+
+    #[test]
+    fn transport_limits_have_safe_defaults_and_read_flags_and_file() {
+        let config = load(&[]).unwrap();
+        assert_eq!(config.http_limits.max_connections_per_address, 256);
+        assert_eq!(config.http_limits.request_timeout, Duration::from_secs(10));
+        assert_eq!((config.quic.max_connections_per_address, config.quic.retry_threshold), (256, 64));
+        let dir = std::env::temp_dir().join(format!("fleetcall-config-transport-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fleetcall.toml");
+        std::fs::write(&path, "[transport]\nhttp_max_connections_per_ip = 8\nquic_retry_threshold = 0\nquic_stream_timeout_secs = 2.5\n").unwrap();
+        let config = load(&["--config", path.to_str().unwrap(), "--http-request-timeout-secs", "3"]).unwrap();
+        assert_eq!(config.http_limits.max_connections_per_address, 8);
+        assert_eq!(config.http_limits.request_timeout, Duration::from_secs(3));
+        assert_eq!(config.quic.retry_threshold, 0);
+        assert_eq!(config.quic.stream_timeout, Duration::from_millis(2500));
+        assert_eq!(config.quic.keep_alive, QuicConfig::default().keep_alive, "what is not configured keeps its default");
+        std::fs::write(&path, "[transport]\nquic_retry_treshold = 0\n").unwrap();
+        assert!(format!("{:#}", load(&["--config", path.to_str().unwrap()]).unwrap_err()).contains("quic_retry_treshold"));
+        assert!(load(&["--http-max-connections-per-ip", "0"]).is_err());
+        assert!(load(&["--quic-handshake-timeout-secs", "0"]).is_err());
     }
 }

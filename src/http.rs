@@ -25,6 +25,10 @@ use serde_json::{json, Value};
 
 use crate::server::Running;
 
+mod limits;
+
+pub use limits::{HttpLimits, LimitAcceptor};
+
 /// Shared by every request handler.
 #[derive(Debug, Clone)]
 pub struct AppState {

@@ -12,6 +12,14 @@ use fleetcall_media::SfuHandle;
 use fleetcall_signaling::service::ControlPlane;
 
 mod control;
+mod transport;
+
+/// The transports' shared counters (QUIC and the HTTP port).
+#[derive(Debug, Clone, Default)]
+pub struct Transports {
+    pub quic: std::sync::Arc<fleetcall_signaling::limits::TransportStats>,
+    pub http: std::sync::Arc<fleetcall_signaling::limits::TransportStats>,
+}
 
 /// What a scrape reads from.
 #[derive(Debug, Clone)]
@@ -23,6 +31,8 @@ pub struct Scrape {
     /// Per-room participant counts: one series per live room (off by default:
     /// a fleet with thousands of short calls makes thousands of series).
     pub room_labels: bool,
+    /// Refusals and open sockets of the transports.
+    pub transports: Transports,
 }
 
 impl Scrape {
@@ -31,6 +41,7 @@ impl Scrape {
         let mut families = self.sfu.metric_families().await?;
         let (stats, gauges) = self.control.observe().await?;
         families.extend(control::families(&stats, &gauges));
+        families.extend(transport::families(&self.transports));
         if self.room_labels {
             let mut rooms = Family::gauge("fleetcall_room_participants", "Participants per room (enabled by metrics.room_labels).");
             for (room, size) in self.sfu.room_sizes().await? {

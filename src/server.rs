@@ -34,7 +34,7 @@ use fleetcall_media::{DriverConfig, SfuConfig, SfuDriver, SuppressionPolicy};
 use fleetcall_signaling::controller::{self, Controller};
 use fleetcall_signaling::grants::{Grant, RoomPattern};
 use fleetcall_signaling::pki::Pki;
-use fleetcall_signaling::quic::{self, QuicConfig};
+use fleetcall_signaling::quic;
 use fleetcall_signaling::revocations::Revocations;
 use fleetcall_signaling::service::{unix_now, ControlPlane};
 use fleetcall_signaling::tokens::{AccessTokens, TokenRequest};
@@ -178,10 +178,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     spawn(&running, controller_task.run(stop.clone().signal()));
     spawn(&running, bridge::run(driver.handle(), sfu_link));
 
-    let quic_config = QuicConfig::default();
+    let quic_config = config.quic.clone();
     let quic_addr = listeners.quic.local_addr()?;
     let endpoint = quic::endpoint(listeners.quic, &quic_config, pki.server_tls()?).with_context(|| format!("starting QUIC on {quic_addr}"))?;
-    spawn(&running, quic::serve(endpoint, quic_config, control.clone(), stop.clone().signal()));
+    let transports = metrics::Transports::default();
+    spawn(&running, quic::serve(endpoint, quic_config, control.clone(), transports.quic.clone(), stop.clone().signal()));
 
     let ready = Arc::new(AtomicBool::new(true));
     let scrape = metrics::Scrape {
@@ -189,6 +190,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         control: control.clone(),
         site: config.metrics_site.clone(),
         room_labels: config.metrics_room_labels,
+        transports: transports.clone(),
     };
     if let Some(listener) = listeners.metrics {
         let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -224,7 +226,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     };
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let handle = axum_server::Handle::new();
-    let server = axum_server::from_tcp(listeners.http)?.handle(handle.clone());
+    let mut server = axum_server::from_tcp(listeners.http)?.handle(handle.clone());
+    // hyper times the headers of every request (idle keep-alive included)
+    // only with a timer; the acceptor times what comes before (see
+    // `http::LimitAcceptor`).
+    server.http_builder().http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(config.http_limits.request_timeout);
     // The HTTP server runs until it is told to stop, unless it fails.
     let (http_ended, mut http_result) = oneshot::channel();
     if config.tls {
@@ -234,12 +240,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         // No Nagle delay on control frames: an SDP answer waited ~40 ms for
         // the previous frame's ACK without it.
         let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls).acceptor(NoDelayAcceptor);
-        let server = server.acceptor(acceptor).serve(app);
+        let server = server.acceptor(http::LimitAcceptor::new(acceptor, &config.http_limits, transports.http.clone())).serve(app);
         spawn(&running, async move {
             let _ = http_ended.send(server.await);
         });
     } else {
-        let server = server.acceptor(NoDelayAcceptor).serve(app);
+        let server = server.acceptor(http::LimitAcceptor::new(NoDelayAcceptor, &config.http_limits, transports.http.clone())).serve(app);
         spawn(&running, async move {
             let _ = http_ended.send(server.await);
         });

@@ -27,6 +27,7 @@ pub mod client;
 pub mod controller;
 mod error;
 pub mod ids;
+pub mod limits;
 pub mod pb;
 pub mod grants;
 pub mod pki;

@@ -6,8 +6,18 @@
 //! proves the path; the controller's heartbeats prove that frames move.
 //! Connection migration is on: a device whose address changes keeps its
 //! connection and session.
+//!
+//! Limits before the controller hears of a connection: at most
+//! `max_connections` in all and `max_connections_per_address` per source IP
+//! (handshakes in progress count), a handshake that completes within
+//! `handshake_timeout`, a control stream opened within `stream_timeout`.
+//! Once `retry_threshold` handshakes are in progress, an Initial
+//! from an address not yet validated gets a Retry instead of a slot: a
+//! forged source never receives it, so spoofed Initials cost no connection
+//! slot and cannot use up a real address's share.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -19,6 +29,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::grants::Credential;
 use crate::ids::ConnId;
+use crate::limits::{AddressLimit, Refusal, TransportStats};
 use crate::pb::{self, CloseReason};
 use crate::pki;
 use crate::service::{ConnectionLink, ControlPlane};
@@ -35,6 +46,15 @@ pub struct QuicConfig {
     pub stream_timeout: Duration,
     /// Most simultaneous connections; more are refused.
     pub max_connections: usize,
+    /// Most simultaneous connections (handshakes included) from one source
+    /// IP; more are refused. Devices in a ward may share one NAT address, so
+    /// this is a bound against one greedy address, not a per-device rule.
+    pub max_connections_per_address: usize,
+    /// Once this many handshakes are in progress, a new Initial from an
+    /// address not yet validated is answered with a Retry (0: always).
+    pub retry_threshold: usize,
+    /// A handshake must complete within this time.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for QuicConfig {
@@ -44,6 +64,9 @@ impl Default for QuicConfig {
             idle_timeout: Duration::from_secs(10),
             stream_timeout: Duration::from_secs(10),
             max_connections: 20_000,
+            max_connections_per_address: 256,
+            retry_threshold: 64,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -81,8 +104,10 @@ const IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// Accepts devices until `stop` resolves; then lets the connections finish
 /// (the controller is closing them), closes the endpoint and returns.
-pub async fn serve(endpoint: Endpoint, config: QuicConfig, control: ControlPlane, stop: impl Future<Output = ()>) {
+/// Refusals, Retries and handshakes in progress are counted in `stats`.
+pub async fn serve(endpoint: Endpoint, config: QuicConfig, control: ControlPlane, stats: Arc<TransportStats>, stop: impl Future<Output = ()>) {
     let slots = Arc::new(Semaphore::new(config.max_connections));
+    let addresses = AddressLimit::new(config.max_connections_per_address, stats.clone());
     // Each connection task holds a clone; `recv` returns `None` once the last
     // one has finished.
     let (running, mut finished) = mpsc::channel::<()>(1);
@@ -93,22 +118,59 @@ pub async fn serve(endpoint: Endpoint, config: QuicConfig, control: ControlPlane
             () = &mut stop => break,
         };
         let Some(incoming) = incoming else { break };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
+        let remote = incoming.remote_address();
+        // Under handshake load, or from an address at its limit, only a
+        // source that proves it receives our packets gets a slot: a Retry
+        // costs a datagram and no state.
+        let loaded = stats.handshakes.load(Ordering::Relaxed) >= config.retry_threshold as u64;
+        if !incoming.remote_address_validated() && incoming.may_retry() && (loaded || addresses.is_full(remote.ip())) {
+            stats.retries.fetch_add(1, Ordering::Relaxed);
+            debug!(%remote, loaded, "validating the address first (Retry)");
+            // Fails only for an Initial that already answered a Retry,
+            // which `may_retry` ruled out.
+            let _ = incoming.retry();
+            continue;
+        }
+        let Some(address_slot) = addresses.try_acquire(remote.ip()) else {
+            stats.refused(Refusal::PerAddress);
+            // Counted; at debug so that a flood does not flood the log.
+            debug!(%remote, "connection limit of this address reached; refusing");
             incoming.refuse();
             continue;
         };
-        let remote = incoming.remote_address();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            stats.refused(Refusal::Capacity);
+            warn!(%remote, "connection limit reached; refusing");
+            incoming.refuse();
+            continue;
+        };
+        let connecting = match incoming.accept() {
+            Ok(connecting) => connecting,
+            Err(e) => {
+                debug!(%remote, error = %e, "could not accept");
+                continue;
+            }
+        };
+        stats.handshakes.fetch_add(1, Ordering::Relaxed);
         let control = control.clone();
         let config = config.clone();
+        let stats = stats.clone();
         let running = running.clone();
         tokio::spawn(
             async move {
-                match incoming.await {
-                    Ok(connection) => serve_connection(connection, &config, &control).await,
+                // Dropping an unfinished handshake abandons the connection.
+                let handshake = tokio::time::timeout(config.handshake_timeout, connecting).await;
+                stats.handshakes.fetch_sub(1, Ordering::Relaxed);
+                match handshake {
+                    Ok(Ok(connection)) => serve_connection(connection, &config, &control, &stats).await,
                     // Wrong or missing client certificate, or a broken handshake.
-                    Err(e) => info!(error = %e, "handshake failed"),
+                    Ok(Err(e)) => info!(error = %e, "handshake failed"),
+                    Err(_) => {
+                        stats.refused(Refusal::HandshakeTimeout);
+                        info!("handshake did not complete in time");
+                    }
                 }
+                drop(address_slot);
                 drop(slot);
                 drop(running);
             }
@@ -121,7 +183,7 @@ pub async fn serve(endpoint: Endpoint, config: QuicConfig, control: ControlPlane
     let _ = tokio::time::timeout(IDLE_GRACE, endpoint.wait_idle()).await;
 }
 
-async fn serve_connection(connection: Connection, config: &QuicConfig, control: &ControlPlane) {
+async fn serve_connection(connection: Connection, config: &QuicConfig, control: &ControlPlane, stats: &TransportStats) {
     let credential = match credential(&connection) {
         Ok(credential) => credential,
         Err(e) => {
@@ -139,6 +201,7 @@ async fn serve_connection(connection: Connection, config: &QuicConfig, control: 
                 return;
             }
             Err(_) => {
+                stats.refused(Refusal::StreamTimeout);
                 close(&connection, CloseReason::HelloTimeout);
                 return;
             }

@@ -240,6 +240,20 @@ mod tests {
     }
 
     #[test]
+    fn a_prefix_announcing_4_gib_is_refused_with_nothing_reserved() {
+        // 2^32, and no body at all: refused on the prefix alone.
+        let mut buf = BytesMut::new();
+        put_varint(&mut buf, 1 << 32);
+        let capacity = buf.capacity();
+        let err = FrameDecoder::new().decode::<pb::ClientFrame>(&mut buf).unwrap_err();
+        assert!(matches!(err, Error::FrameTooLarge { .. }), "{err}");
+        assert!(buf.capacity() <= capacity.max(MAX_FRAME_BYTES), "no room reserved for the announced body");
+        // Refused as soon as the prefix passes the limit, before it ends.
+        let mut partial = BytesMut::from(&[0xff, 0xff, 0xff][..]);
+        assert!(FrameDecoder::new().decode::<pb::ClientFrame>(&mut partial).unwrap_err().is_fatal());
+    }
+
+    #[test]
     fn frame_of_exactly_the_limit_is_accepted() {
         let mut buf = BytesMut::new();
         // A frame of MAX bytes: field 1 (op_id) varint 1, then padding as an

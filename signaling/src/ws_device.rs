@@ -161,35 +161,54 @@ async fn refuse(mut socket: WebSocket, refusal: Refusal) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send).await;
 }
 
+/// How long a socket the server closed may take to answer the close before
+/// it is dropped (a client that stopped reading never answers).
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn serve(socket: WebSocket, credential: Credential, control: ControlPlane) {
     let Ok((conn, link)) = control.connection_up(credential).await else { return };
     let (sink, mut stream) = socket.split();
-    let writer = tokio::spawn(write_frames(sink, link));
-    let detail = loop {
-        let message = match stream.next().await {
-            Some(Ok(message)) => message,
-            Some(Err(e)) => break e.to_string(),
-            None => break "socket closed".to_owned(),
-        };
-        let result = match message {
-            Message::Text(text) => match decode_json::<pb::ClientFrame>(&text) {
-                Ok(frame) => control.frame(conn, frame).await,
-                Err(error) => wire_error(&control, conn, error).await,
-            },
-            Message::Binary(_) => {
-                let error = Error::MalformedJson(serde_json::Error::io(std::io::Error::other("binary frames are not part of the protocol")));
-                wire_error(&control, conn, error).await
+    let mut writer = tokio::spawn(write_frames(sink, link));
+    let read = async {
+        loop {
+            let message = match stream.next().await {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => break e.to_string(),
+                None => break "socket closed".to_owned(),
+            };
+            let result = match message {
+                Message::Text(text) => match decode_json::<pb::ClientFrame>(&text) {
+                    Ok(frame) => control.frame(conn, frame).await,
+                    Err(error) => wire_error(&control, conn, error).await,
+                },
+                Message::Binary(_) => {
+                    let error = Error::MalformedJson(serde_json::Error::io(std::io::Error::other("binary frames are not part of the protocol")));
+                    wire_error(&control, conn, error).await
+                }
+                Message::Close(_) => break "socket closed".to_owned(),
+                _ => Ok(()), // ping/pong: answered by axum
+            };
+            if result.is_err() {
+                break "server stopping".to_owned();
             }
-            Message::Close(_) => break "socket closed".to_owned(),
-            _ => Ok(()), // ping/pong: answered by axum
-        };
-        if result.is_err() {
-            break "server stopping".to_owned();
         }
+    };
+    let mut read = std::pin::pin!(read);
+    // The writer ends when the controller closed the connection. A client
+    // that stopped reading never answers that close and may keep its TCP
+    // connection open without end: the reader gets a grace for the answer
+    // (so an orderly close is not reset), then the socket is dropped.
+    let detail = tokio::select! {
+        detail = &mut read => detail,
+        _ = &mut writer => tokio::time::timeout(CLOSE_GRACE, &mut read).await.unwrap_or_else(|_| "closed by the server".to_owned()),
     };
     // The control plane may already be gone at shutdown.
     let _ = control.connection_down(conn, detail).await;
-    let _ = writer.await;
+    // Finished already if it won the race above; awaiting it again then
+    // returns at once.
+    if !writer.is_finished() {
+        let _ = writer.await;
+    }
     debug!(%conn, "device socket closed");
 }
 
