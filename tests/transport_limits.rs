@@ -513,7 +513,9 @@ async fn forged_initials_cost_no_slot_past_the_retry_threshold() -> anyhow::Resu
 /// every heartbeat acked promptly meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_that_stops_reading_is_closed_and_blocks_nobody() -> anyhow::Result<()> {
-    let server = Server::start(&[])?;
+    // The churner pushes as fast as it can: not what the message rate limit
+    // is about here.
+    let server = Server::start(&["--messages-per-second", "100000", "--message-burst", "100000"])?;
     let prober = Prober::start(&server, "kiosk").await?;
     let closed_before = metric(&server, "fleetcall_connections_closed_total", &[("reason", "not_reading")]).await?;
 
