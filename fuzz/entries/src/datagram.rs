@@ -34,8 +34,15 @@ pub fn stage() -> Stage {
     stage.join_client();
     stage.join_client();
     // Renegotiation (the listener subscribes to the talker) settles.
-    stage.run(Duration::from_millis(200));
-    assert!(stage.send_frame(TALKER, LISTENER) > 0, "the stage forwards audio");
+    let mut forwarded = false;
+    for _ in 0..50 {
+        stage.run(Duration::from_millis(20));
+        forwarded = stage.send_frame(TALKER, LISTENER) > 0 && stage.send_frame(LISTENER, TALKER) > 0;
+        if forwarded {
+            break;
+        }
+    }
+    assert!(forwarded, "the stage forwards audio both ways");
     stage
 }
 

@@ -10,8 +10,8 @@
 //! input: it costs well under a millisecond, and crashes reproduce alone.
 //!
 //! Invariants: every output packet is valid Opus that a standard decoder
-//! decodes to the duration its TOC announces, in the pipeline's channel
-//! count; output sequence numbers strictly increase; one input gives at
+//! decodes (in the pipeline's channel count) to the duration its TOC
+//! announces; output sequence numbers strictly increase; one input gives at
 //! most its concealed run plus one outputs; a late input gives none.
 
 use std::sync::Arc;
@@ -87,7 +87,9 @@ pub fn run(data: &[u8]) {
             last_out = Some(out.seq);
             assert!(out.seq <= seq, "output seq {} beyond the input's {seq}", out.seq);
             let info = inspect(&out.payload).unwrap_or_else(|e| panic!("output is not Opus ({e:?}): {:02x?}", &out.payload[..]));
-            assert_eq!(info.stereo, config.channels == 2, "output channel count differs from the negotiated one");
+            // No check of the TOC's stereo flag: a stereo libopus encoder
+            // codes near-mono frames as mono, which stereo decoders play.
+            let _ = info.stereo;
             let decoded = check.decode(Some(&out.payload[..]), &mut pcm, false);
             let decoded = decoded.unwrap_or_else(|e| panic!("our own output does not decode ({e}): {:02x?}", &out.payload[..]));
             assert_eq!(decoded, info.samples(), "output decodes to another duration than its TOC says");

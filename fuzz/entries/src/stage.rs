@@ -20,7 +20,8 @@ pub struct Client {
     pub addr: SocketAddr,
     pub peer: Peer,
     pub participant: ParticipantId,
-    /// SFU transmits addressed to this client since the counter was reset.
+    /// SRTP packets (not RTCP) the SFU sent this client since the counter
+    /// was reset.
     pub received: u64,
 }
 
@@ -139,7 +140,9 @@ impl Stage {
                     continue;
                 }
                 let Some(i) = self.clients.iter().position(|c| c.addr == to) else { continue };
-                self.clients[i].received += 1;
+                if is_rtp(&bytes) {
+                    self.clients[i].received += 1;
+                }
                 self.clients[i].peer.handle_datagram(self.now, from, &bytes);
                 self.drain_client(i);
             }
@@ -187,8 +190,8 @@ impl Stage {
         }
     }
 
-    /// Client `from` sends one audio frame; how many SFU datagrams reached
-    /// client `to` while it travelled.
+    /// Client `from` sends one audio frame; how many SRTP packets reached
+    /// client `to` in the 20 ms after (str0m paces its sends on timeouts).
     pub fn send_frame(&mut self, from: usize, to: usize) -> u64 {
         self.frame_no = self.frame_no.wrapping_add(1);
         self.clients[to].received = 0;
@@ -196,8 +199,14 @@ impl Stage {
         self.clients[from].peer.send_audio(self.now, &AudioFrame { payload: Some(payload.into()), level: None });
         self.drain_client(from);
         self.pump();
+        self.run(Duration::from_millis(20));
         self.clients[to].received
     }
+}
+
+/// RTP, not RTCP (RFC 5761 demultiplexing by payload type).
+fn is_rtp(datagram: &[u8]) -> bool {
+    matches!(datagram, [128..=191, pt, ..] if !(192..=223).contains(pt))
 }
 
 impl std::fmt::Debug for Client {
