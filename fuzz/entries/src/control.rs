@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use fleetcall_signaling::Error;
-use fleetcall_signaling::controller::{Config, Controller, Output, RemovalReason, SfuCommand, SfuNotice};
+use fleetcall_signaling::controller::{Config, Controller, Output, Reachability, RemovalReason, SfuCommand, SfuNotice};
 use fleetcall_signaling::grants::{Credential, CredentialKey, Grant, RoomPattern};
 use fleetcall_signaling::ids::{CallId, ConnId, DeviceId, ParticipantKey};
 use fleetcall_signaling::pb::{self, ClientFrame, client_frame::Kind as C, server_frame::Kind as S};
@@ -232,7 +232,7 @@ impl World {
     fn check_bystander(&mut self) {
         let id = DeviceId::new("bystander").expect("valid id");
         let device = self.ctl.device(&id).expect("the bystander is still known");
-        assert_eq!(format!("{:?}", device.reachability), "Online", "bystander: {device:?}");
+        assert_eq!(device.reachability, Reachability::Online, "bystander: {device:?}");
         let call = self.bystander_call.expect("set up");
         assert_eq!(device.call, Some(call), "the bystander was taken out of its call: {device:?}");
         let snapshot = self.ctl.call(call).expect("the bystander's call exists");
