@@ -107,12 +107,24 @@ pub fn inspect(payload: &[u8]) -> Result<PacketInfo, PacketError> {
         // Two frames of equal size: the remaining bytes must split evenly.
         1 if (payload.len() - 1).is_multiple_of(2) => 2,
         1 => return Err(PacketError::Malformed),
-        // Two frames, the first one's length coded in one or two bytes.
-        2 if payload.len() >= 2 => 2,
-        2 => return Err(PacketError::Malformed),
-        // An explicit frame count in the second byte.
+        // Two frames, the first one's length coded in one or two bytes; it
+        // must fit in what follows (a DTX-sized packet is passed on without
+        // decoding, so this is the only check it gets).
+        2 => match frame_length(&payload[1..]) {
+            Some((len, header)) if 1 + header + len <= payload.len() => 2,
+            _ => return Err(PacketError::Malformed),
+        },
+        // An explicit frame count in the second byte; padding needs its
+        // length byte, VBR the lengths of all frames but the last.
         _ => match payload.get(1) {
-            Some(&count) if count & 0x3f != 0 => usize::from(count & 0x3f),
+            Some(&count) if count & 0x3f != 0 => {
+                let frames = usize::from(count & 0x3f);
+                let vbr_lengths = if count & 0x80 != 0 { frames - 1 } else { 0 };
+                if payload.len() < 2 + usize::from(count & 0x40 != 0) + vbr_lengths {
+                    return Err(PacketError::Malformed);
+                }
+                frames
+            }
             _ => return Err(PacketError::Malformed),
         },
     };
@@ -261,6 +273,22 @@ mod tests {
             inspect(&vec![8; MAX_PACKET_BYTES + 1]),
             Err(PacketError::Oversize)
         );
+    }
+
+    #[test]
+    fn framing_that_overruns_the_packet_is_malformed() {
+        // Found by fuzzing (fuzz/corpus/opus/crash-dtx-code2-overrun): code
+        // 2 announcing a 1-byte first frame with no bytes left was taken for
+        // DTX and passed on, an output libopus refuses.
+        assert_eq!(inspect(&[0xee, 0x01]), Err(PacketError::Malformed));
+        assert_eq!(inspect(&[(9 << 3) | 2]), Err(PacketError::Malformed));
+        assert_eq!(inspect(&[(9 << 3) | 2, 252]), Err(PacketError::Malformed));
+        assert!(inspect(&[0xee, 0x00]).unwrap().dtx, "two empty frames");
+        assert_eq!(inspect(&[(9 << 3) | 2, 1, 7, 8]).unwrap().frames, 2);
+        // Code 3: padding without its length byte, VBR without lengths.
+        assert_eq!(inspect(&[(9 << 3) | 3, 0x41]), Err(PacketError::Malformed));
+        assert_eq!(inspect(&[(9 << 3) | 3, 0x82]), Err(PacketError::Malformed));
+        assert!(inspect(&[(9 << 3) | 3, 0x81]).unwrap().dtx, "one VBR frame needs no length");
     }
 
     #[test]
