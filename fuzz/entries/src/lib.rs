@@ -30,9 +30,12 @@ pub mod sdp;
 pub mod stage;
 pub mod tokens;
 
+/// An entry function.
+pub type Entry = fn(&[u8]);
+
 /// The entry functions by target name, as the corpus folders and the
 /// cargo-fuzz binaries are named.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Entry)] = &[
     ("frames_protobuf", frames::protobuf),
     ("frames_json", frames::json),
     ("control", control::run),
