@@ -331,9 +331,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_bridge_reports_and_the_controller_decides() {
-        let driver = SfuDriver::start(DriverConfig {
+    /// One worker on loopback, queueing at most `worker_queue` commands.
+    fn driver(worker_queue: usize) -> SfuDriver {
+        SfuDriver::start(DriverConfig {
             bind_ip: Ipv4Addr::LOCALHOST.into(),
             first_port: 0,
             workers: 1,
@@ -341,9 +341,14 @@ mod tests {
             sfu: SfuConfig::default(),
             audio_threads: 1,
             pipeline: PipelineConfig::default(),
-            worker_queue: DriverConfig::DEFAULT_WORKER_QUEUE,
+            worker_queue,
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_bridge_reports_and_the_controller_decides() {
+        let driver = driver(DriverConfig::DEFAULT_WORKER_QUEUE);
         let (events, mut sfu_events) = mpsc::unbounded_channel();
         let mut bridge = Bridge { sfu: driver.handle(), events, participations: Participations::default() };
         let key = ParticipantKey { session: SessionId(7), epoch: Epoch(3) };
@@ -390,17 +395,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_join_its_worker_has_no_room_for_is_refused_at_once_and_leaves_nothing_behind() {
-        let driver = SfuDriver::start(DriverConfig {
-            bind_ip: Ipv4Addr::LOCALHOST.into(),
-            first_port: 0,
-            workers: 1,
-            advertise_ip: None,
-            sfu: SfuConfig::default(),
-            audio_threads: 1,
-            pipeline: PipelineConfig::default(),
-            worker_queue: 1,
-        })
-        .unwrap();
+        let driver = driver(1);
         let (events, _sfu_events) = mpsc::unbounded_channel();
         let mut bridge = Bridge { sfu: driver.handle(), events, participations: Participations::default() };
         let offer = offer();

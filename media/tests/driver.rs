@@ -129,37 +129,74 @@ async fn connect(sfu: &SfuHandle, room: &RoomId, name: &str) -> (MediaPeer, mpsc
     (peer, events)
 }
 
+/// `peer` sends `burst` of `frames` (round and round) every `every`, until
+/// the task is dropped or aborted.
+fn talk(peer: MediaPeer, frames: Arc<Vec<Vec<u8>>>, burst: usize, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        for n in 0.. {
+            tick.tick().await;
+            for i in 0..burst {
+                if peer.send_opus(frames[(n * burst + i) % frames.len()].clone()).is_err() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// When each frame reached a listener.
+#[derive(Clone)]
+struct Arrivals(Arc<Mutex<Vec<Instant>>>);
+
+impl Arrivals {
+    /// Records the frames among a peer's events.
+    fn record(mut events: mpsc::Receiver<PeerEvent>) -> Arrivals {
+        let arrivals = Arrivals(Arc::default());
+        let recorded = arrivals.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if matches!(event, PeerEvent::Frame(_)) {
+                    recorded.0.lock().unwrap().push(Instant::now());
+                }
+            }
+        });
+        arrivals
+    }
+
+    /// Waits (at most 10 s) until `count` frames have arrived.
+    async fn wait_for(&self, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.0.lock().unwrap().len() < count {
+            assert!(Instant::now() < deadline, "the call never carried audio");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Frames since `start`, the last one's arrival, and the longest silence
+    /// from `start` on.
+    fn since(&self, start: Instant) -> (usize, Instant, Duration) {
+        let arrivals: Vec<Instant> = self.0.lock().unwrap().iter().copied().filter(|at| *at >= start).collect();
+        let Some(&last) = arrivals.last() else { return (0, start, Duration::MAX) };
+        let mut gap = arrivals[0] - start;
+        for pair in arrivals.windows(2) {
+            gap = gap.max(pair[1] - pair[0]);
+        }
+        (arrivals.len(), last, gap)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_flood_at_one_worker_is_refused_while_its_calls_keep_their_audio() {
     let driver = SfuDriver::start(DriverConfig { worker_queue: 16, ..config(1) }).unwrap();
     let sfu = driver.handle();
     let room = RoomId::from("ward");
     let (talker, _talker_events) = connect(&sfu, &room, "talker").await;
-    let (_listener, mut heard) = connect(&sfu, &room, "listener").await;
+    let (_listener, heard) = connect(&sfu, &room, "listener").await;
     // 20 ms Opus frames (the payload is opaque to the SFU: no DSP here).
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        loop {
-            tick.tick().await;
-            if talker.send_opus(vec![0xfc, 0xff, 0xfe]).is_err() {
-                return;
-            }
-        }
-    });
-    let arrivals = Arc::new(Mutex::new(Vec::new()));
-    let recorded = arrivals.clone();
-    tokio::spawn(async move {
-        while let Some(event) = heard.recv().await {
-            if matches!(event, PeerEvent::Frame(_)) {
-                recorded.lock().unwrap().push(Instant::now());
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while arrivals.lock().unwrap().len() < 25 {
-        assert!(Instant::now() < deadline, "the call never carried audio");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let _talking = talk(talker, Arc::new(vec![vec![0xfc, 0xff, 0xfe]]), 1, Duration::from_millis(20));
+    let arrivals = Arrivals::record(heard);
+    arrivals.wait_for(25).await;
 
     // Two seconds of joins, far faster than the worker can take them, each
     // into a room of its own on the same worker.
@@ -195,13 +232,9 @@ async fn a_join_flood_at_one_worker_is_refused_while_its_calls_keep_their_audio(
     assert_eq!(counted.get_metric()[0].get_counter().value(), refused as f64);
 
     // The call on the flooded worker kept its audio.
-    let arrivals: Vec<Instant> = arrivals.lock().unwrap().iter().copied().filter(|at| *at >= flood_started).collect();
-    assert!(arrivals.len() >= 100, "the listener heard {} frames during the flood", arrivals.len());
-    let mut gap = arrivals[0] - flood_started;
-    for pair in arrivals.windows(2) {
-        gap = gap.max(pair[1] - pair[0]);
-    }
-    assert!(*arrivals.last().unwrap() > flood_ended, "audio went on after the flood");
+    let (heard, last, gap) = arrivals.since(flood_started);
+    assert!(heard >= 100, "the listener heard {heard} frames during the flood");
+    assert!(last > flood_ended, "audio went on after the flood");
     assert!(gap <= Duration::from_millis(200), "audio gap of {gap:?} during the flood");
 
     // Once the queue has drained, joins are taken again.
@@ -240,59 +273,28 @@ async fn a_publisher_ten_times_faster_than_real_time_costs_only_its_own_track() 
     let driver = SfuDriver::start(config).unwrap();
     let sfu = driver.handle();
     let (honest, _) = connect(&sfu, &RoomId::from("ward"), "honest").await;
-    let (_listener, mut heard) = connect(&sfu, &RoomId::from("ward"), "listener").await;
+    let (_listener, heard) = connect(&sfu, &RoomId::from("ward"), "listener").await;
     let (greedy, _) = connect(&sfu, &RoomId::from("lab"), "greedy").await;
     let (_greedy_listener, _greedy_heard) = connect(&sfu, &RoomId::from("lab"), "lab-listener").await;
     let frames = Arc::new(opus_frames(50));
-
-    let talk = |peer: MediaPeer, burst: usize, every: Duration| {
-        let frames = frames.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            for n in 0.. {
-                tick.tick().await;
-                for i in 0..burst {
-                    if peer.send_opus(frames[(n * burst + i) % frames.len()].clone()).is_err() {
-                        return;
-                    }
-                }
-            }
-        })
-    };
-    let arrivals = Arc::new(Mutex::new(Vec::new()));
-    let recorded = arrivals.clone();
-    tokio::spawn(async move {
-        while let Some(event) = heard.recv().await {
-            if matches!(event, PeerEvent::Frame(_)) {
-                recorded.lock().unwrap().push(Instant::now());
-            }
-        }
-    });
-    let _honest = talk(honest, 1, Duration::from_millis(20));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while arrivals.lock().unwrap().len() < 25 {
-        assert!(Instant::now() < deadline, "the honest call never carried audio");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let arrivals = Arrivals::record(heard);
+    let _honest = talk(honest, frames.clone(), 1, Duration::from_millis(20));
+    arrivals.wait_for(25).await;
     let stats = sfu.stats().await.unwrap();
     assert_eq!(stats.suppressed_tracks, 4, "{stats:?}");
 
     // 500 ms of audio every 50 ms: ten times real time, in bursts.
     let started = Instant::now();
     let before = stats.dropped.dsp_overflow;
-    let greedy = talk(greedy, 25, Duration::from_millis(50));
+    let greedy = talk(greedy, frames, 25, Duration::from_millis(50));
     tokio::time::sleep(Duration::from_secs(3)).await;
     greedy.abort();
 
     let stats = sfu.stats().await.unwrap();
     assert!(stats.dropped.dsp_overflow > before, "the fast publisher's excess is dropped and counted: {:?}", stats.dropped);
     assert_eq!(stats.participants, 4, "nobody was removed");
-    let arrivals: Vec<Instant> = arrivals.lock().unwrap().iter().copied().filter(|at| *at >= started).collect();
-    assert!(arrivals.len() >= 100, "the honest call carried {} frames meanwhile", arrivals.len());
-    let mut gap = arrivals[0] - started;
-    for pair in arrivals.windows(2) {
-        gap = gap.max(pair[1] - pair[0]);
-    }
+    let (heard, _, gap) = arrivals.since(started);
+    assert!(heard >= 100, "the honest call carried {heard} frames meanwhile");
     assert!(gap <= Duration::from_millis(200), "the honest call had an audio gap of {gap:?}");
     tokio::task::spawn_blocking(move || driver.shutdown()).await.unwrap();
 }
