@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use fleetcall_media::{DriverConfig, SfuConfig};
+use fleetcall_signaling::controller;
 use fleetcall_signaling::quic::QuicConfig;
 use serde::Deserialize;
 
@@ -205,57 +206,35 @@ pub struct ControlLimitArgs {
     pub outbound_queue: Option<usize>,
 }
 
-/// The resolved control-plane limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ControlLimits {
-    pub messages_per_second: u32,
-    pub message_burst: u32,
-    pub max_rate_limited_frames: u32,
-    pub max_devices: usize,
-    pub max_calls: usize,
-    pub max_pending_invites: usize,
-    pub outbound_queue: usize,
-}
-
-impl ControlLimits {
-    /// Flags/environment over the `[control]` keys over the controller's defaults.
-    fn resolve(args: &ControlLimitArgs, file: &FileControl) -> anyhow::Result<ControlLimits> {
-        let d = fleetcall_signaling::controller::Config::default();
-        let limits = ControlLimits {
-            messages_per_second: args.messages_per_second.or(file.messages_per_second).unwrap_or(d.messages_per_second),
-            message_burst: args.message_burst.or(file.message_burst).unwrap_or(d.message_burst),
-            max_rate_limited_frames: args.max_rate_limited_frames.or(file.max_rate_limited_frames).unwrap_or(d.max_rate_limited_frames),
-            max_devices: args.max_devices.or(file.max_devices).unwrap_or(d.max_devices),
-            max_calls: args.max_calls.or(file.max_calls).unwrap_or(d.max_calls),
-            max_pending_invites: args.max_pending_invites.or(file.max_pending_invites).unwrap_or(d.max_pending_invites),
-            outbound_queue: args.outbound_queue.or(file.outbound_queue).unwrap_or(d.outbound_queue),
-        };
-        let positive = [
-            ("messages_per_second", limits.messages_per_second as usize),
-            ("message_burst", limits.message_burst as usize),
-            ("max_devices", limits.max_devices),
-            ("max_calls", limits.max_calls),
-            ("max_pending_invites", limits.max_pending_invites),
-            ("outbound_queue", limits.outbound_queue),
-        ];
-        for (name, value) in positive {
-            if value == 0 {
-                bail!("{name} must be at least 1");
-            }
+/// The controller's settings: its defaults, then the `[control]` keys,
+/// then flags/environment.
+fn controller_config(args: &ServeArgs, file: &FileControl, max_room_size: usize) -> anyhow::Result<controller::Config> {
+    let (limits, mut c) = (&args.control_limits, controller::Config::default());
+    c.heartbeat_interval = seconds("heartbeat interval", args.heartbeat_secs.or(file.heartbeat_secs).unwrap_or(2.0))?;
+    c.ring_timeout = seconds("ring timeout", args.ring_timeout_secs.or(file.ring_timeout_secs).unwrap_or(30.0))?;
+    c.resume_grace = seconds("resume grace", args.resume_grace_secs.or(file.resume_grace_secs).unwrap_or(10.0))?;
+    c.max_room_members = max_room_size;
+    c.messages_per_second = limits.messages_per_second.or(file.messages_per_second).unwrap_or(c.messages_per_second);
+    c.message_burst = limits.message_burst.or(file.message_burst).unwrap_or(c.message_burst);
+    c.max_rate_limited_frames = limits.max_rate_limited_frames.or(file.max_rate_limited_frames).unwrap_or(c.max_rate_limited_frames);
+    c.max_devices = limits.max_devices.or(file.max_devices).unwrap_or(c.max_devices);
+    c.max_calls = limits.max_calls.or(file.max_calls).unwrap_or(c.max_calls);
+    c.max_pending_invites = limits.max_pending_invites.or(file.max_pending_invites).unwrap_or(c.max_pending_invites);
+    c.outbound_queue = limits.outbound_queue.or(file.outbound_queue).unwrap_or(c.outbound_queue);
+    let positive = [
+        ("messages_per_second", c.messages_per_second as usize),
+        ("message_burst", c.message_burst as usize),
+        ("max_devices", c.max_devices),
+        ("max_calls", c.max_calls),
+        ("max_pending_invites", c.max_pending_invites),
+        ("outbound_queue", c.outbound_queue),
+    ];
+    for (name, value) in positive {
+        if value == 0 {
+            bail!("{name} must be at least 1");
         }
-        Ok(limits)
     }
-
-    /// Puts the limits into the controller's settings.
-    pub fn apply(&self, config: &mut fleetcall_signaling::controller::Config) {
-        config.messages_per_second = self.messages_per_second;
-        config.message_burst = self.message_burst;
-        config.max_rate_limited_frames = self.max_rate_limited_frames;
-        config.max_devices = self.max_devices;
-        config.max_calls = self.max_calls;
-        config.max_pending_invites = self.max_pending_invites;
-        config.outbound_queue = self.outbound_queue;
-    }
+    Ok(c)
 }
 
 // ---- end of control-plane limits --------------------------------------------
@@ -408,10 +387,8 @@ pub struct Config {
     pub metrics_site: String,
     pub metrics_room_labels: bool,
     pub quic_addr: SocketAddr,
-    pub heartbeat: Duration,
-    pub ring_timeout: Duration,
-    pub resume_grace: Duration,
-    pub control_limits: ControlLimits,
+    /// The controller's settings: timers and limits.
+    pub controller: controller::Config,
     /// Limits of the HTTP port (sockets per address, first-request deadline).
     pub http_limits: HttpLimits,
     /// The QUIC transport, limits included.
@@ -436,6 +413,8 @@ impl Config {
             .or(file.media.workers)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let (http_limits, quic) = file.transport.resolve(&args)?;
+        let max_room_size = args.max_room_size.or(file.media.max_room_size).unwrap_or(100);
+        let controller = controller_config(&args, &file.control, max_room_size)?;
         let config = Config {
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("fleetcall-data")),
             http_addr,
@@ -446,7 +425,7 @@ impl Config {
             workers,
             advertise_ip: args.advertise_ip.or(file.media.advertise_ip),
             disconnect_grace: seconds("disconnect grace", args.disconnect_grace_secs.or(file.media.disconnect_grace_secs).unwrap_or(5.0))?,
-            max_room_size: args.max_room_size.or(file.media.max_room_size).unwrap_or(100),
+            max_room_size,
             suppression: args.suppression.or(file.media.suppression) == Some(Switch::On),
             audio_threads: args.audio_threads.or(file.media.audio_threads).unwrap_or(workers),
             audio_mode: args.audio_mode.or(file.media.audio_mode).unwrap_or(AudioMode::Voip),
@@ -464,10 +443,7 @@ impl Config {
             metrics_site: args.metrics_site.or(file.metrics.site).unwrap_or_else(|| "default".into()),
             metrics_room_labels: args.metrics_room_labels.or(file.metrics.room_labels).unwrap_or(false),
             quic_addr: args.quic_addr.or(file.control.quic_addr).unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 4433))),
-            heartbeat: seconds("heartbeat interval", args.heartbeat_secs.or(file.control.heartbeat_secs).unwrap_or(2.0))?,
-            ring_timeout: seconds("ring timeout", args.ring_timeout_secs.or(file.control.ring_timeout_secs).unwrap_or(30.0))?,
-            resume_grace: seconds("resume grace", args.resume_grace_secs.or(file.control.resume_grace_secs).unwrap_or(10.0))?,
-            control_limits: ControlLimits::resolve(&args.control_limits, &file.control)?,
+            controller,
             http_limits,
             quic,
         };
@@ -577,23 +553,19 @@ mod tests {
 
     #[test]
     fn control_limits_come_from_flags_the_file_or_the_controller() {
-        use fleetcall_signaling::controller;
         let defaults = controller::Config::default();
         let config = load(&[]).unwrap();
-        assert_eq!(config.control_limits.messages_per_second, defaults.messages_per_second);
-        assert_eq!(config.control_limits.outbound_queue, defaults.outbound_queue);
+        assert_eq!(config.controller.messages_per_second, defaults.messages_per_second);
+        assert_eq!(config.controller.outbound_queue, defaults.outbound_queue);
         let dir = std::env::temp_dir().join(format!("fleetcall-config-limits-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("limits.toml");
         std::fs::write(&path, "[control]\nmessages_per_second = 5\nmax_devices = 40\nmax_calls = 9\noutbound_queue = 64\n").unwrap();
         let config = load(&["--config", path.to_str().unwrap(), "--max-devices", "50", "--max-pending-invites", "3"]).unwrap();
-        let limits = &config.control_limits;
-        assert_eq!((limits.messages_per_second, limits.max_devices, limits.max_calls), (5, 50, 9));
-        assert_eq!((limits.max_pending_invites, limits.outbound_queue, limits.message_burst), (3, 64, defaults.message_burst));
-        let mut applied = controller::Config::default();
-        limits.apply(&mut applied);
+        let applied = &config.controller;
+        assert_eq!((applied.messages_per_second, applied.max_devices, applied.max_calls), (5, 50, 9));
+        assert_eq!((applied.max_pending_invites, applied.outbound_queue, applied.message_burst), (3, 64, defaults.message_burst));
         applied.validate().unwrap();
-        assert_eq!((applied.max_devices, applied.outbound_queue), (50, 64));
         assert!(format!("{:#}", load(&["--outbound-queue", "0"]).unwrap_err()).contains("outbound_queue"));
         assert!(load(&["--messages-per-second", "0"]).is_err());
         std::fs::write(&path, "[control]\nmax_device = 4\n").unwrap();

@@ -417,26 +417,16 @@ async fn run_worker(mut sfu: Sfu, socket: std::net::UdpSocket, io: WorkerIo) -> 
         let deadline = out.carry_out(&mut sfu).map(tokio::time::Instant::from_std);
         tokio::select! {
             biased;
-            () = stop.notified() => {
-                sfu.remove_all(tokio::time::Instant::now().into_std(), LeaveReason::Shutdown);
-                out.carry_out(&mut sfu);
-                return Ok(());
-            }
+            () = stop.notified() => break,
             // Commands first, so a leave never waits behind a flood of
             // media; and media right after each one, so a queue of joins
             // never holds the calls on this worker off for longer than one
             // command takes.
             command = commands.recv() => {
                 let now = tokio::time::Instant::now().into_std();
-                match command {
-                    Some(command) => handle_command(&mut sfu, now, command, &mut out.routes),
-                    // No handle left: the server is gone.
-                    None => {
-                        sfu.remove_all(now, LeaveReason::Shutdown);
-                        out.carry_out(&mut sfu);
-                        return Ok(());
-                    }
-                }
+                // No handle left: the server is gone.
+                let Some(command) = command else { break };
+                handle_command(&mut sfu, now, command, &mut out.routes);
                 out.carry_out(&mut sfu);
                 let now = tokio::time::Instant::now().into_std();
                 inbox.receive(&mut sfu, now, &socket, &state, false);
@@ -461,6 +451,11 @@ async fn run_worker(mut sfu: Sfu, socket: std::net::UdpSocket, io: WorkerIo) -> 
             }
         }
     }
+    // Told to stop, or nobody can command it any more: everyone hears
+    // `shutdown`.
+    sfu.remove_all(tokio::time::Instant::now().into_std(), LeaveReason::Shutdown);
+    out.carry_out(&mut sfu);
+    Ok(())
 }
 
 /// Receive buffers of one worker.
