@@ -458,10 +458,10 @@ impl Config {
             .workers
             .or(file.media.workers)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let state = state_config(&args, &file)?;
         let (http_limits, quic) = file.transport.resolve(&args)?;
         let max_room_size = args.max_room_size.or(file.media.max_room_size).unwrap_or(100);
         let controller = controller_config(&args, &file.control, max_room_size)?;
-        let state = state_config(&args, &file)?;
         let config = Config {
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("fleetcall-data")),
             http_addr,

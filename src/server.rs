@@ -129,8 +129,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let admin_token = secrets::admin_token(&config.data_dir)?;
     // Shared state: opened (Redis must answer) but not consumed yet; the
     // controller is wired to it in the next slice of issue 13.
-    let state = StateStore::open(&config.state).await.context("opening the state store")?;
-    info!(backend = state.backend(), "state store open");
+    let state_store = StateStore::open(&config.state).await.context("opening the state store")?;
+    info!(backend = state_store.backend(), "state store open");
 
     let driver = SfuDriver::start(DriverConfig {
         bind_ip: config.media_bind,
@@ -305,7 +305,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         warn!("media workers did not stop in time");
     }
     // Held until here so the store lives as long as the server (nothing uses it yet).
-    drop(state);
+    drop(state_store);
     info!("stopped");
     failed.map_or(Ok(()), Err)
 }
