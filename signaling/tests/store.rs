@@ -184,7 +184,14 @@ async fn behaviour<S: Store>(a: &S, b: &S) {
     let old = lease_of(a.execute(StoreOp::AcquireLease { call: door.clone(), node: node("a"), ttl: SHORT }).await);
     let by_old = writer("a", &old);
     version_of(a.execute(create(&door, 10, by_old.clone())).await);
+    let quiet = call("quiet");
+    let mine = lease_of(b.execute(StoreOp::AcquireLease { call: quiet.clone(), node: node("b"), ttl: SHORT }).await);
+    version_of(b.execute(create(&quiet, 20, writer("b", &mine))).await);
     tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
+    // Expired but not taken over: the holder renews (same epoch) and writes again.
+    assert_eq!(code(b.execute(transition(&quiet, 21, writer("b", &mine), 1, Phase::Live)).await), ErrorCode::LeaseExpired);
+    assert_eq!(lease_of(b.execute(StoreOp::RenewLease { call: quiet.clone(), writer: writer("b", &mine), ttl: LEASE }).await).epoch, mine.epoch);
+    assert_eq!(version_of(b.execute(transition(&quiet, 21, writer("b", &mine), 1, Phase::Live)).await), (Version(2), false));
     assert_eq!(code(a.execute(transition(&door, 11, by_old.clone(), 1, Phase::Live)).await), ErrorCode::LeaseExpired, "an expired lease writes nothing");
     let Ok(StoreOutcome::CurrentLease(None)) = b.execute(StoreOp::ReadLease { call: door.clone() }).await else { panic!("no live lease") };
     let new = lease_of(b.execute(StoreOp::AcquireLease { call: door.clone(), node: node("b"), ttl: LEASE }).await);
@@ -292,6 +299,15 @@ fn memory_state_runs_in_virtual_time() {
     assert_eq!(taken.epoch, OwnerEpoch(2));
     assert_eq!(code(state.apply(t1, transition(&room, 2, writer("a", &lease), 1, Phase::Live))), ErrorCode::StaleEpoch);
     version_of(state.apply(t1, transition(&room, 3, writer("b", &taken), 1, Phase::Ended)));
+    // A lease that ran out is renewed by its holder as long as nobody took
+    // over (the epoch proves nobody else wrote), and then writes again.
+    let quiet = call("quiet");
+    let mine = lease_of(state.apply(t0, StoreOp::AcquireLease { call: quiet.clone(), node: node("a"), ttl: Duration::from_secs(5) }));
+    version_of(state.apply(t0, create(&quiet, 1, writer("a", &mine))));
+    let late = t0 + Duration::from_secs(60);
+    assert_eq!(code(state.apply(late, transition(&quiet, 2, writer("a", &mine), 1, Phase::Live))), ErrorCode::LeaseExpired);
+    assert_eq!(lease_of(state.apply(late, StoreOp::RenewLease { call: quiet.clone(), writer: writer("a", &mine), ttl: Duration::from_secs(5) })).epoch, mine.epoch);
+    assert_eq!(version_of(state.apply(late, transition(&quiet, 2, writer("a", &mine), 1, Phase::Live))), (Version(2), false));
     // An ended record is kept RETAIN for late readers and replays, then forgotten.
     let read = |state: &mut MemoryState, at| state.apply(at, StoreOp::ReadCall { call: room.clone() });
     assert!(matches!(read(&mut state, t1 + RETAIN - Duration::from_millis(1)), Ok(StoreOutcome::Call(Some(_)))));
