@@ -15,7 +15,7 @@ set -u
 OUT=$1
 REPEATS=$2
 shift 2
-LT=target/release/fleetcall-loadtest
+LT=${LT:-target/release/fleetcall-loadtest}
 TOOL="taskset -c 1 $LT --threads 1 --quiet"
 mkdir -p "$OUT"
 
