@@ -132,7 +132,7 @@ fn faults_do_what_they_say_on_real_udp() -> anyhow::Result<()> {
         println!("netlab figure: 30 % loss each way kept {share:.2} of 400 round trips");
 
         // Size filter: small datagrams pass (and are counted), large ones do not.
-        let filter = lab.drop_larger_than(&node, Way::Both, 100)?;
+        let filter = lab.drop_larger_than(&node, echo.addr.port(), 100)?;
         let small = probe(&home, echo.addr, 20, 60, gap).await?;
         let large = probe(&home, echo.addr, 20, 200, gap).await?;
         assert_eq!((small.replies, large.replies), (20, 0), "payloads over 100 bytes dropped");

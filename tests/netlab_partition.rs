@@ -13,14 +13,14 @@ mod common;
 mod netlab;
 mod quic_support;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Server;
 use fleetcall_signaling::client::ClientEvent;
 use fleetcall_signaling::pb::EndReason;
-use netlab::{assert_no_leaks, Lab, LabDevice, Way};
-use quic_support::{call_row, call_with_media, devices, reason, wait_device, PROMPT};
+use netlab::{assert_no_leaks, Lab, LabDevice, ReachabilityWatch, Way};
+use quic_support::{call_row, call_with_media, reason, wait_device, PROMPT};
 
 const HEARTBEAT: &str = "0.5";
 const DETECTION: Duration = Duration::from_millis(4 * 500);
@@ -31,6 +31,8 @@ const ESTABLISHED_BOUND: Duration = Duration::from_millis(2000 + 10_000);
 /// A device back on the network reconnects within the SDK's backoff cap
 /// (1 s in these tests) plus a handshake; 2 s of margin for a busy machine.
 const RECONNECT_BOUND: Duration = Duration::from_secs(3);
+/// Polling and scheduling on a busy 2-core machine.
+const MARGIN: Duration = Duration::from_secs(2);
 /// Detection bound plus 2 s of margin.
 const DETECTED_BOUND: Duration = Duration::from_millis(2000 + 2000);
 
@@ -98,7 +100,7 @@ async fn long_outage(lab: Lab, outage: Duration) -> anyhow::Result<()> {
     let alice_took = struck.elapsed();
     assert!(matches!(reason(&ended), EndReason::MediaFailed | EndReason::ConnectionLost), "{ended:?}");
     assert_eq!(ended.by, "bob", "{ended:?}");
-    assert!(alice_took <= ESTABLISHED_BOUND, "alice converged {alice_took:?} after the cut, bound {ESTABLISHED_BOUND:?}");
+    assert!(alice_took <= ESTABLISHED_BOUND + MARGIN, "alice converged {alice_took:?} after the cut, bound {ESTABLISHED_BOUND:?} + {MARGIN:?}");
     let row = call_row(&server, call).await?;
     assert_eq!(row["phase"], "CALL_PHASE_ENDED", "{row}");
     assert_eq!(row["end_reason"].as_str(), Some(reason(&ended).as_str_name()), "{row}");
@@ -149,37 +151,18 @@ fn path_dropped_for_60s_mid_call_ends_everywhere() -> anyhow::Result<()> {
     netlab::run("outage-60s", |lab| long_outage(lab, Duration::from_secs(60)))
 }
 
-/// Records every change of a device's reachability in the server's table.
-async fn watch_reachability(server: &Server, id: &str, origin: Instant, stop: Arc<Mutex<bool>>) -> anyhow::Result<Vec<(Duration, String)>> {
-    let mut changes: Vec<(Duration, String)> = Vec::new();
-    while !*stop.lock().unwrap() {
-        let row = devices(server).await?.remove(id).unwrap_or_default();
-        let now = row["reachability"].as_str().unwrap_or("absent").to_owned();
-        if changes.last().is_none_or(|(_, last)| *last != now) {
-            changes.push((origin.elapsed(), now));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(changes)
-}
-
 /// Only one direction between bob and the server works for 6 s: both ends
 /// detect it, bob stays unreachable on the server for as long as it lasts
 /// (no flapping on the half that still arrives), and comes back once.
 async fn one_way(lab: Lab, way: Way) -> anyhow::Result<()> {
     let server = Arc::new(lab.start_server(&["--heartbeat-secs", HEARTBEAT])?);
     let mut bob = lab.device(&server, "bob", &[]).await?;
-    let origin = Instant::now();
-    let stop = Arc::new(Mutex::new(false));
-    let watcher = tokio::spawn({
-        let (server, stop) = (server.clone(), stop.clone());
-        async move { watch_reachability(&server, "bob", origin, stop).await }
-    });
+    let watch = ReachabilityWatch::start(server.clone(), "bob");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let cut = lab.cut(&bob.node, way)?;
     let struck = Instant::now();
-    let struck_at = origin.elapsed();
+    let struck_at = watch.elapsed();
     // Both ends at once, each timed on its own.
     let server_side = async {
         wait_device(&server, "bob", DETECTED_BOUND + PROMPT, |r| r["reachability"] == "unreachable").await?;
@@ -193,7 +176,8 @@ async fn one_way(lab: Lab, way: Way) -> anyhow::Result<()> {
     let (server_took, device_took) = (server_took?, device_took?);
     tokio::time::sleep_until((struck + Duration::from_secs(6)).into()).await;
     cut.heal()?;
-    let healed_at = origin.elapsed();
+    let healed_at = watch.elapsed();
+    let healed = Instant::now();
     let resumed = bob
         .expect(RECONNECT_BOUND + PROMPT, "reconnect", |e| match e {
             ClientEvent::Connected { resumed, .. } => Some(*resumed),
@@ -201,10 +185,10 @@ async fn one_way(lab: Lab, way: Way) -> anyhow::Result<()> {
         })
         .await?;
     wait_device(&server, "bob", PROMPT, |r| r["reachability"] == "online").await?;
+    let back_after = healed.elapsed();
     // Stable afterwards.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    *stop.lock().unwrap() = true;
-    let changes = watcher.await??;
+    let changes = watch.stop().await?;
 
     assert!(resumed, "bob resumed its session: {:#?}", bob.seen);
     assert!(server_took <= DETECTED_BOUND, "{way:?}: server detected after {server_took:?}, bound {DETECTED_BOUND:?}");
@@ -219,7 +203,7 @@ async fn one_way(lab: Lab, way: Way) -> anyhow::Result<()> {
     let disconnects = bob.seen.iter().filter(|e| matches!(e, ClientEvent::Disconnected { .. })).count();
     assert_eq!(disconnects, 1, "{way:?}: the device saw one loss: {:#?}", bob.seen);
     println!(
-        "netlab figure: one-way partition {way:?}: server detected {server_took:?}, device {device_took:?} after the cut (bound {DETECTED_BOUND:?}); states {changes:?}"
+        "netlab figure: one-way partition {way:?}: server detected {server_took:?}, device {device_took:?} after the cut (bound {DETECTED_BOUND:?}); online again {back_after:?} after the heal; states {changes:?}"
     );
     assert_no_leaks(&server, 1, PROMPT).await?;
     Ok(())

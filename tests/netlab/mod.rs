@@ -29,12 +29,15 @@
 //!   [`Fault`] is healed on drop.
 //! - **Control black-hole.** Once encrypted, the control stream's packets and
 //!   QUIC's keep-alives look alike to nftables, but not in size: a 1-RTT
-//!   packet carrying only PING/ACK frames is at most a few dozen bytes, a
-//!   packet carrying a stream frame (a heartbeat is the smallest) is larger.
-//!   [`Lab::drop_larger_than`] drops the larger ones, so the QUIC connection
-//!   stays up (keep-alives and their acks pass, counted by [`Fault::passed`])
-//!   while no control frame moves. Sizes were measured on this code, see
-//!   `CONTROL_BLACKHOLE_BYTES` in tests/netlab_control.rs.
+//!   packet carrying only PING/ACK frames is about 30 bytes, a packet
+//!   carrying a stream frame (a heartbeat ack is the smallest) is larger.
+//!   [`Lab::drop_larger_than`] drops the larger ones on the QUIC port only,
+//!   so the QUIC connection stays up (keep-alives and acks pass, counted by
+//!   [`Fault::passed_each`]) and media flows, while no control frame moves.
+//!   Sizes were measured on this code with the relay's histogram, see
+//!   `CONTROL_BLACKHOLE_BYTES` in tests/netlab_control.rs. (A relay that
+//!   parsed QUIC could do the same by frame type, but the payload is
+//!   encrypted; size is what the network can see.)
 //! - **Delay, jitter, reordering**: the kernel here has no `netem` qdisc, so
 //!   [`Relay`] is a userspace UDP relay in the hub that devices dial instead
 //!   of the server.
@@ -241,11 +244,20 @@ impl Lab {
     /// Enrolls `id` (with `rooms` granted), gives it a namespace and
     /// registers it there on the SDK.
     pub async fn device(&self, server: &Server, id: &str, rooms: &[&str]) -> anyhow::Result<LabDevice> {
+        self.device_via(server, id, rooms, server.quic_addr).await
+    }
+
+    /// Like [`Lab::device`], but dialing `quic` (a [`Relay`] in front of
+    /// the server).
+    pub async fn device_via(&self, server: &Server, id: &str, rooms: &[&str], quic: SocketAddr) -> anyhow::Result<LabDevice> {
         let files = enroll(server, id, rooms)?;
         let node = self.node(id)?;
         let home = Home::enter(&node.ns)?;
         let placement = Placement { runtime: Some(home.handle.clone()), media_ip: IpAddr::V4(node.ip()) };
-        let config = quic_support::client_config(server, &files)?;
+        let mut config = quic_support::client_config(server, &files)?;
+        if let fleetcall_signaling::client::Transport::Quic(target) = &mut config.transport {
+            target.server = quic;
+        }
         let device = Device::connect_from(id, files, config, placement).await?;
         Ok(LabDevice { device, node, home })
     }
@@ -269,14 +281,18 @@ impl Lab {
         self.rules(node, way, &format!("numgen random mod 100 < {percent} drop"))
     }
 
-    /// Drops UDP datagrams of `node` whose payload exceeds `bytes` (the
-    /// control black-hole, see the module docs), and counts those that
-    /// pass.
-    pub fn drop_larger_than(&self, node: &Node, way: Way, bytes: u16) -> anyhow::Result<Fault> {
+    /// Between `node` and the server's UDP port `port`, both ways: drops
+    /// datagrams whose payload exceeds `bytes` (the control black-hole, see
+    /// the module docs) and counts those that pass ([`Fault::passed`]).
+    /// Other traffic (media) is untouched.
+    pub fn drop_larger_than(&self, node: &Node, port: u16, bytes: u16) -> anyhow::Result<Fault> {
         // `udp length` counts the 8-byte UDP header.
         let length = bytes + 8;
-        let mut fault = self.rules(node, way, &format!("udp length > {length} drop"))?;
-        let mut counters = self.rules(node, way, &format!("udp length <= {length} counter"))?;
+        let up = format!("udp dport {port}");
+        let down = format!("udp sport {port}");
+        let mut fault = self.rules_each(node, Some(&format!("{up} udp length > {length} drop")), Some(&format!("{down} udp length > {length} drop")))?;
+        let mut counters =
+            self.rules_each(node, Some(&format!("{up} udp length <= {length} counter")), Some(&format!("{down} udp length <= {length} counter")))?;
         // One fault owns both sets of rules; `counters` is left empty.
         fault.counters = std::mem::take(&mut counters.rules);
         fault.rules.extend(fault.counters.iter().cloned());
@@ -284,8 +300,15 @@ impl Lab {
     }
 
     fn rules(&self, node: &Node, way: Way, action: &str) -> anyhow::Result<Fault> {
+        let from = matches!(way, Way::Both | Way::FromNode).then_some(action);
+        let to = matches!(way, Way::Both | Way::ToNode).then_some(action);
+        self.rules_each(node, from, to)
+    }
+
+    /// Adds `from` to what `node` sends and `to` to what it is sent.
+    fn rules_each(&self, node: &Node, from: Option<&str>, to: Option<&str>) -> anyhow::Result<Fault> {
         let mut fault = Fault { hub: self.hub.clone(), rules: Vec::new(), counters: Vec::new() };
-        let mut add = |chain: &str, side: &str| -> anyhow::Result<()> {
+        let mut add = |chain: &str, side: &str, action: &str| -> anyhow::Result<()> {
             let rule = format!("{side} \"{}\" {action}", node.port);
             let echo = nft(&self.hub, &["--echo", "--handle", "add", "rule", "bridge", "netlab", chain, &rule], None)?;
             let handle = echo
@@ -296,11 +319,11 @@ impl Lab {
             fault.rules.push((chain.to_owned(), handle));
             Ok(())
         };
-        if matches!(way, Way::Both | Way::FromNode) {
-            add("from_nodes", "iifname")?;
+        if let Some(action) = from {
+            add("from_nodes", "iifname", action)?;
         }
-        if matches!(way, Way::Both | Way::ToNode) {
-            add("to_nodes", "oifname")?;
+        if let Some(action) = to {
+            add("to_nodes", "oifname", action)?;
         }
         Ok(fault)
     }
@@ -420,10 +443,15 @@ impl Fault {
         self.remove()
     }
 
-    /// Packets the fault's counter rules let through so far.
+    /// Packets the fault's counter rules let through so far, in all.
     pub fn passed(&self) -> anyhow::Result<u64> {
+        Ok(self.passed_each()?.iter().sum())
+    }
+
+    /// The same per counter rule: from the node, then to it.
+    pub fn passed_each(&self) -> anyhow::Result<Vec<u64>> {
         let listing = nft(&self.hub, &["--handle", "list", "table", "bridge", "netlab"], None)?;
-        let mut packets = 0;
+        let mut packets = Vec::new();
         for (_, handle) in &self.counters {
             let line = listing
                 .lines()
@@ -434,7 +462,7 @@ impl Fault {
                 .and_then(|(_, rest)| rest.split_whitespace().next())
                 .and_then(|n| n.parse::<u64>().ok())
                 .with_context(|| format!("no packet count in {line:?}"))?;
-            packets += count;
+            packets.push(count);
         }
         Ok(packets)
     }
@@ -719,6 +747,46 @@ pub async fn assert_no_leaks(server: &Server, sessions: u64, limit: Duration) ->
             bail!("leak: {limit:?} after the scenario the server still holds {residue:#?} (wanted {sessions} sessions, nothing else)");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Records every change of one device's reachability in the server's
+/// table, polled every 50 ms.
+pub struct ReachabilityWatch {
+    origin: Instant,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<anyhow::Result<Vec<(Duration, String)>>>,
+}
+
+impl ReachabilityWatch {
+    pub fn start(server: Arc<Server>, id: &str) -> ReachabilityWatch {
+        let origin = Instant::now();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (id, flag) = (id.to_owned(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut changes: Vec<(Duration, String)> = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let row = quic_support::devices(&server).await?.remove(&id).unwrap_or_default();
+                let now = row["reachability"].as_str().unwrap_or("absent").to_owned();
+                if changes.last().is_none_or(|(_, last)| *last != now) {
+                    changes.push((origin.elapsed(), now));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(changes)
+        });
+        ReachabilityWatch { origin, stop, task }
+    }
+
+    /// Time since the watch started (the scale of its records).
+    pub fn elapsed(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    /// Stops; every change with its time since the start.
+    pub async fn stop(self) -> anyhow::Result<Vec<(Duration, String)>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?
     }
 }
 
