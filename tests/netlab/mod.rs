@@ -488,6 +488,7 @@ impl Drop for Fault {
 pub struct Home {
     pub handle: tokio::runtime::Handle,
     stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Home {
@@ -495,7 +496,7 @@ impl Home {
         let (ready, handle) = std::sync::mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
         let netns = netns.to_owned();
-        std::thread::Builder::new().name(format!("home-{netns}")).spawn(move || {
+        let thread = std::thread::Builder::new().name(format!("home-{netns}")).spawn(move || {
             let runtime = enter(&netns).and_then(|()| {
                 // One thread: blocking-pool threads it might start are its
                 // children and so share its namespace too.
@@ -513,15 +514,19 @@ impl Home {
             }
         })?;
         let handle = handle.recv().context("home thread")??;
-        Ok(Home { handle, stop: Some(stop) })
+        Ok(Home { handle, stop: Some(stop), thread: Some(thread) })
     }
 }
 
 impl Drop for Home {
     fn drop(&mut self) {
-        // The thread drops its runtime and with it every task and socket.
+        // The thread drops its runtime and with it every task and socket;
+        // waiting for it means those sockets are closed when this returns.
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
