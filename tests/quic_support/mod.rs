@@ -88,6 +88,8 @@ pub struct Device {
     pub current: Option<Media>,
     /// Where the device's sockets live (see [`Home`]).
     home: Home,
+    /// ICE restarts sent, for their revisions.
+    restarts: u64,
 }
 
 /// Where a device's sockets are made: a socket belongs to the network
@@ -166,7 +168,7 @@ impl Device {
                 }
             }
         });
-        let mut device = Device { id: id.to_owned(), client, files, events, seen: Vec::new(), media, current: None, home };
+        let mut device = Device { id: id.to_owned(), client, files, events, seen: Vec::new(), media, current: None, home, restarts: 0 };
         device.expect(PROMPT, "registration", |e| matches!(e, ClientEvent::Connected { resumed: false, .. }).then_some(())).await?;
         Ok(device)
     }
@@ -192,6 +194,21 @@ impl Device {
             }
         });
         self.current = Some(Media { call, peer, sender });
+        Ok(())
+    }
+
+    /// The device's address changed to `ip`: its media moves to a socket
+    /// there and restarts ICE (`ice_restart`; the pump applies the answer).
+    pub async fn restart_media_at(&mut self, ip: IpAddr) -> anyhow::Result<()> {
+        let (call, peer) = self.current.as_ref().map(|m| (m.call, m.peer.clone())).context("no media to move")?;
+        let offer = peer.move_to(ip).await?;
+        let session = self.client.session().context("no session")?;
+        self.restarts += 1;
+        // Above the join offer's revision 1; the server only echoes it.
+        let revision = 100 + self.restarts;
+        let restart = pb::IceRestart { call_id: call.0, session_id: session.0, revision, sdp: offer };
+        self.client.request(pb::client_frame::Kind::IceRestart(restart)).await.with_context(|| format!("{}: ice restart", self.id))?;
+        self.home.media_ip = ip;
         Ok(())
     }
 
