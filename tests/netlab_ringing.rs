@@ -1,5 +1,5 @@
 //! A callee lost while its call rings, on a real network (tests/netlab):
-//! its process killed, or its link cut. The caller hears `UNAVAILABLE`, the
+//! its process killed or paused, or its link cut. The caller hears `UNAVAILABLE`, the
 //! call is `ended` on the server within the detection bound + 2 s, and
 //! nothing is left: no ring timer, no media, no session beyond the grace.
 //!
@@ -114,6 +114,40 @@ fn callee_link_cut_while_ringing_ends_unavailable() -> anyhow::Result<()> {
         let ends = bob.seen.iter().filter(|e| matches!(e, ClientEvent::CallEnded(m) if m.call_id == call.0)).count();
         assert_eq!(ends, 1, "exactly one call_ended: {:#?}", bob.seen);
 
+        assert_no_leaks(&server, 2, PROMPT).await?;
+        Ok(())
+    })
+}
+
+#[test]
+fn paused_callee_while_ringing_ends_unavailable_and_hears_it_on_waking() -> anyhow::Result<()> {
+    netlab::run("paused-callee", |lab| async move {
+        let server = lab.start_server(&SERVER)?;
+        let (mut callee, _node) = lab.agent(&server, "bed-9", &[])?;
+        callee.line("registered bed-9", PROMPT * 2).await?;
+        let mut nurse = lab.device(&server, "nurse", &[]).await?;
+
+        let call = nurse.client.invite("bed-9").await?;
+        callee.line("incoming call", PROMPT).await?;
+        nurse.phase(call, CallPhase::Ringing, PROMPT).await?;
+
+        // A frozen process: its sockets stay open, nothing is read or sent.
+        signal(callee.child.id(), Signal::SIGSTOP)?;
+        let paused = Instant::now();
+        let ended = nurse.ended(call, BOUND * 3).await?;
+        let caller_took = paused.elapsed();
+        let (server_reason, _) = server_ended(&server, call, paused).await?;
+        assert_eq!((reason(&ended), ended.by.as_str()), (EndReason::Unavailable, "bed-9"), "{ended:?}");
+        assert_eq!(server_reason, "END_REASON_UNAVAILABLE");
+        assert!(caller_took <= BOUND, "caller heard UNAVAILABLE {caller_took:?} after the pause, bound {BOUND:?}");
+
+        // Woken within the resume grace, the callee resumes and hears the end.
+        signal(callee.child.id(), Signal::SIGCONT)?;
+        let woken = Instant::now();
+        callee.line("reconnected session", PROMPT).await?;
+        let end = callee.line(&format!("call {} ended", call.0), PROMPT).await?;
+        assert_eq!(end, format!("call {} ended UNAVAILABLE by bed-9", call.0));
+        println!("netlab figure: paused callee while ringing: caller unavailable after {caller_took:?} (bound {BOUND:?}), callee heard the end {:?} after waking", woken.elapsed());
         assert_no_leaks(&server, 2, PROMPT).await?;
         Ok(())
     })
