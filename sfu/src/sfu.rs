@@ -488,6 +488,14 @@ impl Sfu {
             }
         }
         let result = p.rtc.sdp_api().accept_offer(offer).map_err(|e| SfuError::InvalidSdp(e.to_string()));
+        // An ICE restart renews our credentials too: the STUN checks that
+        // follow (from a new address, when the device moved) name the new
+        // ufrag, and must find this participant.
+        let ufrag = p.rtc.direct_api().local_ice_credentials().ufrag;
+        if ufrag != p.ufrag {
+            self.demux.replace_ufrag(id, &p.ufrag, ufrag.clone());
+            p.ufrag = ufrag;
+        }
         if !p.rtc.is_alive() {
             self.remove_participant(now, id, LeaveReason::NegotiationFailed);
         } else {
