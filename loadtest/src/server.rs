@@ -235,6 +235,13 @@ impl Server {
             "0".into(),
             "--data-dir".into(),
             dir.display().to_string(),
+            // Every simulated device comes from 127.0.0.1: the per-address
+            // limits that protect a site from one misbehaving host would
+            // refuse all but the first 256.
+            "--quic-max-connections-per-ip".into(),
+            "1000000".into(),
+            "--http-max-connections-per-ip".into(),
+            "1000000".into(),
         ];
         full.extend(args.iter().cloned());
         let (binary, full) = match cpus {
