@@ -50,6 +50,26 @@ fn a_forwarded_packet_leaves_without_waiting_for_a_timer() {
 }
 
 #[test]
+fn several_packets_written_to_one_listener_in_a_batch_all_leave_at_once() {
+    init_log();
+    // A room of 4 where 3 talk, all-to-all: each frame tick, the listener's
+    // `Rtc` is written three times before the core drains it once.
+    let mut net = Net::with_config(SfuConfig { audio_slots: 0, disconnect_grace: Duration::from_secs(5), ..SfuConfig::default() });
+    for member in 0..4 {
+        let i = net.join("ward");
+        net.clients[i].talking = member < 3;
+    }
+    let heard_all = |n: &Net, min: u64| (0u8..3).all(|talker| n.clients[3].heard.get(&talker).copied().unwrap_or(0) >= min);
+    assert!(net.run_until(Duration::from_secs(10), |n| heard_all(n, 10)), "media flows");
+
+    let (heard, overdue) = ((0u8..3).map(|t| net.clients[3].heard[&t]).sum::<u64>(), net.overdue_after_pump);
+    net.run(Duration::from_secs(2));
+    let now_heard: u64 = (0u8..3).map(|t| net.clients[3].heard[&t]).sum();
+    assert!(now_heard >= heard + 3 * 90, "the listener heard all three talkers: {heard} -> {now_heard}");
+    assert_eq!(net.overdue_after_pump, overdue, "a drain left a written packet waiting for a timer");
+}
+
+#[test]
 fn loss_and_rtt_come_from_receiver_reports_without_twcc() {
     init_log();
     let mut net = Net::new(Duration::from_secs(5));

@@ -334,8 +334,21 @@ pub(crate) fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
     fs::read(path).map_err(|source| PkiError::Io { path: path.to_owned(), source })
 }
 
+/// Replaces a file whole: written aside, then renamed over it, so a reader
+/// never sees it half-written (enrollments running at once all rewrite the
+/// CA certificate next to the devices' files).
 fn write(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
-    fs::write(path, contents).map_err(|source| PkiError::Io { path: path.to_owned(), source })
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".{}.{n}.tmp", std::process::id()));
+    let aside = PathBuf::from(aside);
+    let io = |source| PkiError::Io { path: path.to_owned(), source };
+    fs::write(&aside, contents).map_err(io)?;
+    fs::rename(&aside, path).map_err(|source| {
+        let _ = fs::remove_file(&aside);
+        io(source)
+    })
 }
 
 /// Writes a new file only the owner can read.
@@ -353,6 +366,34 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fleetcall-pki-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
+    }
+
+    #[test]
+    fn the_ca_certificate_is_never_seen_half_written_while_devices_enroll() {
+        let dir = temp_dir("concurrent");
+        let pki = Arc::new(Pki::open_or_init(dir.join("pki"), &[]).unwrap());
+        let devices = dir.join("devices");
+        pki.enroll("first", &devices, &Enrollment::default()).unwrap();
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let (pki, devices) = (pki.clone(), devices.clone());
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        pki.enroll(&format!("d-{w}-{i}"), &devices, &Enrollment::default()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut reads = 0;
+        while !writers.iter().all(|w| w.is_finished()) {
+            let ca = fs::read(devices.join("ca.pem")).unwrap();
+            assert_eq!(parse_certs(&ca).map(|c| c.len()).ok(), Some(1), "ca.pem read whole");
+            reads += 1;
+        }
+        writers.into_iter().for_each(|w| w.join().unwrap());
+        assert!(reads > 0);
+        let leftovers = fs::read_dir(&devices).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).count();
+        assert_eq!(leftovers, 0, "no file left aside");
     }
 
     #[test]
