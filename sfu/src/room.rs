@@ -302,6 +302,11 @@ impl Forwarding {
     }
 
     /// Track outlets, negotiating or open.
+    /// Every track outlet, as (published track, subscriber).
+    pub(crate) fn outlets(&self) -> impl Iterator<Item = (TrackKey, ParticipantId)> + '_ {
+        self.tracks.iter().flat_map(|(source, edges)| edges.iter().map(move |edge| (*source, edge.subscriber)))
+    }
+
     pub(crate) fn track_outlets(&self) -> usize {
         self.tracks.values().map(Vec::len).sum()
     }

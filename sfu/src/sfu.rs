@@ -710,6 +710,20 @@ impl Sfu {
         }
     }
 
+    /// Who receives whom: every track outlet as (room, publisher,
+    /// subscriber), one per published track and subscriber, sorted. Audio
+    /// slots of slot rooms are not listed (`SfuStats::audio_slots` counts
+    /// them). For audits: the controller's view of a call must match it.
+    pub fn forwarding(&self) -> Vec<(RoomId, ParticipantId, ParticipantId)> {
+        let mut all: Vec<_> = self
+            .rooms
+            .values()
+            .flat_map(|room| room.forwarding.outlets().map(|(source, subscriber)| (room.id.clone(), source.publisher, subscriber)))
+            .collect();
+        all.sort();
+        all
+    }
+
     /// Participants per room.
     pub fn room_sizes(&self) -> Vec<(RoomId, usize)> {
         self.rooms.iter().map(|(id, room)| (id.clone(), room.members.len())).collect()
