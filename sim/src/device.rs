@@ -13,9 +13,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use fleetcall_peer::{AudioFrame, DtlsIdentity, Output as PeerOutput, Peer, PeerConfig, PeerEvent, Sent};
+use fleetcall_peer::{AudioFrame, DtlsIdentity, Output as PeerOutput, Peer, PeerConfig, PeerError, PeerEvent, Sent};
 use fleetcall_signaling::backoff::Backoff;
-use fleetcall_signaling::client::{ClientCore, ClientEvent, CoreConfig, CoreEvent, OpId};
+use fleetcall_signaling::client::{ClientCore, ClientEvent, CoreConfig, CoreEvent, OpId, RequestFailure};
 use fleetcall_signaling::grants::Credential;
 use fleetcall_signaling::ids::{ConnId, DeviceId};
 use fleetcall_signaling::pb::{self, CallKind, CallPhase, EndReason, ParticipantStatus, ServerFrame, client_frame::Kind as C};
@@ -147,6 +147,12 @@ pub struct Device {
     /// joined): each must end with exactly one terminal event, or with the
     /// session.
     open: BTreeSet<u64>,
+    /// Requests that may have opened a participation (invite, group
+    /// create or join, room join) and failed without a reply: the server
+    /// may have carried them out, and the SDK drops a reply that comes
+    /// after the request timed out. Each may show up as one terminal event
+    /// for a call it never heard of.
+    unknown_outcomes: u32,
     /// Things this device saw that must never happen.
     pub violations: Vec<String>,
     /// Actions the user decided on, due later (answering a ring).
@@ -154,6 +160,8 @@ pub struct Device {
     /// Users act (the fault window); after it they only hang up.
     pub users_active: bool,
     peers_made: u16,
+    /// What it did and saw, for the world's trace.
+    pub log: Vec<String>,
     /// Revisions of this device's ICE restart offers (the join offer is 1).
     revisions: u64,
     out: Outbox,
@@ -181,10 +189,12 @@ impl Device {
             terminals: Vec::new(),
             lost_with_session: Vec::new(),
             open: BTreeSet::new(),
+            unknown_outcomes: 0,
             violations: Vec::new(),
             scheduled: Vec::new(),
             users_active: true,
             peers_made: 0,
+            log: Vec::new(),
             revisions: 1,
             out: Outbox::default(),
         }
@@ -360,6 +370,18 @@ impl Device {
     }
 
     fn request(&mut self, now: Instant, what: &'static str, kind: C) {
+        let call = match &kind {
+            C::SdpOffer(m) => m.call_id,
+            C::SdpAnswer(m) => m.call_id,
+            C::IceRestart(m) => m.call_id,
+            C::Accept(m) => m.call_id,
+            C::Decline(m) => m.call_id,
+            C::Hangup(m) => m.call_id,
+            C::GroupJoin(m) => m.call_id,
+            C::GroupLeave(m) => m.call_id,
+            _ => 0,
+        };
+        self.log.push(format!("{} asks {what} {call}", self.name));
         let op = self.core.request(now, kind);
         self.ops.insert(op, what);
     }
@@ -370,8 +392,12 @@ impl Device {
         while let Some(event) = self.core.poll_event() {
             match event {
                 CoreEvent::Reply { op, frame } => self.on_reply(op, frame),
-                CoreEvent::RequestFailed { op, .. } => {
-                    self.ops.remove(&op);
+                CoreEvent::RequestFailed { op, failure } => {
+                    let what = self.ops.remove(&op);
+                    let opening = matches!(what, Some("invite" | "group_create" | "group_join" | "room_join"));
+                    if opening && failure == RequestFailure::TimedOut {
+                        self.unknown_outcomes += 1;
+                    }
                 }
                 CoreEvent::Unresponsive { .. } => {
                     if let Link::Up { conn } = self.link {
@@ -404,6 +430,24 @@ impl Device {
     }
 
     fn on_event(&mut self, now: Instant, event: ClientEvent, identity: &DtlsIdentity) {
+        let summary = match &event {
+            ClientEvent::Connected { session, resumed, call } => Some(format!("connected {session} resumed {resumed} call {call:?}")),
+            ClientEvent::SessionUnknown { session, .. } => Some(format!("session {session} unknown")),
+            ClientEvent::IncomingCall(m) => Some(format!("incoming call {}", m.call_id)),
+            ClientEvent::CallState(m) => Some(format!(
+                "call {} {:?} {:?}",
+                m.call_id,
+                m.phase(),
+                m.participants.iter().map(|p| (p.device_id.as_str(), p.status())).collect::<Vec<_>>()
+            )),
+            ClientEvent::CallEnded(m) => Some(format!("call {} ended {:?}", m.call_id, m.reason())),
+            ClientEvent::SdpOffer(m) => Some(format!("server offer {} rev {}", m.call_id, m.revision)),
+            ClientEvent::SdpAnswer(m) => Some(format!("server answer {} rev {}", m.call_id, m.revision)),
+            _ => None,
+        };
+        if let Some(summary) = summary {
+            self.log.push(format!("{} hears {summary}", self.name));
+        }
         match event {
             ClientEvent::Connected { resumed, .. } => {
                 self.backoff.reset();
@@ -439,21 +483,34 @@ impl Device {
                 let Some(media) = self.media.as_mut().filter(|m| m.call == answer.call_id) else { return };
                 // A refusal leaves the peer as it was; the controller's
                 // deadlines end a participation that cannot connect.
-                let _ = media.peer.accept_answer(now, &answer.sdp);
+                if let Err(e) = media.peer.accept_answer(now, &answer.sdp) {
+                    self.log.push(format!("{} refuses the answer: {e}", self.name));
+                    self.sdp_refused(&e);
+                }
                 self.drain_peer(now);
             }
             ClientEvent::SdpOffer(offer) => {
                 let Some(session) = self.core.session() else { return };
                 let Some(media) = self.media.as_mut().filter(|m| m.call == offer.call_id) else { return };
-                if let Ok(sdp) = media.peer.accept_offer(now, &offer.sdp) {
-                    let answer = pb::SdpAnswer { call_id: offer.call_id, session_id: session.0, revision: offer.revision, sdp };
-                    self.request(now, "sdp_answer", C::SdpAnswer(answer));
+                match media.peer.accept_offer(now, &offer.sdp) {
+                    Ok(sdp) => {
+                        let answer = pb::SdpAnswer { call_id: offer.call_id, session_id: session.0, revision: offer.revision, sdp };
+                        self.request(now, "sdp_answer", C::SdpAnswer(answer));
+                    }
+                    Err(e) => {
+                        self.log.push(format!("{} refuses the offer: {e}", self.name));
+                        self.sdp_refused(&e);
+                    }
                 }
                 self.drain_peer(now);
             }
             ClientEvent::CallEnded(ended) => {
-                if !self.open.remove(&ended.call_id) {
-                    let twice = self.terminals.iter().any(|t| t.incarnation == self.incarnation && t.ended.call_id == ended.call_id);
+                let twice = self.terminals.iter().any(|t| t.incarnation == self.incarnation && t.ended.call_id == ended.call_id);
+                if self.open.remove(&ended.call_id) {
+                    // The one terminal event of an open participation.
+                } else if !twice && self.unknown_outcomes > 0 {
+                    self.unknown_outcomes -= 1;
+                } else {
                     let what = if twice { "a second call_ended" } else { "a call_ended for a call it was not in" };
                     self.violations.push(format!("{what}: {ended:?}"));
                 }
@@ -465,6 +522,15 @@ impl Device {
                 self.terminals.push(Terminal { at: now, ended, incarnation: self.incarnation });
             }
             _ => {}
+        }
+    }
+
+    /// The server's SDP does not fit the peer's session: the two sides
+    /// disagree about it, which no exchange in the protocol should cause. A
+    /// server offer superseded by our own pending one is refused by design.
+    fn sdp_refused(&mut self, error: &PeerError) {
+        if matches!(error, PeerError::InvalidSdp(_)) {
+            self.violations.push(format!("the peer cannot apply the server's SDP: {error}"));
         }
     }
 
@@ -533,11 +599,16 @@ impl Device {
                     return;
                 }
                 PeerOutput::Transmit(d) => self.out.datagrams.push((media.addr, d.destination, d.contents)),
+                PeerOutput::Event(PeerEvent::Failed(reason)) => self.log.push(format!("{}'s media failed: {reason}", self.name)),
                 PeerOutput::Event(PeerEvent::Connected) => {
+                    self.log.push(format!("{}'s media connected", self.name));
                     media.connected = true;
                     media.next_frame = media.next_frame.max(now);
                 }
-                PeerOutput::Event(PeerEvent::Disconnected) => media.connected = false,
+                PeerOutput::Event(PeerEvent::Disconnected) => {
+                    self.log.push(format!("{}'s media disconnected", self.name));
+                    media.connected = false;
+                }
                 PeerOutput::Event(PeerEvent::Frame(frame)) => {
                     if let Some(sender) = frame.payload.first() {
                         media.heard.insert(*sender, now);

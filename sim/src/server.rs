@@ -47,6 +47,8 @@ pub struct Server {
     notices: VecDeque<SfuNotice>,
     /// For the network.
     pub out: VecDeque<ToNetwork>,
+    /// Commands and notices, for the world's trace.
+    pub log: Vec<String>,
 }
 
 impl Server {
@@ -63,6 +65,7 @@ impl Server {
             sfu_deadline: None,
             notices: VecDeque::new(),
             out: VecDeque::new(),
+            log: Vec::new(),
         }
     }
 
@@ -97,6 +100,7 @@ impl Server {
                     Output::Send { conn, frame } => self.out.push_back(ToNetwork::Frame { conn, frame }),
                     Output::Close { conn, reason } => self.out.push_back(ToNetwork::Close { conn, reason }),
                     Output::Sfu(command) => {
+                        self.log.push(format!("sfu command {}", describe_command(&command)));
                         if let Some(notice) = self.apply(now, command) {
                             self.notices.push_back(notice);
                         }
@@ -109,6 +113,7 @@ impl Server {
             self.drain_sfu(now);
             while let Some(notice) = self.notices.pop_front() {
                 moved = true;
+                self.log.push(format!("sfu notice {}", describe_notice(&notice)));
                 self.ctl.handle_sfu(now, notice);
             }
             if !moved {
@@ -188,5 +193,28 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+fn describe_command(command: &SfuCommand) -> String {
+    match command {
+        SfuCommand::Join { room, participant, display_name, .. } => format!("join {participant} ({display_name}) to {room}"),
+        SfuCommand::Answer { participant, .. } => format!("answer of {participant}"),
+        SfuCommand::Offer { participant, .. } => format!("offer of {participant}"),
+        SfuCommand::Leave { participant, reason } => format!("leave {participant} ({reason:?})"),
+        SfuCommand::SetSuppression { device, on } => format!("suppression {device} {on:?}"),
+    }
+}
+
+fn describe_notice(notice: &SfuNotice) -> String {
+    match notice {
+        SfuNotice::Joined { participant, media_id, .. } => format!("joined {participant} as {media_id}"),
+        SfuNotice::JoinFailed { participant, error } => format!("join failed {participant}: {error}"),
+        SfuNotice::Offer { participant, .. } => format!("offer to {participant}"),
+        SfuNotice::Answer { participant, .. } => format!("answer to {participant}"),
+        SfuNotice::Connected { participant } => format!("connected {participant}"),
+        SfuNotice::ActiveSpeakers { participant, speakers } => format!("speakers for {participant}: {speakers:?}"),
+        SfuNotice::NegotiationFailed { participant, error } => format!("negotiation failed {participant}: {error}"),
+        SfuNotice::Removed { participant, reason } => format!("removed {participant} ({reason:?})"),
     }
 }

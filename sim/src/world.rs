@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use fleetcall::bridge::translate::room_of;
 use fleetcall_peer::DtlsIdentity;
-use fleetcall_sfu::ParticipantId;
-use fleetcall_signaling::controller::Config;
+use fleetcall_sfu::{ParticipantId, TrackOutlet};
+use fleetcall_signaling::controller::{Config, Reachability};
 use fleetcall_signaling::grants::{Credential, CredentialKey, Grant, RoomPattern};
 use fleetcall_signaling::ids::{CallId, ConnId, DeviceId, ParticipantKey};
 use fleetcall_signaling::pb::{CallKind, CallPhase, ClientFrame, CloseReason, EndReason, ParticipantStatus, ServerFrame};
@@ -42,6 +42,11 @@ use crate::server::{SFU_ADDR, Server, ToNetwork};
 /// SDK's default).
 pub const QUIC_IDLE: Duration = Duration::from_secs(10);
 
+/// Past `Config::detection_bound` after a fault, what the detection may
+/// still wait for: the fault's last frames in flight and a heartbeat
+/// timer's own lateness.
+pub const DETECTION_MARGIN: Duration = Duration::from_millis(500);
+
 /// Unix seconds at the start (credentials are stated in wall-clock time).
 const UNIX_START: u64 = 1_800_000_000;
 
@@ -49,6 +54,8 @@ const UNIX_START: u64 = 1_800_000_000;
 #[derive(Debug)]
 struct Stream {
     device: usize,
+    /// When it was established.
+    opened: Instant,
     incarnation: u32,
     up: VecDeque<(Instant, Up)>,
     down: VecDeque<(Instant, Down)>,
@@ -145,6 +152,12 @@ pub struct World {
     terminals_checked: Vec<usize>,
     trace: VecDeque<String>,
     peak_forwarding: usize,
+    /// When a control frame of each device last reached the server, and
+    /// one for it reached the device: the detection bound runs from the
+    /// moment the stream stops moving, which frames delayed by loss before
+    /// a fault may postpone.
+    last_up: Vec<Option<Instant>>,
+    last_down: Vec<Option<Instant>>,
     /// A digest of every event noted, to compare two runs of one seed.
     digest: u64,
     /// Members of live calls when the world converged.
@@ -205,6 +218,8 @@ impl World {
             terminals_checked: vec![0; DEVICES],
             trace: VecDeque::new(),
             peak_forwarding: 0,
+            last_up: vec![None; DEVICES],
+            last_down: vec![None; DEVICES],
             digest: 0xcbf2_9ce4_8422_2325,
             members_at_convergence: 0,
         }
@@ -216,10 +231,13 @@ impl World {
     }
 
     fn note(&mut self, what: impl FnOnce() -> String) {
-        if self.trace.len() == 80 {
+        if self.trace.len() == 120 {
             self.trace.pop_front();
         }
         let line = format!("{:>8} ms  {}", self.elapsed().as_millis(), what());
+        if std::env::var_os("FLEETCALL_SIM_TRACE").is_some() {
+            println!("{line}");
+        }
         for byte in line.bytes() {
             self.digest = (self.digest ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }
@@ -546,6 +564,7 @@ impl World {
                 }
                 match item {
                     Up::Frame(frame) => {
+                        self.last_up[device] = Some(now);
                         let frame = through_codec(device, &frame);
                         self.server.ctl.handle_frame(now, conn, frame);
                     }
@@ -591,6 +610,7 @@ impl World {
                 }
                 match item {
                     Down::Frame(frame) => {
+                        self.last_down[device] = Some(now);
                         let frame = through_codec(device, &frame);
                         self.devices[device].handle_frame(now, frame, &self.identity);
                     }
@@ -653,6 +673,7 @@ impl World {
         self.server.ctl.handle_connection_up(now, unix_now, conn, credential);
         let stream = Stream {
             device: i,
+            opened: now,
             incarnation: self.devices[i].incarnation,
             up: VecDeque::new(),
             down: VecDeque::new(),
@@ -670,6 +691,9 @@ impl World {
     /// Puts what device `i` produced on the network.
     fn flush_device(&mut self, i: usize) {
         let now = self.now;
+        for line in std::mem::take(&mut self.devices[i].log) {
+            self.note(|| line);
+        }
         let outbox = self.devices[i].take_outbox();
         for (from, to, contents) in outbox.datagrams {
             self.send_datagram(i, Dir::ToServer, from, to, contents);
@@ -699,6 +723,9 @@ impl World {
 
     /// Puts what the server produced on the network.
     fn flush_server(&mut self) {
+        for line in std::mem::take(&mut self.server.log) {
+            self.note(|| line);
+        }
         while let Some(out) = self.server.out.pop_front() {
             match out {
                 ToNetwork::Frame { conn, frame } => {
@@ -858,12 +885,13 @@ impl World {
         }
         let forwarding = self.server.sfu.forwarding();
         self.peak_forwarding = self.peak_forwarding.max(forwarding.len());
-        for (room, publisher, subscriber) in forwarding {
+        for outlet in forwarding {
             let call_of = |id: ParticipantId| key_of.get(&id).and_then(|k| legs.get(k)).map(|c| room_of(*c));
-            if call_of(publisher).as_ref() != Some(&room) || call_of(subscriber).as_ref() != Some(&room) {
-                return Err(self.violation(format!("forwarding {publisher} -> {subscriber} in {room} outside the controller's call")));
+            if call_of(outlet.publisher).as_ref() != Some(&outlet.room) || call_of(outlet.subscriber).as_ref() != Some(&outlet.room) {
+                return Err(self.violation(format!("forwarding outside the controller's calls: {outlet:?}")));
             }
         }
+        self.check_detection()?;
         for i in 0..self.devices.len() {
             if let Some(v) = self.devices[i].violations.first() {
                 let v = format!("{}: {v}", device_name(i));
@@ -884,6 +912,55 @@ impl World {
                         call.end_reason
                     )));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// A device cut off from the server (its control path cut either way,
+    /// its stream frozen, its process killed) is unreachable for the server,
+    /// and the device is off the connection it had, within the detection
+    /// bound of the fault, for as long as the fault lasts.
+    fn check_detection(&self) -> Result<(), Violation> {
+        let bound = self.server.ctl.config().detection_bound() + DETECTION_MARGIN;
+        let at = self.elapsed();
+        for fault in &self.plan.faults {
+            let (device, from, until, device_side) = match *fault {
+                Fault::Cut { device, from, until, plane, .. } if plane.control => (device, from, until, true),
+                Fault::Freeze { device, from, until } => (device, from, until, true),
+                Fault::Crash { device, from, until } => (device, from, until, false),
+                _ => continue,
+            };
+            if at >= until {
+                continue;
+            }
+            let moved_until = |last: Option<Instant>| last.map_or(from, |t| self.offset(t).max(from));
+            // A suspended process detects late, by design: its timers fire
+            // when it runs again.
+            let paused = |who: Option<usize>| {
+                self.plan.faults.iter().any(|f| match (*f, who) {
+                    (Fault::PauseServer { from: p, until: q }, None) => p < at && q > from,
+                    (Fault::PauseDevice { device: d, from: p, until: q }, Some(x)) => d == x && p < at && q > from,
+                    _ => false,
+                })
+            };
+            let name = &self.devices[device].name;
+            if !paused(None) && at >= moved_until(self.last_up[device]) + bound {
+                let reachability = self.server.ctl.device(self.devices[device].id()).map(|r| r.reachability);
+                if reachability.is_some_and(|r| r != Reachability::Unreachable) {
+                    return Err(self.violation(format!(
+                        "{name} cut off at {} ms ({fault:?}) is still {reachability:?} for the server after {bound:?}",
+                        from.as_millis(),
+                    )));
+                }
+            }
+            if device_side
+                && !paused(Some(device))
+                && at >= moved_until(self.last_down[device]) + bound
+                && let Link::Up { conn } = self.devices[device].link
+                && self.streams.get(&conn).is_some_and(|s| s.opened < self.start + from)
+            {
+                return Err(self.violation(format!("{name} still uses {conn} {bound:?} after it was cut off ({fault:?})")));
             }
         }
         Ok(())
@@ -925,7 +1002,7 @@ impl World {
             }
             for p in &members {
                 for s in members.iter().filter(|s| *s != p) {
-                    expected.push((room_of(call.id), *p, *s));
+                    expected.push(TrackOutlet { room: room_of(call.id), publisher: *p, subscriber: *s, open: true });
                 }
             }
         }
