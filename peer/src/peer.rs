@@ -318,6 +318,11 @@ impl Peer {
         if self.audio.is_none() {
             return Err(PeerError::State("no session to restart: create the join offer first".into()));
         }
+        // One offer at a time: a second would replace the first here while
+        // the server still answers both, in order.
+        if self.pending.is_some() {
+            return Err(PeerError::State("an offer of ours is pending: restart once it is answered".into()));
+        }
         let mut api = self.rtc.sdp_api();
         api.ice_restart(true);
         let (offer, pending) = api

@@ -77,6 +77,9 @@ fn the_devices_ice_restart_wins_over_a_crossing_server_offer() {
 
     // Meanwhile a restarts ICE; the SFU's offer reaches it first.
     let restart = a.restart_ice(now).unwrap();
+    // One offer at a time: a second restart would replace the first on this
+    // side only (found by the simulation, seed 2220).
+    assert!(a.restart_ice(now).is_err(), "a second restart waits for the first one's answer");
     let refused = a.accept_offer(now, &crossing[0].to_sdp_string());
     assert!(refused.is_err(), "a crossing offer is superseded by ours: {refused:?}");
 

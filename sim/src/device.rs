@@ -92,6 +92,8 @@ pub struct Media {
     pub heard: BTreeMap<u8, Instant>,
     /// When the next audio frame goes out.
     pub next_frame: Instant,
+    /// The revision of our offer the server has not answered yet.
+    pub offered: Option<u64>,
     frames_sent: u64,
 }
 
@@ -361,6 +363,7 @@ impl Device {
                 if let Ok(sdp) = media.peer.restart_ice(now) {
                     self.revisions += 1;
                     let revision = self.revisions;
+                    media.offered = Some(revision);
                     self.request(now, "ice_restart", C::IceRestart(pb::IceRestart { call_id: call, session_id: session.0, revision, sdp }));
                 }
                 self.drain_peer(now);
@@ -399,7 +402,8 @@ impl Device {
                         self.unknown_outcomes += 1;
                     }
                 }
-                CoreEvent::Unresponsive { .. } => {
+                CoreEvent::Unresponsive { detail } => {
+                    self.log.push(format!("{} core: {detail}", self.name));
                     if let Link::Up { conn } = self.link {
                         self.out.abort = Some(conn);
                     }
@@ -481,6 +485,11 @@ impl Device {
             ClientEvent::CallState(state) => self.on_call_state(now, state, identity),
             ClientEvent::SdpAnswer(answer) => {
                 let Some(media) = self.media.as_mut().filter(|m| m.call == answer.call_id) else { return };
+                if media.offered != Some(answer.revision) {
+                    self.log.push(format!("{} ignores an answer to revision {}", self.name, answer.revision));
+                    return;
+                }
+                media.offered = None;
                 // A refusal leaves the peer as it was; the controller's
                 // deadlines end a participation that cannot connect.
                 if let Err(e) = media.peer.accept_answer(now, &answer.sdp) {
@@ -584,6 +593,7 @@ impl Device {
             connected: false,
             heard: BTreeMap::new(),
             next_frame: now,
+            offered: Some(1),
             frames_sent: 0,
         });
         self.request(now, "sdp_offer", C::SdpOffer(pb::SdpOffer { call_id: call, session_id: session.0, revision: 1, sdp }));

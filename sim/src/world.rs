@@ -26,6 +26,7 @@ use bytes::BytesMut;
 use fleetcall::bridge::translate::room_of;
 use fleetcall_peer::DtlsIdentity;
 use fleetcall_sfu::{ParticipantId, TrackOutlet};
+use fleetcall_signaling::client::CoreConfig;
 use fleetcall_signaling::controller::{Config, Reachability};
 use fleetcall_signaling::grants::{Credential, CredentialKey, Grant, RoomPattern};
 use fleetcall_signaling::ids::{CallId, ConnId, DeviceId, ParticipantKey};
@@ -954,11 +955,16 @@ impl World {
                     )));
                 }
             }
+            // A device still waiting for its Welcome gives up after the
+            // SDK's welcome timeout instead (no heartbeats before it).
+            let welcomed = self.devices[device].core.is_up();
             if device_side
                 && !paused(Some(device))
                 && at >= moved_until(self.last_down[device]) + bound
                 && let Link::Up { conn } = self.devices[device].link
-                && self.streams.get(&conn).is_some_and(|s| s.opened < self.start + from)
+                && let Some(stream) = self.streams.get(&conn)
+                && stream.opened < self.start + from
+                && (welcomed || self.now >= stream.opened + CoreConfig::default().welcome_timeout + DETECTION_MARGIN)
             {
                 return Err(self.violation(format!("{name} still uses {conn} {bound:?} after it was cut off ({fault:?})")));
             }

@@ -32,7 +32,7 @@ fn every_seed_holds_the_invariants_converges_after_the_heal_and_leaks_nothing() 
         println!("convergence after the heal: median {median:?}, p99 {p99:?}, worst {worst:?}");
     }
     if seeds.len() == 1 {
-        println!("{:?}", summary.reports);
+        println!("{:?}\n{:#?}", summary.reports, fleetcall_sim::plan::Plan::new(seeds[0]).faults);
     }
     for failure in &summary.failures {
         eprintln!("{failure}\n");
