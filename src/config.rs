@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use fleetcall_media::{DriverConfig, SfuConfig};
 use fleetcall_signaling::controller;
 use fleetcall_signaling::quic::QuicConfig;
+use fleetcall_signaling::store::{BackendConfig, RedisConfig};
 use serde::Deserialize;
 
 use crate::http::HttpLimits;
@@ -50,6 +51,19 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log collectors.
     Json,
+}
+
+/// Where the shared state lives (signaling/STATE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    /// In this process: one node, no configuration.
+    Memory,
+    /// Redis at `redis_url`; the server does not start without it.
+    Redis,
+    /// Redis when `redis_url` is set, else memory. Never a silent fall-back
+    /// to memory when a configured Redis is unreachable.
+    Auto,
 }
 
 /// `fleetcall serve` flags. Each also reads a `FLEETCALL_*` variable. The
@@ -146,6 +160,15 @@ pub struct ServeArgs {
     pub resume_grace_secs: Option<f64>,
     #[command(flatten)]
     pub control_limits: ControlLimitArgs,
+    /// Shared state: memory (default, one node) | redis | auto (redis when --redis-url is set).
+    #[arg(long, env = "FLEETCALL_STATE_BACKEND")]
+    pub state_backend: Option<StateBackend>,
+    /// Redis for shared state: redis://[user:password@]host[:port][/db].
+    #[arg(long, env = "FLEETCALL_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Seconds one Redis operation may take before it fails as unavailable (at most 2). Default 1.
+    #[arg(long, env = "FLEETCALL_REDIS_TIMEOUT_SECS")]
+    pub redis_timeout_secs: Option<f64>,
 
     // ---- transport limits (TOML section [transport]) ----
     /// Most TCP connections (device WebSockets included) from one source IP
@@ -246,6 +269,9 @@ fn controller_config(args: &ServeArgs, file: &FileControl, max_room_size: usize)
 struct FileConfig {
     data_dir: Option<PathBuf>,
     log_format: Option<LogFormat>,
+    state_backend: Option<StateBackend>,
+    redis_url: Option<String>,
+    redis_timeout_secs: Option<f64>,
     #[serde(default)]
     http: FileHttp,
     #[serde(default)]
@@ -393,6 +419,26 @@ pub struct Config {
     pub http_limits: HttpLimits,
     /// The QUIC transport, limits included.
     pub quic: QuicConfig,
+    /// Where the shared state lives.
+    pub state: BackendConfig,
+}
+
+/// The state backend: flags over the file; `auto` picks Redis when a URL is set.
+fn state_config(args: &ServeArgs, file: &FileConfig) -> anyhow::Result<BackendConfig> {
+    let backend = args.state_backend.or(file.state_backend).unwrap_or(StateBackend::Memory);
+    let url = args.redis_url.clone().or_else(|| file.redis_url.clone()).filter(|url| !url.trim().is_empty());
+    let timeout = match args.redis_timeout_secs.or(file.redis_timeout_secs) {
+        Some(secs) => seconds("redis timeout", secs)?,
+        None => RedisConfig::DEFAULT_TIMEOUT,
+    };
+    let redis = |url: String| RedisConfig::new(url, timeout).map(BackendConfig::Redis).map_err(anyhow::Error::from);
+    match (backend, url) {
+        (StateBackend::Memory, None) => Ok(BackendConfig::Memory),
+        (StateBackend::Memory, Some(_)) => bail!("redis_url is set but state_backend is memory: set state_backend to redis or auto, or remove redis_url"),
+        (StateBackend::Redis, None) => bail!("state_backend redis needs redis_url (--redis-url, FLEETCALL_REDIS_URL)"),
+        (StateBackend::Redis | StateBackend::Auto, Some(url)) => redis(url),
+        (StateBackend::Auto, None) => Ok(BackendConfig::Memory),
+    }
 }
 
 impl Config {
@@ -412,6 +458,7 @@ impl Config {
             .workers
             .or(file.media.workers)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let state = state_config(&args, &file)?;
         let (http_limits, quic) = file.transport.resolve(&args)?;
         let max_room_size = args.max_room_size.or(file.media.max_room_size).unwrap_or(100);
         let controller = controller_config(&args, &file.control, max_room_size)?;
@@ -446,6 +493,7 @@ impl Config {
             controller,
             http_limits,
             quic,
+            state,
         };
         config.validate()?;
         Ok(config)
@@ -570,6 +618,26 @@ mod tests {
         assert!(load(&["--messages-per-second", "0"]).is_err());
         std::fs::write(&path, "[control]\nmax_device = 4\n").unwrap();
         assert!(format!("{:#}", load(&["--config", path.to_str().unwrap()]).unwrap_err()).contains("max_device"));
+    }
+
+    #[test]
+    fn state_backend_is_memory_unless_redis_is_configured() {
+        assert_eq!(load(&[]).unwrap().state, BackendConfig::Memory);
+        assert_eq!(load(&["--state-backend", "auto"]).unwrap().state, BackendConfig::Memory);
+        let BackendConfig::Redis(redis) = load(&["--state-backend", "auto", "--redis-url", "redis://db:6379"]).unwrap().state else { panic!("auto with a url is redis") };
+        assert_eq!((redis.url.as_str(), redis.timeout), ("redis://db:6379", RedisConfig::DEFAULT_TIMEOUT));
+        let dir = std::env::temp_dir().join(format!("fleetcall-config-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fleetcall.toml");
+        std::fs::write(&path, "state_backend = \"redis\"\nredis_url = \"redis://db\"\nredis_timeout_secs = 0.5\n").unwrap();
+        let BackendConfig::Redis(redis) = load(&["--config", path.to_str().unwrap()]).unwrap().state else { panic!("the file asks for redis") };
+        assert_eq!(redis.timeout, Duration::from_millis(500));
+        let error = |args: &[&str]| format!("{:#}", load(args).unwrap_err());
+        assert!(error(&["--state-backend", "redis"]).contains("needs redis_url"));
+        assert!(error(&["--redis-url", "redis://db"]).contains("state_backend is memory"));
+        assert!(error(&["--state-backend", "redis", "--redis-url", "http://db"]).contains("redis url"));
+        assert!(error(&["--state-backend", "redis", "--redis-url", "redis://db", "--redis-timeout-secs", "3"]).contains("at most"));
+        assert!(load(&["--state-backend", "cluster"]).is_err());
     }
 
     #[test]

@@ -37,6 +37,7 @@ use fleetcall_signaling::pki::Pki;
 use fleetcall_signaling::quic;
 use fleetcall_signaling::revocations::Revocations;
 use fleetcall_signaling::service::{unix_now, ControlPlane};
+use fleetcall_signaling::store::StateStore;
 use fleetcall_signaling::tokens::{AccessTokens, TokenRequest};
 use fleetcall_signaling::ws_device::TokenCheck;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -126,6 +127,10 @@ fn spawn(running: &Running, part: impl Future<Output = ()> + Send + 'static) {
 pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     secrets::ensure_data_dir(&config.data_dir)?;
     let admin_token = secrets::admin_token(&config.data_dir)?;
+    // Shared state: opened (Redis must answer) but not consumed yet; the
+    // controller is wired to it in the next slice of issue 13.
+    let state_store = StateStore::open(&config.state).await.context("opening the state store")?;
+    info!(backend = state_store.backend(), "state store open");
 
     let driver = SfuDriver::start(DriverConfig {
         bind_ip: config.media_bind,
@@ -299,6 +304,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     if tokio::time::timeout_at(deadline, media).await.is_err() {
         warn!("media workers did not stop in time");
     }
+    // Held until here so the store lives as long as the server (nothing uses it yet).
+    drop(state_store);
     info!("stopped");
     failed.map_or(Ok(()), Err)
 }

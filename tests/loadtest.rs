@@ -79,6 +79,18 @@ fn a_short_mixed_run_loses_nothing_and_leaves_nothing() {
     assert!(r.calls.0 >= 1 && r.calls.1 >= 1, "calls placed and answered: {:?}", r.calls);
     assert!(r.resources.server_cpu_pct.is_some() && r.resources.server_rss_mb.is_some());
     assert!(r.resources.server_forwarded_packets.unwrap_or(0) > 0);
+    // What a forwarded packet costs, split: user and kernel time add up to
+    // the total (each rounded to the ns), and the packet costs some system
+    // calls and wake-ups, but not dozens (a batch holds several packets).
+    let res = &r.resources;
+    let (user, sys, total) = (res.server_user_us_per_packet.unwrap(), res.server_sys_us_per_packet.unwrap(), res.server_cpu_us_per_packet.unwrap());
+    assert!(user >= 0.0 && sys >= 0.0 && (user + sys - total).abs() < 0.01, "{user} + {sys} != {total}");
+    let calls = res.media_syscalls_per_packet.expect("the server counts its socket calls");
+    assert!(calls > 0.0 && calls < 20.0, "{calls} media socket calls per forwarded packet");
+    assert!(res.media_workers.is_some_and(|w| w >= 1), "media worker threads found: {:?}", res.media_workers);
+    let wakeups = res.worker_wakeups_per_packet.expect("worker wake-ups from /proc");
+    assert!(wakeups > 0.0 && wakeups < 20.0 && res.worker_wakeups_per_s.unwrap() > 0.0, "{wakeups} wake-ups per packet");
+    assert!(res.server_switches_per_packet.unwrap() >= wakeups, "every worker wake-up is a server context switch");
     // The leak check.
     assert!(r.leak.checked && r.leak.clean, "{:?}", r.leak);
     assert_eq!(r.leak.total(), 0);

@@ -84,3 +84,30 @@ async fn run_serves_devices_and_stops_when_its_shutdown_future_resolves() -> any
     std::fs::remove_dir_all(&data_dir).ok();
     Ok(())
 }
+
+/// `state_backend = redis` means Redis or nothing: a Redis that does not
+/// answer stops the start with a clear error, well within its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_refuses_to_start_when_the_configured_redis_does_not_answer() -> anyhow::Result<()> {
+    // A port nobody listens on any more.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let data_dir = std::env::temp_dir().join(format!("fleetcall-server-run-redis-{}", std::process::id()));
+    let args = ServeArgs {
+        data_dir: Some(data_dir.clone()),
+        http_addr: Some("127.0.0.1:0".parse()?),
+        quic_addr: Some("127.0.0.1:0".parse()?),
+        media_port: Some(0),
+        state_backend: Some(fleetcall::config::StateBackend::Redis),
+        redis_url: Some(format!("redis://{closed}/")),
+        ..ServeArgs::default()
+    };
+    let config = Config::load(args)?;
+    let listeners = Listeners::bind(&config)?;
+    let started = Instant::now();
+    let result = tokio::time::timeout(LIMIT, server::run(config, listeners, std::future::pending())).await.context("run did not return")?;
+    let error = format!("{:#}", result.expect_err("the server must not start without its Redis"));
+    assert!(error.contains("state store") && error.contains("unavailable"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(5), "refused after {:?}", started.elapsed());
+    let _ = std::fs::remove_dir_all(&data_dir);
+    Ok(())
+}

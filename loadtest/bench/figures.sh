@@ -39,6 +39,8 @@ run() {
 # server: 3 audio slots), at the most load the tool drives on one core.
 run fwd-5x1 $SERVER --rooms 150 --per-room 5 --talkers 1 --duration 40 --ramp 100/s
 run fwd-20x3 $SERVER --rooms 30 --per-room 20 --talkers 3 --duration 40 --ramp 100/s
+# The moderate load of an on-premise site: 20 rooms of 5.
+run fwd-moderate $SERVER --rooms 20 --per-room 5 --talkers 1 --duration 40 --ramp 100/s
 # The same with suppression on for every talker (and every other publisher).
 run sup-5x1 $SERVER --rooms 20 --per-room 5 --talkers 1 --duration 40 --ramp 100/s --suppression on
 run sup-20x3 $SERVER --rooms 5 --per-room 20 --talkers 3 --duration 40 --ramp 100/s --suppression on

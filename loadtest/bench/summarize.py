@@ -66,6 +66,22 @@ def main():
                              f"{x['resources']['server_us_per_device_second']} µs/s per idle device")
             if extra and not name.startswith(("fwd", "sup", "join", "slots", "all")):
                 print("    " + "; ".join(extra))
+    # Where a forwarded packet's cost goes (medians; `-` where not measured).
+    print(f"\n{'scenario':<22}{'fwd pkt/s':>10}{'user µs':>9}{'sys µs':>8}{'sockcalls':>10}"
+          f"{'switches':>9}{'wakeups/s':>10}{'wakeups':>8}   (per forwarded packet)")
+    for name, reports in runs().items():
+        r = [x["resources"] for x in reports]
+        if not any(x.get("server_user_us_per_packet") for x in r):
+            continue
+        rate = median([x["server_forwarded_packets"] / x["measured_s"]
+                       if x.get("server_forwarded_packets") and x.get("measured_s") else None for x in r])
+        print(f"{name:<22}{fmt(rate, 0):>10}"
+              f"{fmt(median([x.get('server_user_us_per_packet') for x in r]), 2):>9}"
+              f"{fmt(median([x.get('server_sys_us_per_packet') for x in r]), 2):>8}"
+              f"{fmt(median([x.get('media_syscalls_per_packet') for x in r]), 3):>10}"
+              f"{fmt(median([x.get('server_switches_per_packet') for x in r]), 3):>9}"
+              f"{fmt(median([x.get('worker_wakeups_per_s') for x in r]), 0):>10}"
+              f"{fmt(median([x.get('worker_wakeups_per_packet') for x in r]), 3):>8}")
     # Janus: the side-by-side table of each --compare run.
     for path in sorted(glob.glob(os.path.join(OUT, "janus*.txt"))):
         with open(path) as f:

@@ -220,6 +220,9 @@ fn report(
         resources.server_source = figures.server_cpu_pct.map(|_| "proc".to_owned());
         resources.received_packets = figures.received;
         resources.server_cpu_us_per_packet = figures.cpu_us_per_packet;
+        resources.server_user_us_per_packet = figures.user_us_per_packet;
+        resources.server_sys_us_per_packet = figures.sys_us_per_packet;
+        resources.server_switches_per_packet = figures.switches_per_packet;
         resources.streams_per_core = figures.streams_per_core;
         resources.forwarded_streams = figures.forwarded_streams;
         resources.tool_cpu_pct = figures.tool_cpu_pct;

@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::histogram::{Histogram, Summary};
 use crate::outcome::{FaultOutcome, GroupResult, Live, secs};
 use crate::scenario::{ControlPath, FaultKind, Scenario, Slo};
-use crate::server::{MetricsSample, ProcSample, Server, proc_sample};
+use crate::server::{MetricsSample, ProcSample, Server, Switches, proc_sample, thread_switches};
 
 /// A continuous Opus stream: 50 packets per second.
 const STREAM_PPS: f64 = 50.0;
@@ -21,6 +21,7 @@ const STREAM_PPS: f64 = 50.0;
 pub struct Mark {
     at: Instant,
     server: Option<ProcSample>,
+    switches: Option<Switches>,
     tool: Option<ProcSample>,
     forwarded: Option<u64>,
     metrics: Option<MetricsSample>,
@@ -39,6 +40,7 @@ impl Mark {
         Mark {
             at: Instant::now(),
             server: server.pid.and_then(proc_sample),
+            switches: server.pid.and_then(thread_switches),
             tool: proc_sample(std::process::id()),
             forwarded,
             metrics,
@@ -51,6 +53,7 @@ impl Mark {
         Mark {
             at: Instant::now(),
             server: pid.and_then(proc_sample),
+            switches: pid.and_then(thread_switches),
             tool: proc_sample(std::process::id()),
             forwarded: None,
             metrics: None,
@@ -265,6 +268,21 @@ pub struct Resources {
     /// Server CPU per forwarded packet, µs (the server's counter, or what
     /// the devices received when it has none).
     pub server_cpu_us_per_packet: Option<f64>,
+    /// Of that, in user space and in the kernel (`/proc` only).
+    pub server_user_us_per_packet: Option<f64>,
+    pub server_sys_us_per_packet: Option<f64>,
+    /// System calls on the media sockets (recvmmsg and sendmmsg) per
+    /// forwarded packet, from the server's counter.
+    pub media_syscalls_per_packet: Option<f64>,
+    /// Context switches of every server thread per forwarded packet
+    /// (`/proc`): each wake-up and preemption, whatever its cause.
+    pub server_switches_per_packet: Option<f64>,
+    /// Wake-ups of the media workers (their voluntary context switches,
+    /// `/proc`) per second, summed over workers, and per forwarded packet.
+    pub worker_wakeups_per_s: Option<f64>,
+    pub worker_wakeups_per_packet: Option<f64>,
+    /// Media worker threads seen.
+    pub media_workers: Option<usize>,
     /// Continuous (50 pps) audio streams one server core would forward at that cost.
     pub streams_per_core: Option<f64>,
     /// Forwarded streams during the window, as 50 pps equivalents.
@@ -680,6 +698,17 @@ impl Report {
                 r.forwarded_streams
                     .map_or("n/a".into(), |v| format!("{v:.0}"))
             );
+            let _ = writeln!(
+                t,
+                "  per forwarded packet: {} µs user + {} µs kernel, {} media socket calls, {} server context switches; media workers ({}) woke {} times a second, {} per packet",
+                opt(r.server_user_us_per_packet),
+                opt(r.server_sys_us_per_packet),
+                opt(r.media_syscalls_per_packet),
+                opt(r.server_switches_per_packet),
+                r.media_workers.map_or("n/a".into(), |w| w.to_string()),
+                opt(r.worker_wakeups_per_s),
+                opt(r.worker_wakeups_per_packet)
+            );
             if let Some(per_core) = r.talker_streams_per_core {
                 let _ = writeln!(
                     t,
@@ -801,6 +830,13 @@ fn resources(i: &Inputs<'_>) -> Resources {
     res.server_forwarded_packets = f.forwarded;
     res.received_packets = f.received;
     res.server_cpu_us_per_packet = f.cpu_us_per_packet;
+    res.server_user_us_per_packet = f.user_us_per_packet;
+    res.server_sys_us_per_packet = f.sys_us_per_packet;
+    res.media_syscalls_per_packet = f.media_syscalls_per_packet;
+    res.server_switches_per_packet = f.switches_per_packet;
+    res.worker_wakeups_per_s = f.worker_wakeups_per_s;
+    res.worker_wakeups_per_packet = f.worker_wakeups_per_packet;
+    res.media_workers = f.media_workers;
     res.streams_per_core = f.streams_per_core;
     res.forwarded_streams = f.forwarded_streams;
     res.tool_cpu_pct = f.tool_cpu_pct;
@@ -849,6 +885,17 @@ pub struct WindowFigures {
     pub received: u64,
     /// Server CPU per forwarded (or, without the counter, delivered) packet, µs.
     pub cpu_us_per_packet: Option<f64>,
+    /// Of that, user space and kernel.
+    pub user_us_per_packet: Option<f64>,
+    pub sys_us_per_packet: Option<f64>,
+    /// Media socket system calls per packet.
+    pub media_syscalls_per_packet: Option<f64>,
+    /// Context switches of every server thread per packet.
+    pub switches_per_packet: Option<f64>,
+    /// Media worker wake-ups per second and per packet, and the workers.
+    pub worker_wakeups_per_s: Option<f64>,
+    pub worker_wakeups_per_packet: Option<f64>,
+    pub media_workers: Option<usize>,
     /// Continuous streams per core at that cost.
     pub streams_per_core: Option<f64>,
     /// Streams forwarded, as 50 pps equivalents.
@@ -899,6 +946,28 @@ pub fn window_figures(a: &Mark, b: &Mark) -> WindowFigures {
         let us = cpu * 1e6 / packets as f64;
         f.cpu_us_per_packet = Some(round3(us));
         f.streams_per_core = (us > 0.0).then(|| (1e6 / us / STREAM_PPS).round());
+    }
+    let per_packet = |count: f64| (packets > 0).then(|| round3(count / packets as f64));
+    if let (Some(x), Some(y)) = (a.server, b.server) {
+        let sys = y.sys_secs - x.sys_secs;
+        let user = (y.cpu_secs - x.cpu_secs) - sys;
+        f.user_us_per_packet = per_packet(user * 1e6);
+        f.sys_us_per_packet = per_packet(sys * 1e6);
+    }
+    if let (Some(x), Some(y)) = (a.switches, b.switches) {
+        f.switches_per_packet = per_packet(y.all.saturating_sub(x.all) as f64);
+        if y.workers > 0 {
+            let wakeups = y.worker_wakeups.saturating_sub(x.worker_wakeups) as f64;
+            f.worker_wakeups_per_s = Some(round1(wakeups / span));
+            f.worker_wakeups_per_packet = per_packet(wakeups);
+            f.media_workers = Some(y.workers);
+        }
+    }
+    if let (Some(x), Some(y)) = (
+        a.metrics.and_then(|m| m.media_socket_calls),
+        b.metrics.and_then(|m| m.media_socket_calls),
+    ) {
+        f.media_syscalls_per_packet = per_packet(y - x);
     }
     f.forwarded_streams = (packets > 0).then(|| round1(packets as f64 / span / STREAM_PPS));
     if let (Some(x), Some(y)) = (a.tool, b.tool) {

@@ -50,6 +50,48 @@ pub fn proc_sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
+/// Context switches of a process's threads since they started, from
+/// `/proc/<pid>/task/*/status`: each voluntary one is a sleep that ended in
+/// a wake-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Switches {
+    /// Every thread, voluntary and involuntary.
+    pub all: u64,
+    /// Voluntary switches of the media workers (threads named `sfu-worker-N`):
+    /// their wake-ups.
+    pub worker_wakeups: u64,
+    /// Media worker threads found.
+    pub workers: usize,
+}
+
+/// Reads the context switches of every thread of `pid`; `None` if the
+/// process is gone.
+pub fn thread_switches(pid: u32) -> Option<Switches> {
+    let mut switches = Switches::default();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        // A thread may end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let voluntary = field("voluntary_ctxt_switches:");
+        switches.all += voluntary + field("nonvoluntary_ctxt_switches:");
+        if field_str(&status, "Name:").is_some_and(|n| n.starts_with("sfu-worker")) {
+            switches.worker_wakeups += voluntary;
+            switches.workers += 1;
+        }
+    }
+    Some(switches)
+}
+
+fn field_str<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim)
+}
+
 /// Series of interest from `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct MetricsSample {
@@ -59,6 +101,8 @@ pub struct MetricsSample {
     pub rss_bytes: Option<f64>,
     /// `fleetcall_rtp_forwarded_total`.
     pub rtp_forwarded: Option<f64>,
+    /// `fleetcall_media_socket_calls_total`, every worker and direction.
+    pub media_socket_calls: Option<f64>,
 }
 
 /// Sums every sample of `name` (any labels) in a Prometheus text exposition.
@@ -191,6 +235,13 @@ impl Server {
             "0".into(),
             "--data-dir".into(),
             dir.display().to_string(),
+            // Every simulated device comes from 127.0.0.1: the per-address
+            // limits that protect a site from one misbehaving host would
+            // refuse all but the first 256.
+            "--quic-max-connections-per-ip".into(),
+            "1000000".into(),
+            "--http-max-connections-per-ip".into(),
+            "1000000".into(),
         ];
         full.extend(args.iter().cloned());
         let (binary, full) = match cpus {
@@ -293,6 +344,7 @@ impl Server {
             cpu_secs: metric_sum(&text, "fleetcall_process_cpu_seconds_total"),
             rss_bytes: metric_sum(&text, "fleetcall_process_resident_memory_bytes"),
             rtp_forwarded: metric_sum(&text, "fleetcall_rtp_forwarded_total"),
+            media_socket_calls: metric_sum(&text, "fleetcall_media_socket_calls_total"),
         })
     }
 
@@ -423,6 +475,18 @@ fn unique() -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_the_switches_of_every_thread() {
+        let before = thread_switches(std::process::id()).unwrap();
+        // A sleep is a voluntary switch; a thread of its own shows up in the count.
+        std::thread::spawn(|| std::thread::sleep(Duration::from_millis(5))).join().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let after = thread_switches(std::process::id()).unwrap();
+        assert!(after.all > before.all, "{before:?} -> {after:?}");
+        assert_eq!((after.workers, after.worker_wakeups), (0, 0), "no media workers here");
+        assert!(thread_switches(u32::MAX).is_none());
+    }
 
     #[test]
     fn reads_this_process() {

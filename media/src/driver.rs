@@ -25,8 +25,12 @@
 //! # Batched I/O
 //!
 //! Receive uses `quinn-udp` (recvmmsg, GRO); a GRO buffer holds several
-//! datagrams from one source at a fixed stride. Send uses `quinn-udp` per
-//! datagram: audio fan-out goes to many destinations, which GSO cannot batch.
+//! datagrams from one source at a fixed stride. After each receive batch the
+//! core is drained and what it produced goes out in one `sendmmsg`
+//! ([`crate::outbox`]): audio fan-out goes to many destinations, which GSO
+//! cannot batch. The worker counts its socket calls for the scrape
+//! (`fleetcall_media_socket_calls_total`): calls per forwarded packet is
+//! what batching buys.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -49,6 +53,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, info, info_span, warn};
 
 use crate::audio::{AudioPool, MeterSnapshot, Produced};
+use crate::outbox::Outbox;
 
 /// Where the media plane listens.
 #[derive(Debug, Clone)]
@@ -136,10 +141,23 @@ enum Command {
 #[derive(Debug)]
 struct Worker {
     commands: mpsc::Sender<Command>,
+    calls: Arc<SocketCalls>,
     /// Tells the worker to remove everyone (they hear `shutdown`) and stop,
     /// ahead of whatever commands wait.
     stop: Arc<Notify>,
     local_addr: SocketAddr,
+}
+
+/// A worker's socket calls and what they moved; the worker is the only
+/// writer, the scrape reads.
+#[derive(Debug, Default)]
+struct SocketCalls {
+    /// `recvmmsg` calls, the ones that found nothing included.
+    receive: AtomicU64,
+    /// `sendmmsg` calls.
+    send: AtomicU64,
+    /// Datagrams the kernel did not take (full send buffer, refused address).
+    unsent: AtomicU64,
 }
 
 /// Cloneable handle to the media plane; every call is a message to a worker.
@@ -210,6 +228,8 @@ impl SfuDriver {
             let stop = Arc::new(Notify::new());
             let pool = audio.clone();
             let worker_stop = stop.clone();
+            let calls = Arc::new(SocketCalls::default());
+            let worker_calls = calls.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("sfu-worker-{index}"))
                 .spawn(move || {
@@ -219,13 +239,13 @@ impl SfuDriver {
                         .expect("worker runtime");
                     let span = info_span!("sfu_worker", worker = index, %local_addr);
                     let _enter = span.enter();
-                    let io = WorkerIo { index, advertised, commands: rx, stop: worker_stop, processed, audio: pool };
+                    let io = WorkerIo { index, advertised, commands: rx, stop: worker_stop, processed, audio: pool, calls: worker_calls };
                     if let Err(e) = runtime.block_on(run_worker(sfu, socket, io)) {
                         warn!(error = %e, "worker stopped on socket error");
                     }
                 })?;
             info!(worker = index, %local_addr, %advertised, "media worker listening");
-            workers.push(Worker { commands: tx, stop, local_addr });
+            workers.push(Worker { commands: tx, calls, stop, local_addr });
             threads.push(thread);
         }
         let handle = SfuHandle { workers: workers.into(), next_participant: Arc::new(AtomicU64::new(1)), audio, overloaded: Arc::default() };
@@ -349,6 +369,20 @@ impl SfuHandle {
                 .value(&[("reason", "overloaded")], self.overloaded() as f64)
                 .build(),
         );
+        let (mut calls, mut unsent) = (
+            crate::metrics::Family::counter("fleetcall_media_socket_calls_total", "System calls on the media sockets, by worker and direction (recvmmsg, sendmmsg)."),
+            crate::metrics::Family::counter("fleetcall_media_datagrams_unsent_total", "Datagrams the kernel did not take (full send buffer, refused address), by worker."),
+        );
+        for (index, worker) in self.workers.iter().enumerate() {
+            let index = index.to_string();
+            let count = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+            calls = calls
+                .value(&[("worker", &index), ("direction", "receive")], count(&worker.calls.receive))
+                .value(&[("worker", &index), ("direction", "send")], count(&worker.calls.send));
+            unsent = unsent.value(&[("worker", &index)], count(&worker.calls.unsent));
+        }
+        families.push(calls.build());
+        families.push(unsent.build());
         Ok(families)
     }
 
@@ -391,12 +425,14 @@ struct WorkerIo {
     /// Packets the DSP threads produced for this worker's tracks.
     processed: mpsc::UnboundedReceiver<Produced>,
     audio: Arc<AudioPool>,
+    calls: Arc<SocketCalls>,
 }
 
 /// Where a worker carries out its core's outputs.
 struct Sinks<'a> {
     socket: &'a UdpSocket,
-    state: &'a UdpSocketState,
+    outbox: Outbox,
+    calls: &'a SocketCalls,
     /// Each participant's signaling route, from its join to its removal.
     routes: HashMap<ParticipantId, mpsc::UnboundedSender<SfuEvent>>,
     audio: &'a AudioPool,
@@ -404,13 +440,14 @@ struct Sinks<'a> {
 }
 
 async fn run_worker(mut sfu: Sfu, socket: std::net::UdpSocket, io: WorkerIo) -> io::Result<()> {
-    let WorkerIo { index, advertised, mut commands, stop, mut processed, audio } = io;
+    let WorkerIo { index, advertised, mut commands, stop, mut processed, audio, calls } = io;
     let state = UdpSocketState::new((&socket).into())?;
     // Best effort: the kernel may cap these; smaller buffers only drop earlier.
     let _ = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES);
     let _ = state.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES);
+    let outbox = Outbox::new(socket.local_addr()?);
     let socket = UdpSocket::from_std(socket)?;
-    let mut out = Sinks { socket: &socket, state: &state, routes: HashMap::new(), audio: &audio, worker: index };
+    let mut out = Sinks { socket: &socket, outbox, calls: &calls, routes: HashMap::new(), audio: &audio, worker: index };
     let mut inbox = Inbox { buffer: vec![0u8; SLOT_BYTES * BATCH_SIZE], metas: [RecvMeta::default(); BATCH_SIZE], advertised };
 
     loop {
@@ -429,7 +466,7 @@ async fn run_worker(mut sfu: Sfu, socket: std::net::UdpSocket, io: WorkerIo) -> 
                 handle_command(&mut sfu, now, command, &mut out.routes);
                 out.carry_out(&mut sfu);
                 let now = tokio::time::Instant::now().into_std();
-                inbox.receive(&mut sfu, now, &socket, &state, false);
+                inbox.receive(&mut sfu, now, &state, &mut out, false);
                 while let Ok((track, produced)) = processed.try_recv() {
                     sfu.handle_processed(now, track, produced);
                 }
@@ -443,7 +480,7 @@ async fn run_worker(mut sfu: Sfu, socket: std::net::UdpSocket, io: WorkerIo) -> 
             ready = socket.readable() => {
                 ready?;
                 let now = tokio::time::Instant::now().into_std();
-                inbox.receive(&mut sfu, now, &socket, &state, true);
+                inbox.receive(&mut sfu, now, &state, &mut out, true);
             }
             // No deadline: nothing to wake for until some input arrives.
             () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
@@ -468,13 +505,17 @@ struct Inbox {
 impl Inbox {
     /// Feeds the core what the socket holds, a bounded number of batches
     /// (so a flood that never lets it run dry still leaves the other inputs
-    /// their turn).
-    /// their turn). `readiness`: go through tokio's readiness flag, which
-    /// a `WouldBlock` clears; without, straight to the socket, since the
-    /// flag may not have been refreshed while a command ran.
-    fn receive(&mut self, sfu: &mut Sfu, now: std::time::Instant, socket: &UdpSocket, state: &UdpSocketState, readiness: bool) {
+    /// their turn), carrying out what the core asks after each batch: one
+    /// drain of every `Rtc` a batch wrote to and one `sendmmsg`, and no
+    /// packet waits for more than its own batch. `readiness`: go through
+    /// tokio's readiness flag, which a `WouldBlock` clears; without,
+    /// straight to the socket, since the flag may not have been refreshed
+    /// while a command ran.
+    fn receive(&mut self, sfu: &mut Sfu, now: std::time::Instant, state: &UdpSocketState, out: &mut Sinks<'_>, readiness: bool) {
+        let socket = out.socket;
         for _ in 0..BATCHES_PER_WAKE {
             let mut slices: Vec<IoSliceMut<'_>> = self.buffer.chunks_mut(SLOT_BYTES).map(IoSliceMut::new).collect();
+            out.calls.receive.fetch_add(1, Ordering::Relaxed);
             let received = if readiness {
                 socket.try_io(Interest::READABLE, || state.recv(socket.into(), &mut slices, &mut self.metas))
             } else {
@@ -495,6 +536,7 @@ impl Inbox {
                     sfu.handle_datagram(now, meta.addr, self.advertised, datagram);
                 }
             }
+            out.carry_out(sfu);
         }
     }
 }
@@ -541,16 +583,15 @@ fn handle_command(
 
 impl Sinks<'_> {
     /// Does what the core asks until it says when to wake it: sends the
-    /// datagrams, routes each event to its participant, hands audio to the
-    /// DSP threads. Returns the core's deadline.
+    /// datagrams (in batches), routes each event to its participant, hands
+    /// audio to the DSP threads. Returns the core's deadline.
     fn carry_out(&mut self, sfu: &mut Sfu) -> Option<std::time::Instant> {
         loop {
             match sfu.poll_output() {
                 Output::Transmit(t) => {
-                    let transmit = quinn_udp::Transmit { destination: t.destination, ecn: None, contents: &t.contents, segment_size: None, src_ip: None };
-                    // UDP semantics: a full send buffer drops the datagram, as the network would.
-                    if let Err(e) = self.state.try_send(self.socket.into(), &transmit) {
-                        debug!(error = %e, destination = %t.destination, "udp send failed");
+                    self.outbox.push(t);
+                    if self.outbox.len() >= crate::outbox::SEND_BATCH {
+                        self.flush();
                     }
                 }
                 Output::Event(event) => {
@@ -565,8 +606,20 @@ impl Sinks<'_> {
                     }
                 }
                 Output::Audio(command) => self.audio.send(command, self.worker),
-                Output::Timeout(deadline) => return deadline,
+                Output::Timeout(deadline) => {
+                    self.flush();
+                    return deadline;
+                }
             }
         }
+    }
+
+    fn flush(&mut self) {
+        if self.outbox.len() == 0 {
+            return;
+        }
+        let sent = self.outbox.flush(self.socket);
+        self.calls.send.fetch_add(sent.calls, Ordering::Relaxed);
+        self.calls.unsent.fetch_add(sent.dropped, Ordering::Relaxed);
     }
 }

@@ -2,8 +2,9 @@
 //! ([`fleetcall_sfu`]).
 //!
 //! - [`SfuDriver`] starts one worker thread per UDP port, each owning one
-//!   [`fleetcall_sfu::Sfu`] core and its socket (batched I/O with
-//!   `quinn-udp`), and the DSP threads that denoise audio ([`audio`]).
+//!   [`fleetcall_sfu::Sfu`] core and its socket (batched I/O: `recvmmsg`
+//!   with `quinn-udp`, `sendmmsg` with `nix`), and the DSP threads that
+//!   denoise audio ([`audio`]).
 //! - [`SfuHandle`] is how the rest of the server reaches them: every call is
 //!   a message to the worker that owns the room.
 //! - [`metrics`] turns the cores' plain stats into Prometheus series and
@@ -20,6 +21,7 @@ pub mod admin;
 pub mod audio;
 mod driver;
 pub mod metrics;
+mod outbox;
 
 pub use driver::{DriverConfig, Reply, Session, SfuDriver, SfuHandle};
 pub use fleetcall_sfu::audio::{PolicyChange, SuppressionPolicy};

@@ -36,6 +36,7 @@ enum Command {
     AcceptAnswer(String, oneshot::Sender<Result<(), PeerError>>),
     AcceptOffer(String, oneshot::Sender<Result<String, PeerError>>),
     SendOpus(Vec<u8>),
+    MoveTo(IpAddr, oneshot::Sender<Result<String, PeerError>>),
 }
 
 /// A frame-mode, audio-only [`Peer`] with a fresh certificate on its own
@@ -89,6 +90,13 @@ impl MediaPeer {
     /// peer connects are dropped and counted.
     pub fn send_opus(&self, payload: Vec<u8>) -> Result<(), PeerError> {
         self.commands.send(Command::SendOpus(payload)).map_err(|_| PeerError::Stopped)
+    }
+
+    /// The device's address changed to `ip`: moves to a new socket there
+    /// and returns the ICE restart offer to send (`ice_restart`); the
+    /// server's answer goes to [`accept_answer`](Self::accept_answer).
+    pub async fn move_to(&self, ip: IpAddr) -> Result<String, PeerError> {
+        self.ask(|reply| Command::MoveTo(ip, reply)).await
     }
 
     /// The counters (updated after every step of the peer's task).
@@ -154,6 +162,7 @@ impl Driver {
                         Command::AcceptAnswer(sdp, reply) => { let _ = reply.send(self.peer.accept_answer(now, &sdp)); }
                         Command::AcceptOffer(sdp, reply) => { let _ = reply.send(self.peer.accept_offer(now, &sdp)); }
                         Command::SendOpus(payload) => { self.peer.send_opus(now, &payload); }
+                        Command::MoveTo(ip, reply) => { let _ = reply.send(self.move_to(ip).await); }
                     }
                 }
                 received = self.socket.recv_from(&mut buffer) => match received {
@@ -167,6 +176,14 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// A socket on the new address, then the peer's restart offer.
+    async fn move_to(&mut self, ip: IpAddr) -> Result<String, PeerError> {
+        let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
+        let local = socket.local_addr()?;
+        self.socket = socket;
+        self.peer.move_to(now(), local)
     }
 
     /// Carries out what the peer asked for; returns its next deadline.

@@ -333,6 +333,19 @@ impl Peer {
         Ok(offer.to_sdp_string())
     }
 
+    /// The device's address changed: datagrams now come from and go to
+    /// `local`, a new host candidate; returns the ICE restart offer that
+    /// tells the server (apply its answer with
+    /// [`accept_answer`](Self::accept_answer)). The old candidate stays in
+    /// the offer; its pairs simply fail.
+    pub fn move_to(&mut self, now: Instant, local: SocketAddr) -> Result<String, PeerError> {
+        let candidate = Candidate::host(local, "udp")
+            .map_err(|e| PeerError::State(format!("local candidate {local}: {e}")))?;
+        self.rtc.add_local_candidate(candidate);
+        self.local = local;
+        self.restart_ice(now)
+    }
+
     /// Applies the server's answer to the join offer or an ICE restart.
     pub fn accept_answer(&mut self, now: Instant, sdp: &str) -> Result<(), PeerError> {
         let answer =

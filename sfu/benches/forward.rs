@@ -1,10 +1,11 @@
 //! Nanoseconds per forwarded audio packet in the SFU core.
 //!
 //! Media peers (fleetcall-peer) publish and receive in virtual time (the same harness as
-//! the tests); only the SFU's handling of talkers' RTP is timed: SRTP decrypt,
-//! speaker selection, routing, and SRTP encrypt + queueing for every
-//! listener. The figure is that time divided by the packets written to
-//! listeners.
+//! the tests); every call into the SFU core is timed (datagrams in, timers,
+//! polling its output: SRTP decrypt, speaker selection, routing, SRTP encrypt
+//! and queueing for every listener, RTCP and STUN too). The figure is that
+//! time divided by the packets written to listeners: what forwarding costs
+//! in the core, before the UDP system calls.
 //!
 //! `talkers/{all_to_all,slots}/N`: rooms of N where 3 participants talk and
 //! the others are muted (they publish an audio track but send nothing), once
@@ -55,26 +56,17 @@ fn bench(c: &mut Criterion, group: &str, name: &str, net: &mut Net) {
     group.sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
     group.bench_function(name, |b| {
         b.iter_custom(|iters| {
-            let (time, forwarded) = (net.rtp_in_time, net.stats().rtp_forwarded);
+            let (time, forwarded) = (net.sfu_time, net.stats().rtp_forwarded);
             while net.stats().rtp_forwarded < forwarded + iters {
                 net.run(Duration::from_millis(20));
             }
             // Scale to exactly `iters` packets: a 20 ms step overshoots.
             let written = net.stats().rtp_forwarded - forwarded;
-            let per_packet = (net.rtp_in_time - time).as_secs_f64() / written as f64;
+            let per_packet = (net.sfu_time - time).as_secs_f64() / written as f64;
             Duration::from_secs_f64(per_packet * iters as f64)
         })
     });
     group.finish();
-}
-
-/// Every call into the core (timers, RTCP and STUN too) per packet written
-/// to a listener, over 2 s of virtual time: what forwarding costs outside a
-/// micro-benchmark, before the UDP system calls.
-fn whole_core_per_packet(net: &mut Net) -> Duration {
-    let (time, forwarded) = (net.sfu_time, net.stats().rtp_forwarded);
-    net.run(Duration::from_secs(2));
-    (net.sfu_time - time) / (net.stats().rtp_forwarded - forwarded).max(1) as u32
 }
 
 fn forward(c: &mut Criterion) {
@@ -93,16 +85,14 @@ fn forward(c: &mut Criterion) {
             let stats = net.stats();
             // Selection must be quiet while the same three talk.
             println!(
-                "{mode}/{size}: speaker changes {}, slot switches {}, forwarded {}, suppressed by selection {}, whole core {:?} per forwarded packet",
+                "{mode}/{size}: speaker changes {}, slot switches {}, forwarded {}, suppressed by selection {}",
                 stats.speaker_changes, stats.slot_switches, stats.selection_forwarded, stats.selection_suppressed,
-                whole_core_per_packet(&mut net)
             );
         }
     }
     let rooms = std::env::var("FORWARD_ROOMS").ok().and_then(|n| n.parse().ok()).unwrap_or(20);
     let mut net = fleet(rooms, 5, 1, 0);
     bench(c, "forward", &format!("{rooms}_rooms_of_5_1_talker_each"), &mut net);
-    println!("{rooms} rooms of 5, 1 talker each: whole core {:?} per forwarded packet", whole_core_per_packet(&mut net));
 }
 
 criterion_group!(benches, forward);

@@ -77,6 +77,15 @@ impl Demux {
         }
     }
 
+    /// Moves a participant from `old` to `new` (an ICE restart changed its
+    /// credentials); `old` goes only if it still points at it.
+    pub(crate) fn replace_ufrag(&mut self, participant: ParticipantId, old: &str, new: String) {
+        if self.by_ufrag.get(old) == Some(&participant) {
+            self.by_ufrag.remove(old);
+        }
+        self.by_ufrag.insert(new, participant);
+    }
+
     pub(crate) fn len(&self) -> (usize, usize) {
         (self.by_addr.len(), self.by_ufrag.len())
     }
@@ -85,6 +94,18 @@ impl Demux {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ice_restart_moves_the_participant_to_its_new_ufrag() {
+        let mut demux = Demux::default();
+        demux.insert_ufrag("old".into(), ParticipantId(1));
+        demux.replace_ufrag(ParticipantId(1), "old", "new".into());
+        assert_eq!((demux.by_ufrag("old"), demux.by_ufrag("new"), demux.len()), (None, Some(ParticipantId(1)), (0, 1)));
+        // Another participant's key is never taken away.
+        demux.insert_ufrag("theirs".into(), ParticipantId(2));
+        demux.replace_ufrag(ParticipantId(1), "theirs", "newer".into());
+        assert_eq!(demux.by_ufrag("theirs"), Some(ParticipantId(2)));
+    }
 
     #[test]
     fn classify_follows_rfc7983() {

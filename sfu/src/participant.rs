@@ -99,6 +99,8 @@ pub(crate) struct Participant {
     pub timers: Timers,
     /// The deadline this participant is filed under in the core's wake-ups.
     pub wake_at: Option<Instant>,
+    /// Written to and waiting in the core's list of `Rtc`s to drain.
+    pub written: bool,
 }
 
 /// Cumulative feedback counts for one outgoing m-line, as last seen.
@@ -138,6 +140,7 @@ impl Participant {
             egress_feedback: HashMap::new(),
             timers,
             wake_at: None,
+            written: false,
         }
     }
 

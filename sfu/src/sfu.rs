@@ -280,6 +280,11 @@ struct Queues {
     /// (deadline, participant); an entry is live only while it equals the
     /// participant's `wake_at`, so stale ones are skipped, never searched for.
     wakes: BinaryHeap<Reverse<(Instant, ParticipantId)>>,
+    /// Subscribers written to since they were last drained, and the time of
+    /// the latest input that wrote: drained once, in `poll_output`, however
+    /// many packets the driver's receive batch wrote to each.
+    written: Vec<ParticipantId>,
+    written_at: Option<Instant>,
     stats: SfuStats,
     grace: Duration,
     /// `SfuConfig::dsp_queue_per_track`.
@@ -353,6 +358,8 @@ impl Sfu {
                 audio: VecDeque::new(),
                 work: VecDeque::new(),
                 wakes: BinaryHeap::new(),
+                written: Vec::new(),
+                written_at: None,
                 stats: SfuStats::default(),
                 grace,
                 dsp_queue,
@@ -495,6 +502,14 @@ impl Sfu {
             }
         }
         let result = p.rtc.sdp_api().accept_offer(offer).map_err(|e| SfuError::InvalidSdp(e.to_string()));
+        // An ICE restart renews our credentials too: the STUN checks that
+        // follow (from a new address, when the device moved) name the new
+        // ufrag, and must find this participant.
+        let ufrag = p.rtc.direct_api().local_ice_credentials().ufrag;
+        if ufrag != p.ufrag {
+            self.demux.replace_ufrag(id, &p.ufrag, ufrag.clone());
+            p.ufrag = ufrag;
+        }
         if !p.rtc.is_alive() {
             self.remove_participant(now, id, LeaveReason::NegotiationFailed);
         } else {
@@ -680,6 +695,9 @@ impl Sfu {
 
     /// The next thing to do. Drain after every input until it says `Timeout`.
     pub fn poll_output(&mut self) -> Output {
+        if let Some(now) = self.q.written_at.take() {
+            self.drain_written(now);
+        }
         if let Some(transmit) = self.q.transmits.pop_front() {
             return Output::Transmit(transmit);
         }
@@ -754,6 +772,20 @@ impl Sfu {
     fn drain(&mut self, now: Instant, id: ParticipantId) {
         let Some(p) = self.participants.get_mut(&id) else { return };
         drain(now, p, &mut self.q);
+    }
+
+    /// Drains every subscriber written to since the last time: one pass
+    /// over each `Rtc` per receive batch instead of one per packet.
+    fn drain_written(&mut self, now: Instant) {
+        let mut i = 0;
+        while let Some(&id) = self.q.written.get(i) {
+            i += 1;
+            let Some(p) = self.participants.get_mut(&id) else { continue };
+            p.written = false;
+            drain(now, p, &mut self.q);
+        }
+        self.q.written.clear();
+        self.run_work(now);
     }
 
     /// Offers the participant's queued changes, unless an offer is in flight.
@@ -891,7 +923,11 @@ impl Sfu {
                 sub.first_audio_at = Some(now);
                 q.stats.join_to_first_audio.observe(now.saturating_duration_since(sub.joined_at).as_secs_f64());
             }
-            drain(now, sub, q);
+            if !sub.written {
+                sub.written = true;
+                q.written.push(subscriber);
+            }
+            q.written_at = Some(q.written_at.map_or(now, |at| at.max(now)));
         });
         match reach {
             Reach::Tracks => {}
@@ -1005,14 +1041,6 @@ fn announce(room: &mut Room, changed: Changed, reassign: bool, q: &mut Queues) {
 /// Timeouts already due that one drain serves itself before filing the rest.
 const MAX_TIMEOUTS_AT_ONCE: usize = 2;
 
-/// Drains one participant's `Rtc` to its next timeout, queueing work that
-/// touches other participants, then files its next wake-up. A free function
-/// so callers can hold other fields of the core.
-/// Refuses, at the join, an offer whose DTLS fingerprint the handshake
-/// could never match: str0m checks only sha-256 and sha-1 and would accept
-/// the offer, then drop the participant when DTLS completes. The one
-/// checked is the one str0m uses (session level, else the first m-line).
-/// A missing fingerprint str0m refuses itself.
 impl Sfu {
     /// Refuses an offer that publishes more tracks than a participant may.
     fn check_tracks(&self, offer: &SdpOffer) -> Result<(), SfuError> {
@@ -1025,6 +1053,11 @@ impl Sfu {
     }
 }
 
+/// Refuses, at the join, an offer whose DTLS fingerprint the handshake
+/// could never match: str0m checks only sha-256 and sha-1 and would accept
+/// the offer, then drop the participant when DTLS completes. The one
+/// checked is the one str0m uses (session level, else the first m-line).
+/// A missing fingerprint str0m refuses itself.
 fn check_fingerprint(offer: &SdpOffer) -> Result<(), SfuError> {
     let Some(fingerprint) = offer.session.fingerprint().or_else(|| offer.media_lines.iter().find_map(|m| m.fingerprint())) else {
         return Ok(());
@@ -1044,6 +1077,9 @@ fn check_fingerprint(offer: &SdpOffer) -> Result<(), SfuError> {
     Ok(())
 }
 
+/// Drains one participant's `Rtc` to its next timeout, queueing work that
+/// touches other participants, then files its next wake-up. A free function
+/// so callers can hold other fields of the core.
 fn drain(now: Instant, p: &mut Participant, q: &mut Queues) {
     let mut served_at_once = 0;
     loop {

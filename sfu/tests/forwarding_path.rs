@@ -40,8 +40,9 @@ fn a_forwarded_packet_leaves_without_waiting_for_a_timer() {
     let heard = |n: &Net, min: u64| n.clients[1].heard.get(&0).copied().unwrap_or(0) >= min;
     assert!(net.run_until(Duration::from_secs(10), |n| heard(n, 10)), "media flows");
 
-    // The SFU handles each frame in the `handle_datagram` that brings it;
-    // nothing written to a listener may wait for a timeout.
+    // The SFU forwards each frame in the `handle_datagram` that brings it
+    // and the `poll_output`s right after (which drain the listeners' `Rtc`s
+    // once per batch); nothing written to a listener may wait for a timeout.
     let (forwarded, overdue) = (net.stats().rtp_forwarded, net.overdue_after_pump);
     net.run(Duration::from_secs(2));
     assert!(net.stats().rtp_forwarded >= forwarded + 150, "both talkers forwarded");

@@ -19,6 +19,8 @@
 //! * [`sdp`]: session descriptions as the controller relays them.
 //! * [`service`]: the task that owns the controller, and the controller's
 //!   end of the SFU boundary ([`service::SfuLink`]).
+//! * [`store`]: shared state for several nodes (memory or Redis), as ops
+//!   and results; not wired into the controller yet.
 //! * [`ws_device`]: the device protocol over WebSocket (JSON frames, token
 //!   identity), for browsers and devices without a certificate.
 
@@ -35,6 +37,7 @@ pub mod quic;
 pub mod revocations;
 pub mod sdp;
 pub mod service;
+pub mod store;
 pub mod tokens;
 pub mod wire;
 pub mod ws_device;

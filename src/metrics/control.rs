@@ -82,6 +82,11 @@ pub fn families(stats: &Stats, gauges: &Gauges) -> Vec<MetricFamily> {
             .value(&[("state", "detached")], total(gauges.sessions_detached))
             .build(),
         calls.build(),
+        // Leak checks (tests/netlab): at rest every timer belongs to a
+        // connection, a session or a remembered ended call; a ring or media
+        // deadline left over shows as a surplus here.
+        Family::gauge("fleetcall_control_timers", "Armed controller deadlines (heartbeats, graces, rings, media steps, tombstones).").value(&[], total(gauges.timers)).build(),
+        Family::gauge("fleetcall_control_media_legs", "SFU participants the controller believes exist.").value(&[], total(gauges.sfu_participants)).build(),
         Family::counter("fleetcall_calls_created_total", "Calls created, by kind.")
             .value(&[("kind", "direct")], total(stats.direct_calls_created))
             .value(&[("kind", "group")], total(stats.group_calls_created))
@@ -147,5 +152,6 @@ mod tests {
         assert!(text.contains("fleetcall_control_refused_total{reason=\"devices\"} 0\n"), "every limit has a series from the start");
         assert!(text.contains("fleetcall_connections_closed_total{reason=\"rate_limited\"} 0\n"), "{text}");
         assert!(text.contains("fleetcall_convergence_seconds_bucket{le=\"1\"} 1\n"), "{text}");
+        assert!(text.contains("fleetcall_control_timers 0\n"), "{text}");
     }
 }

@@ -54,8 +54,16 @@ impl Server {
 
     /// Starts `fleetcall serve` on `data_dir` (created if missing).
     pub fn start_in(data_dir: PathBuf, extra: &[&str]) -> anyhow::Result<Server> {
+        Server::launch(data_dir, &["--http-addr", "127.0.0.1:0", "--media-port", "0", "--quic-addr", "127.0.0.1:0"], extra)
+    }
+
+    /// Starts `fleetcall serve` listening where `listen` says (the
+    /// `--http-addr`, `--media-*` and `--quic-addr` flags), then `extra`.
+    pub fn launch(data_dir: PathBuf, listen: &[&str], extra: &[&str]) -> anyhow::Result<Server> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fleetcall"))
-            .args(["serve", "--http-addr", "127.0.0.1:0", "--media-port", "0", "--quic-addr", "127.0.0.1:0", "--data-dir"])
+            .arg("serve")
+            .args(listen)
+            .arg("--data-dir")
             .arg(&data_dir)
             .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))

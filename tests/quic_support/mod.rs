@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -86,6 +86,38 @@ pub struct Device {
     pub seen: Vec<ClientEvent>,
     media: Arc<Mutex<Option<(CallId, MediaPeer)>>>,
     pub current: Option<Media>,
+    /// Where the device's sockets live (see [`Home`]).
+    home: Home,
+    /// ICE restarts sent, for their revisions.
+    restarts: u64,
+}
+
+/// Where a device's sockets are made: a socket belongs to the network
+/// namespace of the thread that creates it, so a device of the network lab
+/// (tests/netlab) makes its QUIC endpoint and media socket on a runtime
+/// whose thread entered its namespace; everything else (channels, events,
+/// timers) works from any runtime.
+#[derive(Debug, Clone)]
+pub struct Home {
+    /// The runtime inside the device's namespace; `None`: the caller's.
+    pub runtime: Option<tokio::runtime::Handle>,
+    /// The media socket's IP (its ICE candidate).
+    pub media_ip: IpAddr,
+}
+
+impl Home {
+    /// The test's own network: loopback.
+    pub fn local() -> Home {
+        Home { runtime: None, media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST) }
+    }
+
+    /// Runs `work` where the device's sockets belong.
+    pub async fn run<T: Send + 'static>(&self, work: impl Future<Output = T> + Send + 'static) -> anyhow::Result<T> {
+        match &self.runtime {
+            Some(runtime) => Ok(runtime.spawn(work).await?),
+            None => Ok(work.await),
+        }
+    }
 }
 
 impl Device {
@@ -96,7 +128,13 @@ impl Device {
 
     /// Registers `id` with the identity in `files`.
     pub async fn connect_enrolled(server: &Server, id: &str, files: DeviceFiles) -> anyhow::Result<Device> {
-        let (client, mut raw) = Client::connect(client_config(server, &files)?).await.with_context(|| format!("{id} connecting"))?;
+        let config = client_config(server, &files)?;
+        Device::connect_from(id, files, config, Home::local()).await
+    }
+
+    /// Registers `id` with `config`, its sockets made at `home`.
+    pub async fn connect_from(id: &str, files: DeviceFiles, config: ClientConfig, home: Home) -> anyhow::Result<Device> {
+        let (client, mut raw) = home.run(Client::connect(config)).await?.with_context(|| format!("{id} connecting"))?;
         let (forward, events) = mpsc::unbounded_channel();
         let media: Arc<Mutex<Option<(CallId, MediaPeer)>>> = Arc::default();
         let pump_media = media.clone();
@@ -130,14 +168,15 @@ impl Device {
                 }
             }
         });
-        let mut device = Device { id: id.to_owned(), client, files, events, seen: Vec::new(), media, current: None };
+        let mut device = Device { id: id.to_owned(), client, files, events, seen: Vec::new(), media, current: None, home, restarts: 0 };
         device.expect(PROMPT, "registration", |e| matches!(e, ClientEvent::Connected { resumed: false, .. }).then_some(())).await?;
         Ok(device)
     }
 
     /// Starts a media peer for `call`, offers it, and sends a tone every 20 ms.
     pub async fn start_media(&mut self, call: CallId, hz: f32) -> anyhow::Result<()> {
-        let (peer, events) = MediaPeer::start(MediaConfig::default()).await?;
+        let config = MediaConfig { bind: SocketAddr::new(self.home.media_ip, 0), ..MediaConfig::default() };
+        let (peer, events) = self.home.run(MediaPeer::start(config)).await??;
         // Counters are enough here; the peer counts what the test checks.
         drop(events);
         *self.media.lock().unwrap() = Some((call, peer.clone()));
@@ -155,6 +194,21 @@ impl Device {
             }
         });
         self.current = Some(Media { call, peer, sender });
+        Ok(())
+    }
+
+    /// The device's address changed to `ip`: its media moves to a socket
+    /// there and restarts ICE (`ice_restart`; the pump applies the answer).
+    pub async fn restart_media_at(&mut self, ip: IpAddr) -> anyhow::Result<()> {
+        let (call, peer) = self.current.as_ref().map(|m| (m.call, m.peer.clone())).context("no media to move")?;
+        let offer = peer.move_to(ip).await?;
+        let session = self.client.session().context("no session")?;
+        self.restarts += 1;
+        // Above the join offer's revision 1; the server only echoes it.
+        let revision = 100 + self.restarts;
+        let restart = pb::IceRestart { call_id: call.0, session_id: session.0, revision, sdp: offer };
+        self.client.request(pb::client_frame::Kind::IceRestart(restart)).await.with_context(|| format!("{}: ice restart", self.id))?;
+        self.home.media_ip = ip;
         Ok(())
     }
 
@@ -471,8 +525,23 @@ pub struct Agent {
 
 impl Agent {
     pub fn spawn(server: &Server, files: &DeviceFiles, id: &str, extra: &[&str]) -> anyhow::Result<Agent> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetcall"))
-            .args(["device", "run", "--id", id, "--server", &server.quic_addr.to_string(), "--server-name", "localhost"])
+        Agent::spawn_in(None, server.quic_addr, files, id, extra)
+    }
+
+    /// The agent inside the network namespace `netns` (`ip netns exec`,
+    /// which execs it: the child is the agent itself, so signals reach it),
+    /// or here.
+    pub fn spawn_in(netns: Option<&str>, quic_addr: SocketAddr, files: &DeviceFiles, id: &str, extra: &[&str]) -> anyhow::Result<Agent> {
+        let mut command = match netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_fleetcall")]);
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_fleetcall")),
+        };
+        let mut child = command
+            .args(["device", "run", "--id", id, "--server", &quic_addr.to_string(), "--server-name", "localhost"])
             .arg("--ca")
             .arg(&files.ca)
             .arg("--cert")
