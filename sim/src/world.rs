@@ -360,6 +360,8 @@ impl World {
         // and number, the RTP fixed header, an RTCP packet's type and SSRC.
         // Never a length (signatures and DTLS records vary in size with the
         // OS's randomness) and never an RTCP report's wall-clock time.
+        // Lists of byte ranges, some of one range.
+        #[allow(clippy::single_range_in_vec_init)]
         let ranges: &[std::ops::Range<usize>] = match contents {
             [0..=3, ..] => &[0..2, 4..20],
             [20..=63, ..] => &[0..11],
