@@ -22,20 +22,18 @@
 //! still need the worker, events the session. Not worth coupling the SFU's
 //! ids to the controller's counters.
 
-use std::collections::HashMap;
+pub mod translate;
 
-use fleetcall_media::{
-    Joined, LeaveReason as SfuLeaveReason, ParticipantId, PolicyChange, Rights, RoomId, SdpAnswer, SdpOffer, Session, SfuError,
-    SfuEvent, SfuHandle,
-};
+use fleetcall_media::{Joined, ParticipantId, PolicyChange, Rights, SdpAnswer, Session, SfuError, SfuEvent, SfuHandle};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use fleetcall_signaling::controller::{LeaveReason, RemovalReason, SfuCommand, SfuNotice};
+use fleetcall_signaling::controller::{SfuCommand, SfuNotice};
 use fleetcall_signaling::ids::ParticipantKey;
-use fleetcall_signaling::sdp::Sdp;
 use fleetcall_signaling::service::SfuLink;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::warn;
+
+use self::translate::{Participations, Placement, device_answer, device_offer, join_offer, room_of, to_sfu};
 
 /// Carries the controller's commands to the SFU, in order, and the SFU's
 /// answers and events back, until the controller has stopped and every
@@ -83,7 +81,13 @@ struct Bridge {
     sfu: SfuHandle,
     /// Given to the SFU with every join: its events come back here.
     events: mpsc::UnboundedSender<SfuEvent>,
-    participations: Participations,
+    participations: Participations<Session>,
+}
+
+impl Placement for Session {
+    fn participant(&self) -> ParticipantId {
+        self.participant
+    }
 }
 
 /// A command handed to the SFU, or answered without it.
@@ -107,12 +111,11 @@ impl Bridge {
         use Queued::{Answered, Awaiting};
         match command {
             SfuCommand::Join { room, participant, display_name, offer_sdp, publish, subscribe } => {
-                let offer = match SdpOffer::from_sdp_string(offer_sdp.as_str()) {
+                let offer = match join_offer(participant, &offer_sdp) {
                     Ok(offer) => offer,
-                    Err(e) => return Answered(Some(SfuNotice::JoinFailed { participant, error: format!("invalid SDP offer: {e}") })),
+                    Err(refused) => return Answered(Some(refused)),
                 };
-                // The SFU's room namespace is the controller's call ids.
-                let room = RoomId(format!("call-{}", room.0));
+                let room = room_of(room);
                 let rights = Rights { publish, subscribe };
                 match self.sfu.join(room, display_name.to_string(), offer, rights, self.events.clone()) {
                     Ok((session, reply)) => {
@@ -126,18 +129,18 @@ impl Bridge {
             }
             SfuCommand::Answer { participant, sdp } => {
                 let Some(session) = self.participations.session(participant) else { return Answered(None) };
-                let answer = match SdpAnswer::from_sdp_string(sdp.as_str()) {
+                let answer = match device_answer(participant, &sdp) {
                     Ok(answer) => answer,
-                    Err(e) => return Answered(Some(SfuNotice::NegotiationFailed { participant, error: format!("invalid SDP answer: {e}") })),
+                    Err(refused) => return Answered(Some(refused)),
                 };
                 let reply = self.sfu.accept_answer(session, answer).await;
                 Awaiting(Box::pin(async move { Outcome::Answer { participant, result: reply.await } }))
             }
             SfuCommand::Offer { participant, sdp } => {
                 let Some(session) = self.participations.session(participant) else { return Answered(None) };
-                let offer = match SdpOffer::from_sdp_string(sdp.as_str()) {
+                let offer = match device_offer(participant, &sdp) {
                     Ok(offer) => offer,
-                    Err(e) => return Answered(Some(SfuNotice::NegotiationFailed { participant, error: format!("invalid SDP offer: {e}") })),
+                    Err(refused) => return Answered(Some(refused)),
                 };
                 let reply = self.sfu.accept_offer(session, offer).await;
                 Awaiting(Box::pin(async move { Outcome::Offer { participant, result: reply.await } }))
@@ -166,123 +169,16 @@ impl Bridge {
     /// The notice a worker's answer becomes, if any.
     fn settle(&mut self, outcome: Outcome) -> Option<SfuNotice> {
         match outcome {
-            Outcome::Join { participant, session, result: Ok(joined) } => {
-                debug!(%participant, sfu_participant = %session.participant, "joined the SFU");
-                let answer_sdp = from_sfu(joined.answer.to_sdp_string());
-                Some(SfuNotice::Joined { participant, answer_sdp, media_id: session.participant.0 })
-            }
-            Outcome::Join { participant, session, result: Err(e) } => {
-                // Nothing was created; unless a Leave already forgot it.
-                if self.participations.session(participant) == Some(session) {
-                    self.participations.forget(participant);
-                }
-                Some(SfuNotice::JoinFailed { participant, error: e.to_string() })
-            }
-            Outcome::Offer { participant, result } => match result {
-                Ok(answer) => Some(SfuNotice::Answer { participant, sdp: from_sfu(answer.to_sdp_string()) }),
-                Err(e) => Some(SfuNotice::NegotiationFailed { participant, error: e.to_string() }),
-            },
-            // An answer the SFU parsed but cannot apply makes it remove the
-            // participant, which it reports itself (`Removed`); the other
-            // refusals (gone already, no offer pending) change nothing.
-            Outcome::Answer { participant, result: Err(e) } => {
-                debug!(%participant, error = %e, "answer refused");
-                None
-            }
-            Outcome::Answer { result: Ok(()), .. } | Outcome::Applied => None,
+            Outcome::Join { participant, session, result } => Some(self.participations.joined(participant, session, result)),
+            Outcome::Offer { participant, result } => Some(translate::offer_outcome(participant, result)),
+            Outcome::Answer { participant, result } => translate::answer_outcome(participant, result),
+            Outcome::Applied => None,
         }
     }
 
     /// The notice an SFU event becomes, if the controller needs to hear it.
     fn translate(&mut self, event: SfuEvent) -> Option<SfuNotice> {
-        match event {
-            SfuEvent::Offer { participant, offer } => {
-                let participant = self.participations.key(participant)?;
-                Some(SfuNotice::Offer { participant, sdp: from_sfu(offer.to_sdp_string()) })
-            }
-            SfuEvent::Connected { participant } => Some(SfuNotice::Connected { participant: self.participations.key(participant)? }),
-            SfuEvent::ActiveSpeakers { to, speakers } => {
-                let participant = self.participations.key(to)?;
-                // Speakers no longer mapped are leaving: not worth naming.
-                let speakers = speakers.iter().filter_map(|s| self.participations.key(*s)).collect();
-                Some(SfuNotice::ActiveSpeakers { participant, speakers })
-            }
-            SfuEvent::Removed { participant, reason } => {
-                let key = self.participations.forget_id(participant)?;
-                info!(%key, reason = reason.as_str(), "SFU removed a participant");
-                Some(SfuNotice::Removed { participant: key, reason: from_sfu_reason(reason) })
-            }
-            // Membership is the controller's business; it tells devices itself.
-            _ => None,
-        }
-    }
-}
-
-/// The controller's leave reason as the SFU counts it.
-fn to_sfu(reason: LeaveReason) -> SfuLeaveReason {
-    match reason {
-        LeaveReason::Requested => SfuLeaveReason::Requested,
-        LeaveReason::SignalingClosed => SfuLeaveReason::SignalingClosed,
-        LeaveReason::NegotiationFailed => SfuLeaveReason::NegotiationFailed,
-        LeaveReason::Shutdown => SfuLeaveReason::Shutdown,
-    }
-}
-
-/// Why the SFU removed a participant, as the controller hears it.
-fn from_sfu_reason(reason: SfuLeaveReason) -> RemovalReason {
-    match reason {
-        SfuLeaveReason::IceTimeout => RemovalReason::IceTimeout,
-        SfuLeaveReason::NegotiationFailed => RemovalReason::NegotiationFailed,
-        SfuLeaveReason::Shutdown => RemovalReason::Shutdown,
-        SfuLeaveReason::Closed => RemovalReason::Closed,
-        // Only a Leave removes for these, and a participant is forgotten
-        // before its Leave is applied, so they never reach here. A reason the
-        // SFU gains later still means the participant is gone: reported as
-        // its connection closing.
-        _ => RemovalReason::Closed,
-    }
-}
-
-/// An SDP the SFU wrote.
-fn from_sfu(text: String) -> Sdp {
-    // str0m writes at least the `v=` line.
-    Sdp::new(text).expect("the SFU's SDP is never empty")
-}
-
-/// The one id map: each participation the controller names by its
-/// `ParticipantKey`, and its `Session` in the SFU. Indexed both ways
-/// (commands name keys, SFU events name SFU ids); both indexes change only
-/// together, here.
-#[derive(Debug, Default)]
-struct Participations {
-    sessions: HashMap<ParticipantKey, Session>,
-    keys: HashMap<ParticipantId, ParticipantKey>,
-}
-
-impl Participations {
-    fn insert(&mut self, key: ParticipantKey, session: Session) {
-        self.keys.insert(session.participant, key);
-        self.sessions.insert(key, session);
-    }
-
-    fn session(&self, key: ParticipantKey) -> Option<Session> {
-        self.sessions.get(&key).copied()
-    }
-
-    fn key(&self, id: ParticipantId) -> Option<ParticipantKey> {
-        self.keys.get(&id).copied()
-    }
-
-    fn forget(&mut self, key: ParticipantKey) -> Option<Session> {
-        let session = self.sessions.remove(&key)?;
-        self.keys.remove(&session.participant);
-        Some(session)
-    }
-
-    fn forget_id(&mut self, id: ParticipantId) -> Option<ParticipantKey> {
-        let key = self.keys.remove(&id)?;
-        self.sessions.remove(&key);
-        Some(key)
+        self.participations.translate(event)
     }
 }
 
@@ -293,7 +189,9 @@ mod tests {
 
     use fleetcall_dsp::PipelineConfig;
     use fleetcall_media::{DriverConfig, SfuConfig, SfuDriver};
+    use fleetcall_signaling::controller::LeaveReason;
     use fleetcall_signaling::ids::{CallId, DeviceId, Epoch, SessionId};
+    use fleetcall_signaling::sdp::Sdp;
     use str0m::Rtc;
     use str0m::media::{Direction, MediaKind};
 
@@ -413,7 +311,7 @@ mod tests {
             }
         }
         assert!(refused > 0, "a queue of one overflowed");
-        assert_eq!(bridge.participations.sessions.len(), queued.len(), "only queued joins are mapped");
+        assert_eq!(bridge.participations.len(), queued.len(), "only queued joins are mapped");
         for outcome in queued {
             let outcome = outcome.await;
             assert!(matches!(bridge.settle(outcome), Some(SfuNotice::Joined { .. })));
@@ -421,25 +319,5 @@ mod tests {
         assert_eq!(bridge.sfu.stats().await.unwrap().participants, 50 - refused);
         drop(bridge);
         tokio::task::spawn_blocking(move || driver.shutdown()).await.unwrap();
-    }
-
-    #[test]
-    fn reasons_keep_their_names_across() {
-        for (ours, theirs) in [
-            (LeaveReason::Requested, "requested"),
-            (LeaveReason::SignalingClosed, "signaling_closed"),
-            (LeaveReason::NegotiationFailed, "negotiation_failed"),
-            (LeaveReason::Shutdown, "shutdown"),
-        ] {
-            assert_eq!(to_sfu(ours).as_str(), theirs);
-        }
-        for (theirs, ours) in [
-            (SfuLeaveReason::IceTimeout, RemovalReason::IceTimeout),
-            (SfuLeaveReason::Closed, RemovalReason::Closed),
-            (SfuLeaveReason::NegotiationFailed, RemovalReason::NegotiationFailed),
-            (SfuLeaveReason::Shutdown, RemovalReason::Shutdown),
-        ] {
-            assert_eq!(from_sfu_reason(theirs), ours);
-        }
     }
 }

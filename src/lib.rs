@@ -7,7 +7,7 @@
 //! assembles `/metrics`, `secrets` the data dir's keys, [`config`] the
 //! configuration.
 
-mod bridge;
+pub mod bridge;
 pub mod config;
 mod http;
 mod metrics;

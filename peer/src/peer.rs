@@ -318,6 +318,11 @@ impl Peer {
         if self.audio.is_none() {
             return Err(PeerError::State("no session to restart: create the join offer first".into()));
         }
+        // One offer at a time: a second would replace the first here while
+        // the server still answers both, in order.
+        if self.pending.is_some() {
+            return Err(PeerError::State("an offer of ours is pending: restart once it is answered".into()));
+        }
         let mut api = self.rtc.sdp_api();
         api.ice_restart(true);
         let (offer, pending) = api
@@ -355,7 +360,16 @@ impl Peer {
     }
 
     /// Answers a server offer (a renegotiation, or a subscription).
+    ///
+    /// Refused while an offer of ours is pending (glare: our ICE restart
+    /// crossed the server's offer). Ours wins: the server cancels its offer
+    /// when ours arrives and offers again once it answered. Accepting the
+    /// server's offer here would roll ours back on this side only, and the
+    /// two sides would disagree about the session from then on.
     pub fn accept_offer(&mut self, now: Instant, sdp: &str) -> Result<String, PeerError> {
+        if self.pending.is_some() {
+            return Err(PeerError::State("an offer of ours is pending: it supersedes the server's offer".into()));
+        }
         let offer =
             SdpOffer::from_sdp_string(sdp).map_err(|e| PeerError::InvalidSdp(e.to_string()))?;
         let result = self.rtc.sdp_api().accept_offer(offer);

@@ -48,6 +48,6 @@ mod timer;
 pub use error::SfuError;
 pub use ids::{ParticipantId, RoomId, TrackKey};
 pub use participant::Rights;
-pub use sfu::{JoinRequest, Joined, LeaveReason, Output, Sfu, SfuConfig, SfuEvent, Transmit};
+pub use sfu::{JoinRequest, Joined, LeaveReason, Output, Sfu, SfuConfig, SfuEvent, TrackOutlet, Transmit};
 pub use stats::{DropCounts, SfuStats};
 pub use str0m::change::{SdpAnswer, SdpOffer};

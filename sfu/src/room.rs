@@ -302,6 +302,13 @@ impl Forwarding {
     }
 
     /// Track outlets, negotiating or open.
+    /// Every track outlet, as (published track, subscriber, negotiated).
+    pub(crate) fn outlets(&self) -> impl Iterator<Item = (TrackKey, ParticipantId, bool)> + '_ {
+        self.tracks
+            .iter()
+            .flat_map(|(source, edges)| edges.iter().map(move |edge| (*source, edge.subscriber, edge.outlet.state == OutState::Open)))
+    }
+
     pub(crate) fn track_outlets(&self) -> usize {
         self.tracks.values().map(Vec::len).sum()
     }

@@ -210,6 +210,20 @@ impl SfuEvent {
     }
 }
 
+/// One track outlet: a subscriber's m-line carrying a publisher's track.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TrackOutlet {
+    /// The room.
+    pub room: RoomId,
+    /// Whose track.
+    pub publisher: ParticipantId,
+    /// Who receives it.
+    pub subscriber: ParticipantId,
+    /// The subscriber answered the offer that added it: packets flow.
+    /// False while that offer is out.
+    pub open: bool,
+}
+
 /// A datagram to send.
 #[derive(Debug)]
 pub struct Transmit {
@@ -726,6 +740,27 @@ impl Sfu {
             speaking: self.rooms.values().map(|r| r.selector.speaking()).sum(),
             ..self.q.stats.clone()
         }
+    }
+
+    /// Who receives whom: every track outlet (one per published track and
+    /// subscriber), sorted. Audio slots of slot rooms are not listed
+    /// (`SfuStats::audio_slots` counts them). For audits: the controller's
+    /// view of a call must match it.
+    pub fn forwarding(&self) -> Vec<TrackOutlet> {
+        let mut all: Vec<_> = self
+            .rooms
+            .values()
+            .flat_map(|room| {
+                room.forwarding.outlets().map(|(source, subscriber, open)| TrackOutlet {
+                    room: room.id.clone(),
+                    publisher: source.publisher,
+                    subscriber,
+                    open,
+                })
+            })
+            .collect();
+        all.sort();
+        all
     }
 
     /// Participants per room.

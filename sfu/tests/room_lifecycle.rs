@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{init_log, Net};
-use fleetcall_sfu::LeaveReason;
+use fleetcall_sfu::{LeaveReason, RoomId, TrackOutlet};
 
 const GRACE: Duration = Duration::from_secs(5);
 
@@ -33,6 +33,13 @@ fn three_peers_forward_then_leave_cleans_up() {
     let stats = net.stats();
     assert_eq!((stats.rooms, stats.participants, stats.tracks), (1, 3, 3));
     assert_eq!(stats.forwarding_entries, 6, "3 tracks x 2 subscribers");
+    let ids: Vec<_> = net.clients.iter().map(|c| c.participant).collect();
+    let mut everyone_to_everyone: Vec<_> = ids
+        .iter()
+        .flat_map(|p| ids.iter().filter(move |s| *s != p).map(move |s| TrackOutlet { room: RoomId::from("ward-3"), publisher: *p, subscriber: *s, open: true }))
+        .collect();
+    everyone_to_everyone.sort();
+    assert_eq!(net.sfu.forwarding(), everyone_to_everyone, "who receives whom, every offer answered");
 
     // Client 0 leaves: only the two entries between 1 and 2 remain.
     let leaving = net.clients[0].participant;
@@ -41,6 +48,7 @@ fn three_peers_forward_then_leave_cleans_up() {
     net.pump();
     let stats = net.stats();
     assert_eq!((stats.participants, stats.tracks, stats.forwarding_entries), (2, 2, 2));
+    assert!(net.sfu.forwarding().iter().all(|o| o.publisher != leaving && o.subscriber != leaving), "{:?}", net.sfu.forwarding());
     for c in &net.clients[1..] {
         assert!(c.events.iter().any(|e| *e == format!("left:{leaving}:requested")), "{:?}", c.events);
     }
