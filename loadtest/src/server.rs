@@ -71,16 +71,10 @@ pub fn thread_switches(pid: u32) -> Option<Switches> {
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
         // A thread may end between the listing and the read.
         let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
-        let field = |name: &str| -> u64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        let voluntary = field("voluntary_ctxt_switches:");
-        switches.all += voluntary + field("nonvoluntary_ctxt_switches:");
-        if field_str(&status, "Name:").is_some_and(|n| n.starts_with("sfu-worker")) {
+        let count = |name| status_field(&status, name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let voluntary = count("voluntary_ctxt_switches:");
+        switches.all += voluntary + count("nonvoluntary_ctxt_switches:");
+        if status_field(&status, "Name:").is_some_and(|n| n.starts_with("sfu-worker")) {
             switches.worker_wakeups += voluntary;
             switches.workers += 1;
         }
@@ -88,7 +82,8 @@ pub fn thread_switches(pid: u32) -> Option<Switches> {
     Some(switches)
 }
 
-fn field_str<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+/// The value of one `Name:\tvalue` line of a `/proc` status file.
+fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
     status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim)
 }
 
